@@ -1,0 +1,44 @@
+"""Torch datasets over an `ImageSet`: scale to [0,1] and augment training scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from medfedpure.data.datasets import ImageSet
+
+
+def train_augmentation() -> v2.Transform:
+    """Small rotation, horizontal flip and brightness change, per scan."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(10),
+        v2.ColorJitter(brightness=0.1),
+    ])
+
+
+class ImageTensorDataset(Dataset):
+    def __init__(self, data: ImageSet, indices: np.ndarray | None = None, augment: bool = False):
+        idx = np.arange(len(data)) if indices is None else np.asarray(indices)
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
+        self.labels = torch.from_numpy(np.ascontiguousarray(data.labels[idx]))
+        self.transform = train_augmentation() if augment else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float().div_(255.0)
+        if self.transform is not None:
+            x = self.transform(x).clamp_(0.0, 1.0)
+        return x, self.labels[i]
+
+
+def make_loader(data: ImageSet, indices: np.ndarray | None, batch_size: int, train: bool,
+                seed: int = 0, augment: bool = True) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    ds = ImageTensorDataset(data, indices, augment=train and augment)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen, drop_last=False,
+                      num_workers=0)

@@ -1,0 +1,97 @@
+"""Flower ClientApp: one hospital. Experts come and go; the gate never leaves.
+
+The experiment config arrives in each message's ConfigRecord, so the same app runs
+in the simulation and on a real SuperNode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medfedpure.config import ExperimentConfig
+from medfedpure.federation import task
+from medfedpure.models import PersonalizedMoE
+from medfedpure.storage import save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+GATE_KEY = "gate"  # context.state entry holding this client's attention nets
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, str | None]:
+    conf = msg.content["config"]
+    cfg = ExperimentConfig.from_json(str(conf["experiment"]))
+    torch.set_num_threads(max(1, cfg.federation.num_threads))
+    partition = int(context.node_config["partition-id"])
+    server_round = int(conf.get("server-round", 0))
+    out_dir = str(conf["out-dir"]) if "out-dir" in conf else None
+    return cfg, partition, server_round, out_dir
+
+
+def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, context: Context) -> PersonalizedMoE:
+    """Global experts from the message + this client's own gate from its state."""
+    model = task.new_model(cfg, task.num_classes(cfg), init_seed=task.client_seed(cfg, partition))
+    model.load_experts(msg.content["arrays"].to_torch_state_dict())
+    if GATE_KEY in context.state:
+        model.load_gate(context.state[GATE_KEY].to_torch_state_dict())
+    return model
+
+
+def _client_dir(out_dir: str | None, partition: int) -> Path | None:
+    return Path(out_dir) / "clients" / f"client_{partition:02d}" if out_dir else None
+
+
+def _append_history(folder: Path | None, entry: dict) -> None:
+    """The hospital's own log; it stays on the client's disk."""
+    if folder is None:
+        return
+    path = folder / "history.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append(entry)
+    write_json(path, history)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, partition, server_round, out_dir = _setup(msg, context)
+    task.set_seed(task.client_seed(cfg, partition, server_round))
+    model = _personal_model(cfg, partition, msg, context)
+    gate_in = task.state_digest(model.gate_state())
+    train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
+    stats = task.train_local(model, train_loader, cfg)
+
+    gate = model.gate_state()
+    context.state[GATE_KEY] = ArrayRecord(gate)
+    folder = _client_dir(out_dir, partition)
+    if folder is not None:
+        save_tensors(folder / "gate.safetensors", gate, {"round": str(server_round), "client": str(partition)})
+    n_train = len(train_loader.dataset)
+    _append_history(folder, {"round": server_round, "phase": "train", "gate_in": gate_in,
+                             "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
+    metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
+    content = RecordDict({"arrays": ArrayRecord(model.expert_state()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, partition, server_round, out_dir = _setup(msg, context)
+    model = _personal_model(cfg, partition, msg, context)
+    _, test_loader, _ = task.client_loaders(cfg, partition, server_round)
+    with_attack = cfg.attack.eval_every_round or bool(msg.content["config"].get("final", False))
+    result = task.test_local(model, test_loader, cfg, seed=task.client_seed(cfg, partition, server_round),
+                             with_attack=with_attack)
+    _append_history(_client_dir(out_dir, partition),
+                    {"round": server_round, "phase": "evaluate", "gate": task.state_digest(model.gate_state()),
+                     **result})
+    result["num-examples"] = result.pop("n_test")
+    metrics = MetricRecord({"partition-id": partition, **result})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,111 @@
+"""What a client does locally: load its split, build the model, train, test (Flower's task.py)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medfedpure.attacks import PGD
+from medfedpure.config import ExperimentConfig
+from medfedpure.data import ClientSplit, ImageSet, load_dataset, make_client_splits, make_loader
+from medfedpure.evaluation import evaluate_accuracy
+from medfedpure.models import PersonalizedMoE, build_model
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def client_seed(cfg: ExperimentConfig, client: int, round_: int = 0) -> int:
+    return cfg.seed * 1_000_003 + client * 10_007 + round_
+
+
+@functools.lru_cache(maxsize=2)
+def _data_and_splits(data_json: str, seed: int) -> tuple[ImageSet, list[ClientSplit]]:
+    cfg = ExperimentConfig.from_json(data_json)
+    data = load_dataset(cfg.data, seed=seed)
+    splits = make_client_splits(data.labels, cfg.data.num_clients, cfg.data.partition,
+                                cfg.data.dirichlet_alpha, cfg.data.test_fraction, seed,
+                                cfg.data.min_client_size)
+    return data, splits
+
+
+def data_and_splits(cfg: ExperimentConfig) -> tuple[ImageSet, list[ClientSplit]]:
+    """The dataset and every client's split; cached per process (a Ray actor serves many clients)."""
+    only_data = ExperimentConfig(data=cfg.data)
+    return _data_and_splits(only_data.to_json(), cfg.seed)
+
+
+def client_loaders(cfg: ExperimentConfig, client: int, round_: int = 0) -> tuple[DataLoader, DataLoader, int]:
+    data, splits = data_and_splits(cfg)
+    split = splits[client]
+    train = make_loader(data, split.train_idx, cfg.train.batch_size, train=True,
+                        seed=client_seed(cfg, client, round_), augment=cfg.data.augment)
+    test = make_loader(data, split.test_idx, max(cfg.train.batch_size, 64), train=False)
+    return train, test, len(data.classes)
+
+
+def num_classes(cfg: ExperimentConfig) -> int:
+    return len(data_and_splits(cfg)[0].classes)
+
+
+def new_model(cfg: ExperimentConfig, n_classes: int, init_seed: int) -> PersonalizedMoE:
+    torch.manual_seed(init_seed)
+    return build_model(cfg.model, n_classes).to(cfg.device)
+
+
+def make_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    # The gate has its own L2 term (beta) in the loss, so no weight decay on it.
+    groups = [{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay},
+              {"params": model.attention.parameters(), "weight_decay": 0.0}]
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.train.lr)
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+
+def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig) -> dict[str, float]:
+    """E local epochs on the mixture loss (Eq. 9); returns the mean loss of the last epoch."""
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    stats: dict[str, float] = {}
+    for _ in range(cfg.train.local_epochs):
+        total = n = 0.0
+        entropy = 0.0
+        for x, y in loader:
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            loss, parts = model.loss(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            entropy += parts["gate_entropy"] * len(y)
+            n += len(y)
+        stats = {"train_loss": total / max(n, 1), "gate_entropy": entropy / max(n, 1)}
+    return stats
+
+
+def make_attack(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> PGD:
+    a = cfg.attack
+    return PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm,
+               random_start=a.random_start, seed=seed)
+
+
+def test_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig, seed: int,
+               with_attack: bool = True) -> dict[str, float]:
+    attack = make_attack(model, cfg, seed) if with_attack else None
+    return evaluate_accuracy(model, loader, attack, cfg.attack.max_eval_per_client, cfg.device)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

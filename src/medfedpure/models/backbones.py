@@ -1,0 +1,75 @@
+"""Feature extractors for the experts: torchvision ResNet-18 / MobileNetV2 and a small CNN."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+log = logging.getLogger(__name__)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks; for tests and the demo, where ResNet-18 would be slow."""
+
+    out_features = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(block(3, 16), block(16, 32), block(32, 64),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def build_backbone(name: str, pretrained_weights: str | None = None) -> tuple[nn.Module, int]:
+    """A backbone that maps normalised images to a feature vector, and that vector's size."""
+    if name == "small_cnn":
+        if pretrained_weights:
+            raise ValueError("model.pretrained_weights is not available for the small_cnn backbone")
+        return SmallCNN(), SmallCNN.out_features
+    if name == "resnet18":
+        net = models.resnet18(weights=_torchvision_weights(name, pretrained_weights))
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+    elif name == "mobilenet_v2":
+        net = models.mobilenet_v2(weights=_torchvision_weights(name, pretrained_weights))
+        dim = net.classifier[-1].in_features
+        net.classifier = nn.Identity()
+    else:
+        raise ValueError(f"unknown backbone '{name}' (resnet18, mobilenet_v2, small_cnn)")
+    if pretrained_weights and pretrained_weights != "imagenet":
+        _load_local_weights(net, Path(pretrained_weights))
+    return net, dim
+
+
+def _torchvision_weights(name: str, spec: str | None):
+    if spec != "imagenet":
+        return None
+    # torchvision downloads these where a network exists; a clear error otherwise.
+    return {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+            "mobilenet_v2": models.MobileNet_V2_Weights.IMAGENET1K_V1}[name]
+
+
+def _load_local_weights(net: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith(("fc.", "classifier."))]:
+        raise ValueError(f"weights file '{path}' does not match the backbone "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,48 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Flower, Ray and the image cache write under a temporary folder, never the user's home."""
+    root = tmp_path_factory.mktemp("env")
+    os.environ["FLWR_HOME"] = str(root / "flwr")
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    os.environ["MEDFEDPURE_CACHE"] = str(root / "cache")
+    yield
+
+
+def write_images(folder: Path, n: int, size=(40, 30), seed=0, fmt="JPEG", mode="RGB") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
+        p = folder / f"img{i}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"
+        img.save(p, fmt)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def br35h_like(tmp_path) -> Path:
+    """A tiny Br35H layout: yes/ and no/ JPEGs of mixed sizes and modes."""
+    root = tmp_path / "br35h"
+    write_images(root / "yes", 6, size=(50, 40), seed=1)
+    write_images(root / "no", 5, size=(30, 60), seed=2, mode="L")
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "br35h" / "yes").is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA} (they are not part of the repository)")
+    return SHARED_DATA

@@ -1,0 +1,25 @@
+import subprocess
+import sys
+
+from medfedpure.cli import main
+
+
+def test_presets_listed(capsys):
+    assert main(["presets"]) == 0
+    assert "br35h-cpu" in capsys.readouterr().out
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path, capsys):
+    code = main(["train", "--preset", "br35h-cpu", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "absent" in err and "Traceback" not in err
+
+
+def test_bad_override_is_one_clear_error(capsys):
+    assert main(["train", "--preset", "demo", "train.epochz=3"]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "medfedpure.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout

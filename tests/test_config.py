@@ -1,0 +1,59 @@
+import pytest
+
+from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, load_preset, preset_names
+
+
+def test_every_preset_loads_and_validates():
+    names = preset_names()
+    assert {"demo", "br35h-cpu", "paper-br35h", "paper-cifar10"} <= set(names)
+    for name in names:
+        cfg = load_preset(name)
+        if cfg.data.dataset != "synthetic":
+            cfg.data.root = "/some/folder"
+        cfg.validate()
+
+
+def test_paper_presets_use_the_papers_settings():
+    br = load_preset("paper-br35h")
+    assert (br.data.image_size, br.data.num_clients, br.train.rounds, br.train.local_epochs) == (224, 10, 20, 15)
+    assert (br.attack.eps, br.attack.alpha, br.attack.steps, br.attack.norm) == (0.015, 0.003, 7, "linf")
+    cifar = load_preset("paper-cifar10")
+    assert cifar.attack.alpha == 0.007 and cifar.model.backbone == "resnet18"
+
+
+def test_overrides_and_round_trip():
+    cfg = apply_overrides(load_preset("demo"), ["train.rounds=7", "data.partition=dirichlet", "model.gamma=0.5"])
+    assert cfg.train.rounds == 7 and cfg.data.partition == "dirichlet" and cfg.model.gamma == 0.5
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.roundz=3", "train.roundz"),
+    ("nosection.x=1", "nosection"),
+    ("rounds", "section.field=value"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_preset("demo"), [override])
+
+
+def test_validation_names_the_field():
+    cfg = load_preset("demo")
+    cfg.data.partition = "random"
+    with pytest.raises(ConfigError, match="data.partition"):
+        cfg.validate()
+    cfg = load_preset("br35h-cpu")
+    with pytest.raises(ConfigError, match="data.root"):
+        cfg.validate()
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="demo"):
+        load_preset("nope")
+
+
+def test_yaml_file_with_unknown_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_preset(str(path))

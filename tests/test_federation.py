@@ -1,0 +1,92 @@
+"""A real Flower simulation (Ray backend) on the built-in data: what travels, how it is averaged,
+what stays on each client, and that the federation learns."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from medfedpure.config import load_preset
+from medfedpure.federation.simulation import run_federated
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 3
+    cfg.data.partition = "dirichlet"  # unequal n_i, so a plain mean would differ from FedAvg
+    cfg.data.dirichlet_alpha = 1.0
+    cfg.train.rounds = 2
+    cfg.attack.max_eval_per_client = 32
+    out = tmp_path_factory.mktemp("fed")
+    return run_federated(cfg, out, keep_client_arrays=True, progress=False)
+
+
+def test_only_expert_arrays_travel_both_ways(run):
+    for rnd, rec in run.history.items():
+        assert rec["sent_keys"] and all(k.startswith("experts.") for k in rec["sent_keys"])
+        for client in rec["clients"].values():
+            assert client["received_keys"] == rec["sent_keys"]
+            assert not any(k.startswith("attention.") for k in client["received_keys"])
+
+
+def test_server_average_is_the_n_weighted_mean(run):
+    for rec in run.history.values():
+        clients = list(rec["clients"].values())
+        n = np.array([c["n_train"] for c in clients], dtype=np.float64)
+        assert len(set(n)) > 1, "the test needs clients of different sizes"
+        weighting_mattered = False
+        for key, agg in rec["aggregated"].items():
+            stacked = np.stack([c["arrays"][key].astype(np.float64) for c in clients])
+            expected = np.tensordot(n / n.sum(), stacked, axes=1)
+            if np.issubdtype(agg.dtype, np.integer):
+                assert np.array_equal(agg, np.rint(expected).astype(agg.dtype)), key
+            else:
+                np.testing.assert_allclose(agg, expected, rtol=1e-5, atol=1e-6, err_msg=key)
+                weighting_mattered |= not np.allclose(stacked.mean(0), expected, rtol=1e-4, atol=1e-5)
+        assert weighting_mattered
+    # next round starts from what the server averaged
+    assert all(np.array_equal(run.history[2]["sent_arrays"][k], v)
+               for k, v in run.history[1]["aggregated"].items())
+
+
+def test_each_gate_persists_on_its_client_and_differs(run):
+    gates = {}
+    for folder in sorted((run.out_dir / "clients").iterdir()):
+        history = json.loads((folder / "history.json").read_text())
+        train = [h for h in history if h["phase"] == "train"]
+        evals = [h for h in history if h["phase"] == "evaluate"]
+        assert [h["round"] for h in train] == [1, 2]
+        # round 2 starts from the gate this client trained in round 1 (context.state), ...
+        assert train[1]["gate_in"] == train[0]["gate_out"] != train[0]["gate_in"]
+        # ... and evaluation uses the gate it just trained
+        assert [e["gate"] for e in evals] == [t["gate_out"] for t in train]
+        gates[folder.name] = load_file(str(folder / "gate.safetensors"))
+    assert len(gates) == 3
+    first, *rest = gates.values()
+    for other in rest:
+        assert any(not np.array_equal(first[k], other[k]) for k in first)
+    assert all(k.startswith("attention.") for k in first)
+
+
+def test_learns_and_writes_results(run):
+    final = run.final
+    assert final["round"] == 2
+    assert final["clean_acc"] > 0.65  # chance is 0.5 on the balanced built-in data
+    assert 0 <= final["adv_acc"] <= 1
+    for name in ("config.json", "environment.json", "partition.json", "metrics.json", "metrics.csv",
+                 "summary.json", "global_experts.safetensors", "accuracy_per_round.png"):
+        assert (run.out_dir / name).is_file(), name
+    experts = load_file(str(run.out_dir / "global_experts.safetensors"))
+    assert experts and all(k.startswith("experts.") for k in experts)
+    rows = json.loads((run.out_dir / "metrics.json").read_text())["rows"]
+    assert {r["client"] for r in rows} == {0, 1, 2, "mean"}
+    # the headline is the test-size-weighted mean of the clients
+    last = [r for r in rows if r["round"] == 2 and r["client"] != "mean"]
+    weighted = sum(r["clean_acc"] * r["n_test"] for r in last) / sum(r["n_test"] for r in last)
+    assert final["clean_acc"] == pytest.approx(weighted)
+    env = json.loads((run.out_dir / "environment.json").read_text())
+    assert env["seed"] == 0 and env["packages"]["flwr"].startswith("1.42")

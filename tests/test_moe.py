@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from medfedpure.config import ModelConfig
+from medfedpure.models import PersonalizedMoE, build_backbone
+
+
+def tiny(**kw) -> PersonalizedMoE:
+    torch.manual_seed(0)
+    return PersonalizedMoE(4, ModelConfig(backbone="small_cnn", num_experts=3, **kw))
+
+
+def test_gate_sums_to_one_and_mixture_is_a_distribution():
+    model = tiny().eval()
+    out = model.details(torch.rand(5, 3, 32, 32))
+    assert out.gate.shape == (5, 3) and out.expert_logits.shape == (5, 3, 4)
+    assert torch.allclose(out.gate.sum(1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(out.log_probs.exp().sum(1), torch.ones(5), atol=1e-5)
+    manual = (out.gate.unsqueeze(-1) * out.expert_logits.softmax(-1)).sum(1)
+    assert torch.allclose(out.log_probs.exp(), manual, atol=1e-6)
+
+
+def test_loss_terms_and_entropy_sign():
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    base = tiny(beta=0.0, gamma=0.0).train()
+    torch.manual_seed(1)
+    loss0, parts = base.loss(x, y)
+    assert parts["gate_entropy"] > 0
+    withent = tiny(beta=0.0, gamma=0.5).train()
+    torch.manual_seed(1)
+    loss1, parts1 = withent.loss(x, y)
+    # + gamma * H(alpha): the entropy term adds, so minimising the loss sharpens the gate
+    assert loss1.item() == pytest.approx(loss0.item() + 0.5 * parts1["gate_entropy"], rel=1e-5)
+    withl2 = tiny(beta=0.1, gamma=0.0).train()
+    torch.manual_seed(1)
+    loss2, parts2 = withl2.loss(x, y)
+    assert loss2.item() == pytest.approx(loss0.item() + 0.1 * parts2["attention_l2"], rel=1e-5)
+
+
+def test_entropy_term_makes_the_gate_sharper():
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 4, (16,))
+    model = tiny(beta=0.0, gamma=5.0).train()
+    opt = torch.optim.SGD(model.attention.parameters(), lr=0.5)
+    start = model.loss(x, y)[1]["gate_entropy"]
+    for _ in range(30):
+        loss, _ = model.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.loss(x, y)[1]["gate_entropy"] < start - 0.1
+
+
+def test_only_experts_are_shared():
+    model = tiny()
+    shared, gate = model.expert_state(), model.gate_state()
+    assert shared and all(k.startswith("experts.") for k in shared)
+    assert gate and all(k.startswith("attention.") for k in gate)
+    assert any("running_mean" in k for k in shared)  # BatchNorm buffers travel with the experts
+    assert set(shared) | set(gate) == set(model.state_dict())
+    other = tiny()
+    other.load_experts({k: v + 1 for k, v in shared.items() if v.is_floating_point()} |
+                       {k: v for k, v in shared.items() if not v.is_floating_point()})
+    with pytest.raises(KeyError):
+        other.load_experts({"experts.0.nope": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("mobilenet_v2", 1280), ("small_cnn", 64)])
+def test_backbones(name, dim):
+    net, d = build_backbone(name)
+    assert d == dim
+    assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_local_weights_file(tmp_path):
+    from torchvision.models import resnet18
+    ref = resnet18()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    net, _ = build_backbone("resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(net.conv1.weight, ref.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_backbone("resnet18", str(tmp_path / "missing.pth"))

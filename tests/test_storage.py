@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+from medfedpure.storage import atomic_write_text, load_tensors, save_tensors, write_csv, write_json
+
+
+def test_safetensors_round_trip_and_metadata(tmp_path):
+    t = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    save_tensors(tmp_path / "x.safetensors", t, {"round": "3"})
+    back = load_tensors(tmp_path / "x.safetensors")
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+
+
+def test_corrupt_and_missing_checkpoints_are_named(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_tensors(bad)
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        load_tensors(tmp_path / "none.safetensors")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    write_json(path, {"ok": 1})
+
+    def boom(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "half")
+    assert path.read_text().strip().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left behind
+
+
+def test_csv_union_of_columns(tmp_path):
+    write_csv(tmp_path / "m.csv", [{"a": 1}, {"a": 2, "b": 3}])
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["a,b", "1,", "2,3"]
