@@ -57,3 +57,12 @@ def test_yaml_file_with_unknown_key(tmp_path):
     path.write_text("name: x\ntrain:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match="train.epochs"):
         load_preset(str(path))
+
+
+def test_wrong_types_name_the_field():
+    with pytest.raises(ConfigError, match="train.rounds"):
+        apply_overrides(load_preset("demo"), ["train.rounds=many"])
+    with pytest.raises(ConfigError, match="data.augment"):
+        apply_overrides(load_preset("demo"), ["data.augment=3"])
+    cfg = apply_overrides(load_preset("demo"), ["train.lr=1", "data.max_per_class=null"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.data.max_per_class is None

@@ -54,6 +54,7 @@ class TrainConfig:
     batch_size: int = 32
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.01
+    lr_decay: float = 1.0  # per round: round r trains at lr * lr_decay^(r-1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
 
@@ -118,6 +119,7 @@ class ExperimentConfig:
             (self.train.rounds >= 1, "train.rounds", ">= 1"),
             (self.train.local_epochs >= 1, "train.local_epochs", ">= 1"),
             (self.train.optimizer in {"sgd", "adam"}, "train.optimizer", "sgd or adam"),
+            (0 < self.train.lr_decay <= 1, "train.lr_decay", "in (0, 1]"),
             (self.attack.norm in {"linf", "l2"}, "attack.norm", "linf or l2"),
             (self.attack.eps >= 0 and self.attack.alpha >= 0, "attack.eps/alpha", ">= 0"),
             (self.attack.steps >= 0, "attack.steps", ">= 0"),
@@ -126,6 +128,10 @@ class ExperimentConfig:
             if not ok:
                 raise ConfigError(f"config field '{name}' must be {expected}")
         return self
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "attack": AttackConfig, "federation": FederationConfig}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
@@ -138,16 +144,31 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any
         raise ConfigError(f"{source}: unknown field(s) {', '.join(where + u for u in unknown)}")
     kwargs = {}
     for name, value in raw.items():
-        f = known[name]
-        sub = _dataclass_type(cls, f)
-        kwargs[name] = _build(sub, value, source, f"{prefix}{name}.".rstrip(".")) if sub else value
+        section = SECTIONS.get(name) if cls is ExperimentConfig else None
+        if section:
+            kwargs[name] = _build(section, value, source, name)
+        else:
+            kwargs[name] = _typed(value, str(known[name].type), f"{prefix}.{name}" if prefix else name, source)
     return cls(**kwargs)
 
 
-def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
-    hints = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-             "attack": AttackConfig, "federation": FederationConfig}
-    return hints.get(f.name) if cls is ExperimentConfig else None
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
+    """Check a scalar against its field's annotation ("int", "str | None", ...); ints pass as floats."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return value
+    for opt in options:
+        kind = _SCALARS.get(opt)
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    raise ConfigError(f"{source}: field '{name}' must be {annotation}, not {value!r}")
 
 
 def preset_names() -> list[str]:

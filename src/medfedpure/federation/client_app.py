@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _personal_model(cfg, partition, msg, context)
     gate_in = task.state_digest(model.gate_state())
     train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
-    stats = task.train_local(model, train_loader, cfg)
+    stats = task.train_local(model, train_loader, cfg, server_round)
 
     gate = model.gate_state()
     context.state[GATE_KEY] = ArrayRecord(gate)

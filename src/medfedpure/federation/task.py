@@ -61,18 +61,23 @@ def new_model(cfg: ExperimentConfig, n_classes: int, init_seed: int) -> Personal
     return build_model(cfg.model, n_classes).to(cfg.device)
 
 
-def make_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+def round_lr(cfg: ExperimentConfig, server_round: int) -> float:
+    return cfg.train.lr * cfg.train.lr_decay ** max(server_round - 1, 0)
+
+
+def make_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
     # The gate has its own L2 term (beta) in the loss, so no weight decay on it.
     groups = [{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay},
               {"params": model.attention.parameters(), "weight_decay": 0.0}]
     if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.train.lr)
-    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
 
 
-def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig) -> dict[str, float]:
+def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig,
+                server_round: int = 1) -> dict[str, float]:
     """E local epochs on the mixture loss (Eq. 9); returns the mean loss of the last epoch."""
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, round_lr(cfg, server_round))
     model.train()
     stats: dict[str, float] = {}
     for _ in range(cfg.train.local_epochs):
