@@ -53,3 +53,13 @@ def test_client_splits_are_disjoint_stratified_and_seeded():
 def test_fewer_images_than_clients_is_a_clear_error():
     with pytest.raises(DataError, match="3 images, fewer than the 5 clients"):
         partition_indices(np.array([0, 1, 0]), 5)
+
+
+def test_validation_split_leaves_the_test_split_unchanged():
+    labels = labels_of(50, 2)
+    plain = make_client_splits(labels, 3, "iid", 0.5, 0.2, seed=1)
+    with_val = make_client_splits(labels, 3, "iid", 0.5, 0.2, seed=1, val_fraction=0.1)
+    for a, b in zip(plain, with_val):
+        assert np.array_equal(a.test_idx, b.test_idx) and a.n_val == 0
+        assert b.n_val > 0 and not set(b.val_idx) & (set(b.train_idx) | set(b.test_idx))
+        assert set(b.val_idx) | set(b.train_idx) == set(a.train_idx)

@@ -6,24 +6,30 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from medfedpure.config import ConfigError, apply_overrides, load_preset, preset_names
 from medfedpure.data import DataError
 
 
-def _train(args: argparse.Namespace) -> int:
-    from medfedpure.federation.simulation import attack_label, run_federated
-
-    cfg = load_preset(args.preset)
-    cfg = apply_overrides(cfg, args.overrides)
+def _config(args: argparse.Namespace):
+    cfg = apply_overrides(load_preset(args.preset), args.overrides)
     if args.data:
         cfg.data.root = args.data
     if args.seed is not None:
         cfg.seed = args.seed
-    cfg.validate()
-    out = Path(args.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg.validate()
+
+
+def _out(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.out or f"runs/{cfg.name}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from medfedpure.federation.simulation import attack_label, run_federated
+
+    cfg = _config(args)
+    out = _out(args, cfg)
     print(f"medfedpure train: preset {args.preset} -> {out}", flush=True)
     result = run_federated(cfg, out, progress=not args.no_progress,
                            flower_log_level=logging.INFO if args.verbose else logging.ERROR)
@@ -31,8 +37,29 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\nfinished in {result.wall_time_s / 60:.1f} min; round {f['round']} weighted mean over "
           f"{cfg.data.num_clients} clients: clean acc {100 * f['clean_acc']:.2f}%"
           + (f", {attack_label(cfg)} acc {100 * f['adv_acc']:.2f}%" if f.get("adv_acc") is not None else ""))
-    print(f"results: {out}/summary.json, metrics.csv, accuracy_per_round.png")
+    for row in result.defense:
+        print(f"  defended ({row['mode']}, {row['detector']} detector, {row['rule']} rule): "
+              f"clean {100 * row['clean_acc']:.2f}% (bare {100 * row['bare_clean_acc']:.2f}%), "
+              f"PGD {100 * row['adv_acc']:.2f}% (bare {100 * row['bare_adv_acc']:.2f}%), AUROC {row['auroc']:.3f}")
+    print(f"results: {out}/summary.json, metrics.csv, accuracy_per_round.png"
+          + (", defense.csv, defense_examples.png" if result.defense else ""))
     return 0
+
+
+def _pretrain(phase: str):
+    def run(args: argparse.Namespace) -> int:
+        from medfedpure.federation.simulation import run_pretraining
+
+        cfg = _config(args)
+        out = _out(args, cfg)
+        print(f"medfedpure pretrain-{phase}: preset {args.preset} ({cfg.defense.training}) -> {out}", flush=True)
+        summary = run_pretraining(cfg, phase, out, progress=not args.no_progress,
+                                  flower_log_level=logging.INFO if args.verbose else logging.ERROR)
+        last = summary["rows"][-1]
+        print(f"\nfinished in {summary['wall_time_s'] / 60:.1f} min; train loss {last['train_loss']:.4f}, "
+              f"held-out loss {last['test_loss']:.4f}; checkpoint {out}/{phase}.safetensors")
+        return 0
+    return run
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -49,14 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="federated training of the personalized MoE with per-round PGD evaluation")
-    p.add_argument("--preset", default="demo", help=f"built-in preset ({', '.join(preset_names())}) or a YAML file")
-    p.add_argument("--data", help="data folder (Br35H yes/no, CIFAR-10, or one folder per class)")
-    p.add_argument("--out", help="results folder (default runs/<name>-<time>)")
-    p.add_argument("--seed", type=int, help="random seed (default from the preset)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                   help="config overrides, e.g. train.rounds=3 data.num_clients=5")
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="demo", help=f"built-in preset ({', '.join(preset_names())}) or a YAML file")
+        p.add_argument("--data", help="data folder (Br35H yes/no, CIFAR-10, or one folder per class)")
+        p.add_argument("--out", help="run folder, shared by all phases (default runs/<preset name>)")
+        p.add_argument("--seed", type=int, help="random seed (default from the preset)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                       help="config overrides, e.g. train.rounds=3 data.num_clients=5")
+
+    p = sub.add_parser("pretrain-diffusion", help="phase 1: train the diffusion purifier on clean scans")
+    common(p)
+    p.set_defaults(func=_pretrain("diffusion"))
+    p = sub.add_parser("pretrain-mae", help="phase 2: train the MAE detector on clean scans")
+    common(p)
+    p.set_defaults(func=_pretrain("mae"))
+    p = sub.add_parser("train", help="phase 3: federated personalized MoE, PGD every round, then the defended "
+                                     "evaluation when the run folder holds the phase 1-2 checkpoints")
+    common(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("presets", help="list the built-in presets")
@@ -72,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        if args.verbose:
+            raise
         print(f"medfedpure: error: {err}", file=sys.stderr)
         return 2
 

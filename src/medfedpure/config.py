@@ -30,6 +30,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     min_client_size: int = 10  # dirichlet draws are repeated until every client has this many
     test_fraction: float = 0.2
+    val_fraction: float = 0.0  # clean held-out scans per client, to calibrate the detector
     augment: bool = True
     max_per_class: int | None = None  # optional subset (CPU-scale CIFAR-10)
     synthetic_per_class: int = 150
@@ -78,6 +79,61 @@ class FederationConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """How a defense model (MAE or U-Net) is trained on clean scans: federated or pooled."""
+
+    rounds: int = 2  # federated rounds (central mode trains rounds * local_epochs epochs)
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+@dataclass
+class MAESettings:
+    embed_dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    decoder_embed_dim: int = 64
+    decoder_depth: int = 1
+    decoder_num_heads: int = 4
+    patch_size: int | None = None  # None: 4 for 32 px, 16 for 224 px, else >= 8x8 patches
+    mask_ratio: float = 0.75
+    train: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class DiffusionSettings:
+    hidden: int = 32  # the paper: 256
+    levels: int = 4
+    time_dim: int = 64
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    train_t_max: int | None = 300  # train only on t <= this (the purifier never goes deeper)
+    train: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class DefenseConfig:
+    enabled: bool = True
+    training: str = "federated"  # federated | central (phases 1-2)
+    detector: str = "mae"  # mae | residual | disagreement
+    mode: str = "selective"  # selective | graded | off
+    rule: str = "threshold"  # threshold | rank
+    kappa: float = 0.18  # rank rule: top share flagged (paper: 18% Br35H, 5% CIFAR-10)
+    target_fpr: float = 0.05  # threshold rule: tau = this upper quantile of clean validation scores
+    t_min: int = 20
+    t_max: int = 100
+    sampler: str = "ddim"  # ddim (few deterministic steps) | ddpm (the paper's full reverse)
+    sampler_steps: int = 1
+    purify_training: bool = False  # Algorithm 3's optional step: experts see purified scans
+    eval_modes: list = field(default_factory=lambda: ["selective", "graded"])
+    eval_detectors: list = field(default_factory=lambda: ["mae", "residual", "disagreement"])
+    mae: MAESettings = field(default_factory=MAESettings)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -87,6 +143,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +170,8 @@ class ExperimentConfig:
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),
+            (0 <= self.data.val_fraction < 1 - self.data.test_fraction, "data.val_fraction",
+             "in [0, 1 - test_fraction)"),
             (self.model.backbone in {"resnet18", "mobilenet_v2", "small_cnn"}, "model.backbone",
              "one of resnet18, mobilenet_v2, small_cnn"),
             (self.model.num_experts >= 1, "model.num_experts", ">= 1"),
@@ -123,15 +182,23 @@ class ExperimentConfig:
             (self.attack.norm in {"linf", "l2"}, "attack.norm", "linf or l2"),
             (self.attack.eps >= 0 and self.attack.alpha >= 0, "attack.eps/alpha", ">= 0"),
             (self.attack.steps >= 0, "attack.steps", ">= 0"),
+            (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),
+            (self.defense.detector in {"mae", "residual", "disagreement"}, "defense.detector",
+             "one of mae, residual, disagreement"),
+            (self.defense.mode in {"selective", "graded", "off"}, "defense.mode", "selective, graded or off"),
+            (self.defense.rule in {"threshold", "rank"}, "defense.rule", "threshold or rank"),
+            (0 < self.defense.kappa < 1, "defense.kappa", "in (0, 1)"),
+            (0 < self.defense.target_fpr < 1, "defense.target_fpr", "in (0, 1)"),
+            (0 <= self.defense.t_min <= self.defense.t_max <= self.defense.diffusion.timesteps,
+             "defense.t_min/t_max", "0 <= t_min <= t_max <= diffusion.timesteps"),
+            (self.defense.sampler in {"ddim", "ddpm"}, "defense.sampler", "ddim or ddpm"),
+            (self.defense.sampler_steps >= 1, "defense.sampler_steps", ">= 1"),
+            (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"config field '{name}' must be {expected}")
         return self
-
-
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "attack": AttackConfig, "federation": FederationConfig}
 
 
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
@@ -144,15 +211,14 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any
         raise ConfigError(f"{source}: unknown field(s) {', '.join(where + u for u in unknown)}")
     kwargs = {}
     for name, value in raw.items():
-        section = SECTIONS.get(name) if cls is ExperimentConfig else None
-        if section:
-            kwargs[name] = _build(section, value, source, name)
-        else:
-            kwargs[name] = _typed(value, str(known[name].type), f"{prefix}.{name}" if prefix else name, source)
+        where = f"{prefix}.{name}" if prefix else name
+        section = _SECTIONS.get(str(known[name].type))
+        kwargs[name] = _build(section, value, source, where) if section else _typed(value, str(known[name].type),
+                                                                                       where, source)
     return cls(**kwargs)
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
 
 
 def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
@@ -166,9 +232,14 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if kind in (str, bool) and isinstance(value, kind):
+        if kind in (str, bool, list) and isinstance(value, kind):
             return value
     raise ConfigError(f"{source}: field '{name}' must be {annotation}, not {value!r}")
+
+
+_SECTIONS: dict[str, type] = {c.__name__: c for c in (
+    DataConfig, ModelConfig, TrainConfig, AttackConfig, FederationConfig, PretrainConfig, MAESettings,
+    DiffusionSettings, DefenseConfig)}
 
 
 def preset_names() -> list[str]:

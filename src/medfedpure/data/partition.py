@@ -14,6 +14,7 @@ class ClientSplit:
     client_id: int
     train_idx: np.ndarray
     test_idx: np.ndarray
+    val_idx: np.ndarray  # clean scans held out to calibrate the detector (may be empty)
 
     @property
     def n_train(self) -> int:
@@ -22,6 +23,10 @@ class ClientSplit:
     @property
     def n_test(self) -> int:
         return len(self.test_idx)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.val_idx)
 
 
 def partition_indices(labels: np.ndarray, num_clients: int, scheme: str = "iid",
@@ -52,31 +57,41 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str = "iid",
                     f"{num_clients} clients at least {min_size} images; raise alpha or lower the client count")
 
 
-def train_test_split(indices: np.ndarray, labels: np.ndarray, test_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of one client's indices; every class with >= 2 images lands in both parts."""
+def train_test_split(indices: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int,
+                     val_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified (train, val, test) split of one client's indices.
+
+    Every class with >= 2 images lands in train and test; the test part does not depend on
+    `val_fraction`, which is carved out of what would otherwise be training data.
+    """
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    train, val, test = [], [], []
     for c in np.unique(labels[indices]):
         idx = rng.permutation(indices[labels[indices] == c])
         k = int(round(len(idx) * test_fraction))
         if len(idx) >= 2:
             k = min(max(k, 1), len(idx) - 1)
+        m = min(int(round(len(idx) * val_fraction)), max(len(idx) - k - 1, 0))
         test.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        val.append(idx[k:k + m])
+        train.append(idx[k + m:])
+    return tuple(np.sort(np.concatenate(part)).astype(np.int64) for part in (train, val, test))
 
 
 def make_client_splits(labels: np.ndarray, num_clients: int, scheme: str, alpha: float,
-                       test_fraction: float, seed: int, min_size: int = 10) -> list[ClientSplit]:
+                       test_fraction: float, seed: int, min_size: int = 10,
+                       val_fraction: float = 0.0) -> list[ClientSplit]:
     parts = partition_indices(labels, num_clients, scheme, alpha, seed, min_size)
-    return [ClientSplit(i, *train_test_split(p, labels, test_fraction, seed * 7919 + i))
-            for i, p in enumerate(parts)]
+    splits = []
+    for i, p in enumerate(parts):
+        train, val, test = train_test_split(p, labels, test_fraction, seed * 7919 + i, val_fraction)
+        splits.append(ClientSplit(i, train, test, val))
+    return splits
 
 
 def describe_splits(splits: list[ClientSplit], labels: np.ndarray, num_classes: int) -> list[dict]:
     """n_i and class counts per client, for the log and the results folder."""
-    return [{"client": s.client_id, "n_train": s.n_train, "n_test": s.n_test,
+    return [{"client": s.client_id, "n_train": s.n_train, "n_val": s.n_val, "n_test": s.n_test,
              "train_class_counts": np.bincount(labels[s.train_idx], minlength=num_classes).tolist(),
              "test_class_counts": np.bincount(labels[s.test_idx], minlength=num_classes).tolist()}
             for s in splits]

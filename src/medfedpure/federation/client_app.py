@@ -15,6 +15,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfedpure.config import ExperimentConfig
+from medfedpure.defense import DefenseSettings
+from medfedpure.defense.trainer import load_pretrained
+from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.federation import task
 from medfedpure.models import PersonalizedMoE
 from medfedpure.storage import save_tensors, write_json
@@ -66,7 +69,10 @@ def train(msg: Message, context: Context) -> Message:
     model = _personal_model(cfg, partition, msg, context)
     gate_in = task.state_digest(model.gate_state())
     train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
-    stats = task.train_local(model, train_loader, cfg, server_round)
+    purifier = None
+    if cfg.defense.purify_training:
+        purifier = load_pretrained("diffusion", cfg, str(msg.content["config"]["diffusion-path"]))
+    stats = task.train_local(model, train_loader, cfg, server_round, purifier)
 
     gate = model.gate_state()
     context.state[GATE_KEY] = ArrayRecord(gate)
@@ -95,3 +101,32 @@ def evaluate(msg: Message, context: Context) -> Message:
     result["num-examples"] = result.pop("n_test")
     metrics = MetricRecord({"partition-id": partition, **result})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def defend(msg: Message, context: Context) -> Message:
+    """Final defended evaluation on this client's test split, with its own gate and calibration."""
+    cfg, partition, server_round, out_dir = _setup(msg, context)
+    conf = msg.content["config"]
+    model = _personal_model(cfg, partition, msg, context).eval()
+    mae = load_pretrained("mae", cfg, str(conf["mae-path"]))
+    diffusion = load_pretrained("diffusion", cfg, str(conf["diffusion-path"]))
+    _, test_loader, _ = task.client_loaders(cfg, partition)
+    seed = task.client_seed(cfg, partition, 10_000)
+    d = cfg.defense
+    base = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, t_min=d.t_min, t_max=d.t_max,
+                           sampler=d.sampler, steps=d.sampler_steps, tau=0.0)
+    metrics, examples = evaluate_defense(model, mae, diffusion, task.validation_loader(cfg, partition), test_loader,
+                                         task.make_attack(model, cfg, seed), base, d.target_fpr,
+                                         list(d.eval_detectors), list(d.eval_modes), seed,
+                                         figure=(d.detector, d.mode if d.mode != "off" else "graded"))
+    folder = _client_dir(out_dir, partition)
+    if folder is not None:
+        write_json(folder / "defense.json", metrics)
+        if partition == 0 and examples:
+            from medfedpure.reporting.plots import plot_defense_examples
+            plot_defense_examples(examples, Path(out_dir) / "defense_examples.png",
+                                  f"client 0: {d.detector} detector, {d.mode} mode")
+    n_test = int(metrics.pop("n_test"))
+    record = MetricRecord({"partition-id": partition, "num-examples": n_test, **metrics})
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)

@@ -1,4 +1,10 @@
-"""Run a federation as a Flower simulation on this machine and write the results folder."""
+"""Run the federation's phases as Flower simulations on this machine and write the results folder.
+
+Phases 1-2 (`run_pretraining`): the diffusion U-Net and the MAE, FedAvg of the whole model
+(or pooled, `defense.training=central`). Phase 3 (`run_federated`): the personalized MoE,
+evaluated every round, then the defended evaluation on every client when the folder
+holds the two defense checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,27 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord
 from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.data import describe_splits
+from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir
+from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation import task
 from medfedpure.federation.client_app import app as client_app
-from medfedpure.federation.server_app import make_server_app, make_strategy
+from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
+from medfedpure.federation.server_app import (PretrainFedAvg, make_pretrain_server_app, make_server_app,
+                                              make_strategy)
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
+from medfedpure.reporting.results import defense_rows
 from medfedpure.storage import save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
 
 
 @dataclass
@@ -33,6 +45,7 @@ class RunResult:
     final: dict
     wall_time_s: float
     history: dict[int, dict] = field(repr=False, default_factory=dict)
+    defense: list[dict] = field(default_factory=list)
 
 
 def attack_label(cfg: ExperimentConfig) -> str:
@@ -40,9 +53,8 @@ def attack_label(cfg: ExperimentConfig) -> str:
     return f"PGD-{a.norm} eps={a.eps:g} alpha={a.alpha:g} steps={a.steps}"
 
 
-def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays: bool = False,
-                  progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
-    """Train the personalized MoE with Flower (Ray simulation) and write every result atomically."""
+def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "") -> Path:
+    """Validate, load and split the data once (bad data fails here, clearly), write the run's metadata."""
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     cfg.validate()
@@ -50,18 +62,110 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     out.mkdir(parents=True, exist_ok=True)
     if cfg.data.cache_dir is None:  # Ray workers must find the same decoded-image cache
         cfg.data.cache_dir = str(default_cache_dir())
-    t0 = time.time()
-
-    # Load and split once here: bad data fails now, with a clear error, and the cache is warm.
     data, splits = task.data_and_splits(cfg)
     sizes = describe_splits(splits, data.labels, len(data.classes))
-    write_json(out / "config.json", cfg.to_dict())
-    write_json(out / "environment.json", environment_info(cfg.seed))
+    write_json(out / f"config{tag}.json", cfg.to_dict())
+    write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
     write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source, "clients": sizes})
     log.info("%d clients, n_i (train) = %s, n_i (test) = %s", len(splits),
              [s["n_train"] for s in sizes], [s["n_test"] for s in sizes])
+    return out
 
-    model = task.new_model(cfg, len(data.classes), init_seed=cfg.seed)
+
+def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level: int = logging.ERROR) -> None:
+    """A Flower simulation on the Ray backend, one ClientApp at a time on this machine's cores."""
+    from flwr.simulation import run_simulation
+
+    backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
+                      "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client),
+                                    "include_dashboard": False}}
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    flwr_logger.setLevel(flower_log_level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # run_simulation's deprecation notice
+            run_simulation(server_app=server_app, client_app=client_app_, num_supernodes=cfg.data.num_clients,
+                           backend_name=cfg.federation.backend, backend_config=backend_config)
+    finally:
+        flwr_logger.setLevel(old_level)
+
+
+# --------------------------------------------------------------------------- phases 1-2
+def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
+                    flower_log_level: int = logging.ERROR) -> dict:
+    """Train the MAE or the diffusion U-Net on clean scans; writes `<phase>.safetensors` and its metrics."""
+    phase = PHASES[phase_name]
+    out = prepare_run(cfg, out_dir, tag=f"-{phase_name}")
+    settings = phase.settings(cfg)
+    t0 = time.time()
+    task.set_seed(cfg.seed)
+    model = phase.build(cfg).to(cfg.device)
+    rows: list[dict] = []
+    metrics_path = out / f"{phase_name}_metrics.json"
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        write_json(metrics_path, {"phase": phase_name, "training": cfg.defense.training, "rows": rows})
+
+    if cfg.defense.training == "central":
+        _pretrain_central(cfg, phase, model, settings, record, progress)
+    else:
+        bar = tqdm(total=settings.rounds, desc=f"{phase_name} rounds", unit="round", disable=not progress)
+
+        def on_round_end(rnd: int, row: dict) -> None:
+            record(dict(row))
+            bar.set_postfix(train=f"{row.get('train_loss', float('nan')):.4f}",
+                            test=f"{row.get('test_loss') or float('nan'):.4f}")
+            bar.update(1)
+
+        final: list[ArrayRecord] = []
+        strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end)
+        server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
+                                              settings.rounds, final.append)
+        try:
+            run_flower(server_app, pretrain_client_app, cfg, flower_log_level)
+        finally:
+            bar.close()
+        if not final or len(rows) < settings.rounds:
+            raise RuntimeError(f"{phase_name} pretraining stopped after {len(rows)} of {settings.rounds} rounds")
+        model.load_state_dict(final[0].to_torch_state_dict())
+    wall = time.time() - t0
+    save_tensors(out / CHECKPOINTS[phase_name], model.state_dict(),
+                 {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}"})
+    summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1)}
+    write_json(metrics_path, summary)
+    return summary
+
+
+def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, record, progress: bool) -> None:
+    """The paper's setting: every client's training scans pooled on one machine."""
+    data, splits = task.data_and_splits(cfg)
+    train_idx = torch.cat([torch.from_numpy(s.train_idx) for s in splits]).numpy()
+    test_idx = torch.cat([torch.from_numpy(s.test_idx) for s in splits]).numpy()
+    test = make_loader(data, test_idx, 64, train=False)
+    epochs = settings.rounds * settings.local_epochs
+    for epoch in tqdm(range(1, epochs + 1), desc=f"{phase.name} epochs (central)", disable=not progress):
+        train = make_loader(data, train_idx, settings.batch_size, train=True, seed=cfg.seed + epoch,
+                            augment=cfg.data.augment)
+        loss = train_epochs(phase, model, train, 1, settings.lr, cfg.device, seed=cfg.seed + epoch)
+        record({"round": epoch, "train_loss": loss, "test_loss": eval_loss(phase, model, test, cfg.device)})
+
+
+# --------------------------------------------------------------------------- phase 3
+def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays: bool = False,
+                  progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
+    """Train the personalized MoE with Flower, evaluate every round, then (if the folder holds the
+    MAE and diffusion checkpoints and the defense is enabled) the defended evaluation."""
+    out = prepare_run(cfg, out_dir)
+    t0 = time.time()
+    defense_paths = _defense_paths(cfg, out)
+    if cfg.defense.purify_training and "diffusion-path" not in defense_paths:
+        raise FileNotFoundError(f"defense.purify_training needs {out / CHECKPOINTS['diffusion']}: "
+                                "run `medfedpure pretrain-diffusion` with the same --out first")
+
+    task.set_seed(cfg.seed)
+    model = task.new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
     initial = ArrayRecord(model.expert_state())
     bar = tqdm(total=cfg.train.rounds, desc="federated rounds", unit="round", disable=not progress)
 
@@ -73,24 +177,22 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
         bar.set_postfix(clean=f"{ev.get('clean_acc', float('nan')):.3f}",
                         adv=f"{ev.get('adv_acc', float('nan')):.3f}")
         bar.update(1)
+        if rnd == cfg.train.rounds and len(defense_paths) == 2 and cfg.defense.enabled:
+            bar.set_description("defended evaluation")
 
     final_arrays: list[ArrayRecord] = []
+    defense_results: list[dict] = []
     strategy = make_strategy(cfg, on_round_end, keep_client_arrays)
-    server_app = make_server_app(cfg, initial, str(out), strategy, final_arrays.append)
-    backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
-                      "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client),
-                                    "include_dashboard": False}}
-    flwr_logger = logging.getLogger("flwr")
-    old_level = flwr_logger.level
-    flwr_logger.setLevel(flower_log_level)
+    run_defense = cfg.defense.enabled and len(defense_paths) == 2
+    if cfg.defense.enabled and not run_defense:
+        log.warning("no defended evaluation: %s lacks %s (run pretrain-diffusion and pretrain-mae with the same "
+                    "--out first)", out, " and ".join(CHECKPOINTS.values()))
+    server_app = make_server_app(cfg, initial, str(out), strategy, final_arrays.append,
+                                 defense_paths if run_defense or cfg.defense.purify_training else None,
+                                 defense_results.extend if run_defense else None)
     try:
-        from flwr.simulation import run_simulation
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients,
-                           backend_name=cfg.federation.backend, backend_config=backend_config)
+        run_flower(server_app, client_app, cfg, flower_log_level)
     finally:
-        flwr_logger.setLevel(old_level)
         bar.close()
     if not final_arrays or len(strategy.history) < cfg.train.rounds:
         raise RuntimeError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
@@ -98,17 +200,27 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
     model.load_experts(final_arrays[0].to_torch_state_dict())
     save_tensors(out / "global_experts.safetensors", model.expert_state(),
-                 {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone})
+                 {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json()})
     rows = round_rows(strategy.history)
     wall = time.time() - t0
     final = dict(mean_rows(rows)[-1])
     final["wall_time_s"] = round(wall, 1)
     write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows})
     write_csv(out / "metrics.csv", rows)
-    write_json(out / "summary.json", {"name": cfg.name, "attack": attack_label(cfg), "final": final,
-                                      "clients": [r for r in rows if r["round"] == cfg.train.rounds
-                                                  and r["client"] != "mean"]})
+    summary = {"name": cfg.name, "attack": attack_label(cfg), "final": final,
+               "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
+    if defense_results:
+        drows = defense_rows(defense_results, cfg)
+        write_json(out / "defense.json", {"attack": attack_label(cfg) + " (crafted on the classifier)",
+                                          "rows": drows})
+        write_csv(out / "defense.csv", drows)
+        summary["defense"] = [r for r in drows if r["client"] == "mean"]
+    write_json(out / "summary.json", summary)
     plot_convergence(rows, out / "accuracy_per_round.png",
                      f"{cfg.name}: {cfg.data.dataset} {cfg.data.image_size}px, {cfg.data.num_clients} clients, "
                      f"K={cfg.model.num_experts} {cfg.model.backbone}", attack_label(cfg))
-    return RunResult(out, rows, final, wall, strategy.history)
+    return RunResult(out, rows, final, wall, strategy.history, summary.get("defense", []))
+
+
+def _defense_paths(cfg: ExperimentConfig, out: Path) -> dict[str, str]:
+    return {f"{name}-path": str(out / fname) for name, fname in CHECKPOINTS.items() if (out / fname).is_file()}

@@ -33,7 +33,7 @@ def _data_and_splits(data_json: str, seed: int) -> tuple[ImageSet, list[ClientSp
     data = load_dataset(cfg.data, seed=seed)
     splits = make_client_splits(data.labels, cfg.data.num_clients, cfg.data.partition,
                                 cfg.data.dirichlet_alpha, cfg.data.test_fraction, seed,
-                                cfg.data.min_client_size)
+                                cfg.data.min_client_size, cfg.data.val_fraction)
     return data, splits
 
 
@@ -43,13 +43,23 @@ def data_and_splits(cfg: ExperimentConfig) -> tuple[ImageSet, list[ClientSplit]]
     return _data_and_splits(only_data.to_json(), cfg.seed)
 
 
-def client_loaders(cfg: ExperimentConfig, client: int, round_: int = 0) -> tuple[DataLoader, DataLoader, int]:
+def client_loaders(cfg: ExperimentConfig, client: int, round_: int = 0,
+                   batch_size: int | None = None) -> tuple[DataLoader, DataLoader, int]:
+    """(train, test, number of classes) for one client; train batches are shuffled and augmented."""
     data, splits = data_and_splits(cfg)
     split = splits[client]
-    train = make_loader(data, split.train_idx, cfg.train.batch_size, train=True,
+    train = make_loader(data, split.train_idx, batch_size or cfg.train.batch_size, train=True,
                         seed=client_seed(cfg, client, round_), augment=cfg.data.augment)
     test = make_loader(data, split.test_idx, max(cfg.train.batch_size, 64), train=False)
     return train, test, len(data.classes)
+
+
+def validation_loader(cfg: ExperimentConfig, client: int) -> DataLoader:
+    """The client's clean held-out scans (data.val_fraction), for calibrating the detector."""
+    data, splits = data_and_splits(cfg)
+    if splits[client].n_val == 0:
+        raise ValueError("calibrating the detector needs clean validation scans: set data.val_fraction > 0")
+    return make_loader(data, splits[client].val_idx, 64, train=False)
 
 
 def num_classes(cfg: ExperimentConfig) -> int:
@@ -74,10 +84,23 @@ def make_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> 
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
 
 
+def purify_batch(diffusion, x: torch.Tensor, cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Algorithm 3's optional step: scans purified at a depth drawn from [t_min, t_max]."""
+    d = cfg.defense
+    t = torch.randint(d.t_min, d.t_max + 1, (x.shape[0],), generator=gen)
+    with torch.no_grad():
+        return diffusion.purify(x, t, d.sampler, d.sampler_steps, gen)
+
+
 def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig,
-                server_round: int = 1) -> dict[str, float]:
-    """E local epochs on the mixture loss (Eq. 9); returns the mean loss of the last epoch."""
+                server_round: int = 1, purifier=None) -> dict[str, float]:
+    """E local epochs on the mixture loss (Eq. 9); returns the mean loss of the last epoch.
+
+    With a `purifier` (a GaussianDiffusion), half of each batch is replaced by its purified
+    version, so the experts know both clean and purified scans.
+    """
     optimizer = make_optimizer(model, cfg, round_lr(cfg, server_round))
+    gen = torch.Generator().manual_seed(cfg.seed + server_round)
     model.train()
     stats: dict[str, float] = {}
     for _ in range(cfg.train.local_epochs):
@@ -85,6 +108,9 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
         entropy = 0.0
         for x, y in loader:
             x, y = x.to(cfg.device), y.to(cfg.device)
+            if purifier is not None:
+                half = len(x) // 2
+                x = torch.cat([purify_batch(purifier, x[:half], cfg, gen), x[half:]])
             loss, parts = model.loss(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

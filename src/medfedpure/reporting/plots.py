@@ -39,3 +39,29 @@ def plot_convergence(rows: list[dict], path: Path | str, title: str, attack_labe
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_defense_examples(examples: dict, path: Path | str, title: str) -> None:
+    """Rows of scans: original, attacked, MAE error map, purified."""
+    n = len(examples["original"])
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), dpi=110, squeeze=False)
+    grid = int(examples["mae_error"].shape[1] ** 0.5)
+    for i in range(n):
+        panels = [(examples["original"][i], "original"), (examples["attacked"][i], "attacked"),
+                  (examples["mae_error"][i].reshape(grid, grid), "MAE error"), (examples["purified"][i], "purified")]
+        for ax, (img, name) in zip(axes[i], panels):
+            img = img.detach().cpu()
+            if img.dim() == 3:
+                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            else:
+                ax.imshow(img.numpy(), cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

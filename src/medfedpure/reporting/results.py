@@ -50,3 +50,35 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+DEFENSE_FIELDS = ("bare_clean_acc", "bare_adv_acc", "clean_acc", "adv_acc", "auroc", "tpr_at_tau", "fpr_at_tau",
+                  "clean_purified", "adv_purified", "clean_mean_t", "adv_mean_t", "clean_score_ms",
+                  "clean_purify_ms", "clean_classify_ms", "adv_score_ms", "adv_purify_ms", "adv_classify_ms")
+
+
+def defense_rows(client_metrics: list[dict], cfg) -> list[dict]:
+    """One row per (client, detector, mode) plus test-size-weighted 'mean' rows."""
+    rows = []
+    for m in sorted(client_metrics, key=lambda m: int(m["partition-id"])):
+        for detector in cfg.defense.eval_detectors:
+            for mode in cfg.defense.eval_modes:
+                key = f"{mode}.{detector}"
+                row = {"client": int(m["partition-id"]), "detector": detector, "mode": mode, "rule": cfg.defense.rule,
+                       "n_test": int(m["num-examples"]), "bare_clean_acc": m["bare.clean_acc"],
+                       "bare_adv_acc": m["bare.adv_acc"], "auroc": m[f"{detector}.auroc"],
+                       "tpr_at_tau": m[f"{detector}.tpr_at_tau"], "fpr_at_tau": m[f"{detector}.fpr_at_tau"]}
+                for f in DEFENSE_FIELDS:
+                    if f"{key}.{f}" in m:
+                        row[f] = m[f"{key}.{f}"]
+                rows.append(row)
+    means = []
+    for detector in cfg.defense.eval_detectors:
+        for mode in cfg.defense.eval_modes:
+            group = [r for r in rows if r["detector"] == detector and r["mode"] == mode]
+            n = sum(r["n_test"] for r in group)
+            mean = {"client": "mean", "detector": detector, "mode": mode, "rule": cfg.defense.rule, "n_test": n}
+            for f in DEFENSE_FIELDS:
+                mean[f] = sum(r[f] * r["n_test"] for r in group) / max(n, 1)
+            means.append(mean)
+    return rows + means

@@ -1,0 +1,215 @@
+"""MAE detector, diffusion purifier, decision rules and the defended classifier."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfedpure.config import load_preset
+from medfedpure.defense import (PHASES, DefendedClassifier, DefenseSettings, DisagreementDetector, MAEDetector,
+                                ResidualDetector, build_diffusion, build_mae)
+from medfedpure.defense.rules import adaptive_depth, calibrate_threshold, rank_flags
+from medfedpure.defense.trainer import eval_loss, load_pretrained, train_epochs
+from medfedpure.evaluation.defense_eval import auroc, evaluate_defense
+from medfedpure.federation import task
+from medfedpure.storage import save_tensors
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = load_preset("demo")
+    c.data.num_clients = 1
+    c.data.val_fraction = 0.2
+    c.data.synthetic_per_class = 300
+    return c
+
+
+@pytest.fixture(scope="module")
+def loaders(cfg):
+    train, test, n_classes = task.client_loaders(cfg, 0, batch_size=32)
+    return train, test, task.validation_loader(cfg, 0), n_classes
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, loaders):
+    """Tiny MAE, diffusion model and classifier trained on the built-in data."""
+    train, test, _, n_classes = loaders
+    torch.manual_seed(0)
+    mae, diffusion = build_mae(cfg), build_diffusion(cfg)
+    before = {"mae": eval_loss(PHASES["mae"], mae, test), "diffusion": eval_loss(PHASES["diffusion"], diffusion, test)}
+    train_epochs(PHASES["mae"], mae, train, 3, 1e-3)
+    train_epochs(PHASES["diffusion"], diffusion, train, 3, 2e-3)
+    after = {"mae": eval_loss(PHASES["mae"], mae, test), "diffusion": eval_loss(PHASES["diffusion"], diffusion, test)}
+    classifier = task.new_model(cfg, n_classes, 0)
+    cfg.train.local_epochs = 6
+    task.train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
+    return {"mae": mae.eval(), "diffusion": diffusion.eval(), "classifier": classifier.eval(),
+            "before": before, "after": after}
+
+
+def test_training_lowers_the_losses(trained):
+    for name in ("mae", "diffusion"):
+        assert trained["after"][name] < 0.5 * trained["before"][name], name
+
+
+def test_mae_loss_is_on_masked_patches_of_raw_pixels(cfg):
+    mae = build_mae(cfg).eval()
+    x = torch.rand(2, 3, 32, 32)
+    loss, pred, mask = mae(x, generator=torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [48.0, 48.0]  # 75% of 64 patches
+    per_patch = ((pred - mae.patchify(x)) ** 2).mean(-1)
+    assert torch.isclose(loss, (per_patch * mask).sum() / mask.sum())
+    assert torch.equal(mae.unpatchify(mae.patchify(x)), x)
+
+
+def test_mae_score_is_deterministic_and_batch_independent(trained, loaders):
+    mae = trained["mae"]
+    x = next(iter(loaders[1]))[0][:8]
+    with torch.no_grad():
+        a, b, single = mae.score(x), mae.score(x), mae.score(x[:1])
+    assert torch.equal(a, b)
+    assert torch.allclose(a[:1], single, atol=1e-6)
+    covered = torch.zeros(mae.num_patches)
+    for keep in mae.complementary_keeps():
+        covered[keep] += 1
+    assert covered.min() >= 1  # every patch is visible in some pass and masked in the others
+
+
+def test_mae_separates_clean_from_strongly_perturbed(trained, loaders):
+    mae = trained["mae"]
+    x = torch.cat([b[0] for b in loaders[1]])
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        assert auroc(mae.score(x).numpy(), mae.score(noisy).numpy()) >= 0.9
+
+
+def test_closed_form_noising_matches_the_schedule(cfg):
+    diffusion = build_diffusion(cfg)
+    betas = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([1, 10, 500, 1000])
+    assert torch.allclose(diffusion.abar(t).double(), abar[t - 1], rtol=1e-5)
+    assert diffusion.abar(torch.tensor([0])).item() == 1.0
+    # iterating Eq. 13 step by step gives the same mean and variance as Eq. 17
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    x = x0.clone()
+    for s in range(50):
+        x = (1 - betas[s]).sqrt().float() * x + betas[s].sqrt().float() * torch.randn_like(x)
+    closed = diffusion.q_sample(x0, torch.full((20000,), 50), torch.randn_like(x0))
+    assert abs(x.mean() - closed.mean()) < 0.01 and abs(x.var() - closed.var()) < 0.01
+    assert abs(closed.mean() - 0.7 * abar[49].sqrt()) < 0.01
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 3), ("ddpm", 1)])
+def test_purification_denoises_and_keeps_range(trained, loaders, sampler, steps):
+    diffusion = trained["diffusion"]
+    x = next(iter(loaders[1]))[0][:16]
+    t = torch.full((16,), 60)
+    gen = torch.Generator().manual_seed(0)
+    noisy = ((diffusion.q_sample(x * 2 - 1, t, torch.randn(x.shape, generator=gen)) + 1) / 2).clamp(0, 1)
+    with torch.no_grad():
+        out = diffusion.purify(x, t, sampler, steps, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert ((out - x) ** 2).mean() < 0.5 * ((noisy - x) ** 2).mean()
+    untouched = diffusion.purify(x, torch.zeros(16, dtype=torch.long), sampler, steps)
+    assert torch.equal(untouched, x)
+
+
+def test_rank_rule_flags_exactly_ceil_kappa_n():
+    for n, kappa in [(10, 0.18), (100, 0.05), (7, 0.5), (33, 0.18)]:
+        scores = torch.rand(n)
+        flags = rank_flags(scores, kappa)
+        assert flags.sum().item() == math.ceil(kappa * n)
+        assert scores[flags].min() >= scores[~flags].max()
+
+
+def test_calibrated_threshold_gives_the_target_fpr():
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = torch.randn(2000, generator=gen), torch.randn(20000, generator=gen)
+    for fpr in (0.05, 0.18):
+        tau = calibrate_threshold(calib, fpr)
+        observed = (held_out > tau).float().mean().item()
+        assert abs(observed - fpr) < 3 * math.sqrt(fpr * (1 - fpr) / 2000)
+
+
+def test_adaptive_depth_is_monotone_and_bounded():
+    calib = torch.linspace(0, 1, 101)
+    t = adaptive_depth(torch.tensor([-1.0, 0.5, 0.9, 5.0]), calib, 20, 100)
+    assert t.tolist()[0] == 20 and t.tolist()[-1] == 100 and t.tolist() == sorted(t.tolist())
+
+
+def _defended(trained, mode, rule="threshold", tau=None, detector="mae"):
+    det = {"mae": MAEDetector(trained["mae"]), "residual": ResidualDetector(trained["diffusion"]),
+           "disagreement": DisagreementDetector(trained["diffusion"], trained["classifier"])}[detector]
+    calib = torch.rand(50)
+    settings = DefenseSettings(mode=mode, rule=rule, kappa=0.25, tau=tau, t_min=20, t_max=80)
+    return DefendedClassifier(trained["classifier"], det, trained["diffusion"], settings, calib)
+
+
+def test_unflagged_scans_pass_bit_identical(trained, loaders):
+    x = next(iter(loaders[1]))[0][:12]
+    defended = _defended(trained, "selective", rule="rank")
+    with torch.no_grad():
+        out = defended.details(x)
+    assert out.flags.sum() == 3
+    assert torch.equal(out.purified[~out.flags], x[~out.flags])
+    assert not torch.equal(out.purified[out.flags], x[out.flags])
+    assert (out.t_star[~out.flags] == 0).all() and (out.t_star[out.flags] >= 20).all()
+    with torch.no_grad():
+        assert torch.allclose(out.logits[~out.flags], trained["classifier"](x[~out.flags]), atol=1e-5)
+    graded = _defended(trained, "graded", rule="rank")
+    with torch.no_grad():
+        g = graded.details(x)
+    assert (g.t_star[~g.flags] == 20).all() and (g.t_star >= 20).all()
+
+
+@pytest.mark.parametrize("detector", ["mae", "residual", "disagreement"])
+def test_gradients_reach_the_input_through_the_whole_pipeline(trained, loaders, detector):
+    x = next(iter(loaders[1]))[0][:6].clone().requires_grad_(True)
+    y = next(iter(loaders[1]))[1][:6]
+    defended = _defended(trained, "graded", rule="threshold", tau=-1.0, detector=detector)  # everything flagged
+    out = defended.details(x)
+    loss = torch.nn.functional.cross_entropy(out.logits, y) + out.scores.sum()
+    loss.backward()
+    assert out.flags.all()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_detector_scores_are_deterministic(trained, loaders):
+    x = next(iter(loaders[1]))[0][:8]
+    for det in (ResidualDetector(trained["diffusion"]), DisagreementDetector(trained["diffusion"], trained["classifier"])):
+        with torch.no_grad():
+            assert torch.equal(det(x), det(x))
+            assert torch.allclose(det(x)[:2], det(x[:2]), atol=1e-5)
+
+
+def test_defense_evaluation_reports_everything(cfg, trained, loaders):
+    _, test, val, _ = loaders
+    classifier = trained["classifier"]
+    metrics, examples = evaluate_defense(
+        classifier, trained["mae"], trained["diffusion"], val, test, task.make_attack(classifier, cfg, 0),
+        DefenseSettings(t_min=20, t_max=80, tau=0.0), 0.05, ["mae", "residual"], ["selective", "graded"])
+    assert metrics["bare.clean_acc"] > 0.8 and metrics["bare.adv_acc"] < metrics["bare.clean_acc"] - 0.2
+    for det in ("mae", "residual"):
+        assert 0 <= metrics[f"{det}.auroc"] <= 1
+        for mode in ("selective", "graded"):
+            for k in ("clean_acc", "adv_acc", "clean_purified", "adv_mean_t", "adv_purify_ms", "clean_score_ms"):
+                assert f"{mode}.{det}.{k}" in metrics
+        assert metrics[f"graded.{det}.clean_purified"] == 1.0
+    assert examples["original"].shape == examples["purified"].shape
+    assert examples["mae_error"].shape == (4, 64)
+
+
+def test_checkpoint_round_trip_and_mismatch(cfg, trained, tmp_path):
+    save_tensors(tmp_path / "mae.safetensors", trained["mae"].state_dict())
+    back = load_pretrained("mae", cfg, tmp_path / "mae.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), trained["mae"].state_dict().values()))
+    with pytest.raises(ValueError, match="does not match"):
+        load_pretrained("diffusion", cfg, tmp_path / "mae.safetensors")
+
+
+def test_auroc():
+    assert auroc(np.array([0, 1, 2]), np.array([3, 4])) == 1.0
+    assert auroc(np.array([3, 4]), np.array([0, 1, 2])) == 0.0
+    assert auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
