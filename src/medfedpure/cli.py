@@ -1,4 +1,6 @@
-"""The `medfedpure` command."""
+"""medfedpure: federated personalized MoE brain-MRI classification with client-side MAE
+detection and diffusion purification. Phases share one run folder: pretrain-diffusion (1),
+pretrain-mae (2), train (3, then the defended evaluation)."""
 
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medfedpure", description=__doc__)
+    parser = argparse.ArgumentParser(prog="medfedpure", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

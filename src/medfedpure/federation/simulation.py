@@ -157,12 +157,14 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
                   progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
     """Train the personalized MoE with Flower, evaluate every round, then (if the folder holds the
     MAE and diffusion checkpoints and the defense is enabled) the defended evaluation."""
+    defense_paths = _defense_paths(cfg, Path(out_dir).resolve())
+    if cfg.defense.purify_training and "diffusion-path" not in defense_paths:
+        log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
+                    "(run `medfedpure pretrain-diffusion` with the same --out first)",
+                    Path(out_dir) / CHECKPOINTS["diffusion"])
+        cfg.defense.purify_training = False
     out = prepare_run(cfg, out_dir)
     t0 = time.time()
-    defense_paths = _defense_paths(cfg, out)
-    if cfg.defense.purify_training and "diffusion-path" not in defense_paths:
-        raise FileNotFoundError(f"defense.purify_training needs {out / CHECKPOINTS['diffusion']}: "
-                                "run `medfedpure pretrain-diffusion` with the same --out first")
 
     task.set_seed(cfg.seed)
     model = task.new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
