@@ -23,3 +23,10 @@ def test_bad_override_is_one_clear_error(capsys):
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "medfedpure.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_pretrain_commands_share_the_clear_errors(tmp_path, capsys):
+    for command in ("pretrain-mae", "pretrain-diffusion"):
+        code = main([command, "--preset", "br35h-cpu", "--data", str(tmp_path / "nowhere")])
+        err = capsys.readouterr().err
+        assert code == 2 and "nowhere" in err and "Traceback" not in err

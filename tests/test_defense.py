@@ -187,7 +187,7 @@ def test_detector_scores_are_deterministic(trained, loaders):
 def test_defense_evaluation_reports_everything(cfg, trained, loaders):
     _, test, val, _ = loaders
     classifier = trained["classifier"]
-    metrics, examples = evaluate_defense(
+    metrics, examples, calibration = evaluate_defense(
         classifier, trained["mae"], trained["diffusion"], val, test, task.make_attack(classifier, cfg, 0),
         DefenseSettings(t_min=20, t_max=80, tau=0.0), 0.05, ["mae", "residual"], ["selective", "graded"])
     assert metrics["bare.clean_acc"] > 0.8 and metrics["bare.adv_acc"] < metrics["bare.clean_acc"] - 0.2
@@ -199,6 +199,8 @@ def test_defense_evaluation_reports_everything(cfg, trained, loaders):
         assert metrics[f"graded.{det}.clean_purified"] == 1.0
     assert examples["original"].shape == examples["purified"].shape
     assert examples["mae_error"].shape == (4, 64)
+    assert set(calibration) == {"mae", "residual"}
+    assert metrics["mae.tau"] == pytest.approx(calibrate_threshold(calibration["mae"], 0.05))
 
 
 def test_checkpoint_round_trip_and_mismatch(cfg, trained, tmp_path):

@@ -58,7 +58,11 @@ def test_defended_evaluation_per_client_and_mean(run_dir):
     assert all(r["clean_purified"] == 1.0 for r in graded)
     assert (out / "defense_examples.png").is_file() and (out / "defense.csv").is_file()
     assert result.defense and all(r["client"] == "mean" for r in result.defense)
-    assert all((out / "clients" / f"client_0{i}" / "defense.json").is_file() for i in (0, 1))
+    for i in (0, 1):
+        folder = out / "clients" / f"client_0{i}"
+        assert (folder / "defense.json").is_file()
+        calib = load_file(str(folder / "detector_calibration.safetensors"))
+        assert set(calib) == {"mae", "disagreement"} and len(calib["mae"]) > 0
 
 
 def test_central_mode_pools_the_clients(tmp_path):

@@ -64,6 +64,44 @@ def _pretrain(phase: str):
     return run
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from medfedpure.federation.simulation import run_experiment
+
+    cfg = _config(args)
+    out = _out(args, cfg)
+    print(f"medfedpure experiment: preset {args.preset} -> {out} (rerun the same command to resume)", flush=True)
+    tables = run_experiment(cfg, out, progress=not args.no_progress,
+                            flower_log_level=logging.INFO if args.verbose else logging.ERROR)
+    _print_tables(tables, out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medfedpure.evaluation.evaluate_run import evaluate_run
+
+    result = evaluate_run(args.run, args.data, args.client, args.overrides, args.out)
+    print(open(Path(result["out"]) / "evaluation.md").read())
+    print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from medfedpure.reporting.tables import write_report
+
+    tables = write_report(Path(args.run))
+    _print_tables(tables, Path(args.run))
+    return 0
+
+
+def _print_tables(tables: dict, out: Path) -> None:
+    print(f"\nTable {tables['table']} rows (clean % / adv %, paper in brackets):")
+    for r in tables["rows"]:
+        ours = "not run" if r["clean"] is None else f"{r['clean']} / {r['adv']}"
+        paper = "" if r["paper_clean"] is None else f"  [{r['paper_clean']} / {r['paper_adv']}]"
+        print(f"  {r['method']:<48} {ours:>15}{paper}")
+    print(f"tables: {out}/tables.md, tables.csv, tables.json; figure: {out}/accuracy_per_round.png")
+
+
 def _presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         if args.show:
@@ -99,6 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("experiment", help="every phase and the evaluation, then the tables; resumes after an "
+                                          "interruption (finished phases and rounds are not redone)")
+    common(p)
+    p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained federation (bare and defended, clean and attacked) "
+                                        "on any labelled folder, e.g. scans no client saw")
+    p.add_argument("--run", required=True, help="run folder written by experiment or train")
+    p.add_argument("--data", required=True, help="labelled folder in the run's layout (e.g. Br35H yes/ no/)")
+    p.add_argument("--client", default="all", help="client index, or 'all' (default)")
+    p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="e.g. attack.eps=0.03 attack.steps=20 defense.mode=selective")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="rebuild tables and figures from a run folder's saved results")
+    p.add_argument("--run", required=True, help="run folder written by experiment or train")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("presets", help="list the built-in presets")
     p.add_argument("--show", action="store_true", help="print each preset's full config")
     p.set_defaults(func=_presets)
@@ -112,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:  # incl. ReportError, ResumeError
         if args.verbose:
             raise
         print(f"medfedpure: error: {err}", file=sys.stderr)

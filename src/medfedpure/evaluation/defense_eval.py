@@ -59,22 +59,32 @@ def _collect(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: GaussianDiffusion,
-                     val_loader: DataLoader, test_loader: DataLoader, attack: PGD, base: DefenseSettings,
+                     val: DataLoader | dict[str, torch.Tensor], test_loader: DataLoader, attack: PGD,
+                     base: DefenseSettings,
                      target_fpr: float, detectors: list[str], modes: list[str], seed: int = 0,
-                     figure: tuple[str, str] | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Metrics keyed `<mode>.<detector>.<metric>` (plus bare ones), and example tensors for a figure."""
+                     figure: tuple[str, str] | None = None
+                     ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Metrics keyed `<mode>.<detector>.<metric>` (plus bare ones), example tensors for a figure,
+    and each detector's clean validation scores (its calibration, to save with the models).
+
+    `val` is the client's clean validation loader, or the calibration scores saved earlier.
+    """
     for m in (classifier, mae, diffusion):
         m.eval()
     x, y = _collect(test_loader)
-    x_val, _ = _collect(val_loader)
+    saved = val if isinstance(val, dict) else None
+    x_val = None if saved is not None else _collect(val)[0]
     x_adv = torch.cat([attack(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
     out: dict[str, float] = {"bare.clean_acc": _accuracy(classifier, x, y), "bare.adv_acc": _accuracy(classifier, x_adv, y),
-                             "n_test": float(len(y)), "n_val": float(len(x_val))}
+                             "n_test": float(len(y))}
     examples: dict[str, torch.Tensor] = {}
+    calibration: dict[str, torch.Tensor] = {}
     for name in detectors:
         detector = build_detector(name, mae, diffusion, classifier, seed)
-        s_val, s_clean, s_adv = _scores(detector, x_val), _scores(detector, x), _scores(detector, x_adv)
+        s_val = saved[name] if saved is not None else _scores(detector, x_val)
+        s_clean, s_adv = _scores(detector, x), _scores(detector, x_adv)
         tau = calibrate_threshold(s_val, target_fpr)
+        calibration[name] = s_val
         out[f"{name}.auroc"] = auroc(s_clean.numpy(), s_adv.numpy())
         out[f"{name}.tau"] = tau
         out[f"{name}.tpr_at_tau"] = float((s_adv > tau).float().mean())
@@ -99,4 +109,4 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
                                 "labels": y[:4]}
     with torch.no_grad():
         examples["mae_error"] = mae.error_map(examples["attacked"]) if examples else torch.empty(0)
-    return out, examples
+    return out, examples, calibration

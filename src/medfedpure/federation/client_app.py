@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors import safe_open
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense import DefenseSettings
@@ -20,7 +21,7 @@ from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.federation import task
 from medfedpure.models import PersonalizedMoE
-from medfedpure.storage import save_tensors, write_json
+from medfedpure.storage import load_tensors, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,41 @@ def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, 
     return cfg, partition, server_round, out_dir
 
 
-def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, context: Context) -> PersonalizedMoE:
+def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, context: Context,
+                    out_dir: str | None = None) -> PersonalizedMoE:
     """Global experts from the message + this client's own gate from its state."""
     model = task.new_model(cfg, task.num_classes(cfg), init_seed=task.client_seed(cfg, partition))
     model.load_experts(msg.content["arrays"].to_torch_state_dict())
+    resume_round = int(msg.content["config"].get("resume-round", 0))
+    if GATE_KEY not in context.state and resume_round > 0:
+        context.state[GATE_KEY] = ArrayRecord(_restore_gate(_client_dir(out_dir, partition), resume_round))
     if GATE_KEY in context.state:
         model.load_gate(context.state[GATE_KEY].to_torch_state_dict())
     return model
+
+
+def _restore_gate(folder: Path | None, rnd: int) -> dict[str, torch.Tensor]:
+    """After a restart the node's memory is empty: take the gate this client saved at round `rnd`."""
+    for name in ("gate.safetensors", "gate_prev.safetensors"):
+        path = folder / name if folder else None
+        if path is not None and path.exists():
+            with safe_open(str(path), "pt") as fh:
+                if int((fh.metadata() or {}).get("round", -1)) == rnd:
+                    history = folder / "history.json"
+                    if history.exists():  # forget the rounds the interrupted run did not finish
+                        write_json(history, [h for h in json.loads(history.read_text()) if h["round"] <= rnd])
+                    return load_tensors(path)
+    raise FileNotFoundError(f"cannot resume: no gate from round {rnd} in '{folder}'")
+
+
+def _save_gate(folder: Path, gate: dict[str, torch.Tensor], rnd: int, partition: int) -> None:
+    """Keep the previous round's gate beside the new one, so a run killed mid-round can resume."""
+    path = folder / "gate.safetensors"
+    if path.exists():
+        with safe_open(str(path), "pt") as fh:
+            if int((fh.metadata() or {}).get("round", -1)) != rnd:
+                path.replace(folder / "gate_prev.safetensors")
+    save_tensors(path, gate, {"round": str(rnd), "client": str(partition)})
 
 
 def _client_dir(out_dir: str | None, partition: int) -> Path | None:
@@ -53,11 +82,12 @@ def _client_dir(out_dir: str | None, partition: int) -> Path | None:
 
 
 def _append_history(folder: Path | None, entry: dict) -> None:
-    """The hospital's own log; it stays on the client's disk."""
+    """The hospital's own log; it stays on the client's disk. A new run starts it afresh."""
     if folder is None:
         return
     path = folder / "history.json"
-    history = json.loads(path.read_text()) if path.exists() else []
+    fresh = entry["phase"] == "train" and entry["round"] == 1
+    history = json.loads(path.read_text()) if path.exists() and not fresh else []
     history.append(entry)
     write_json(path, history)
 
@@ -66,7 +96,7 @@ def _append_history(folder: Path | None, entry: dict) -> None:
 def train(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, out_dir = _setup(msg, context)
     task.set_seed(task.client_seed(cfg, partition, server_round))
-    model = _personal_model(cfg, partition, msg, context)
+    model = _personal_model(cfg, partition, msg, context, out_dir)
     gate_in = task.state_digest(model.gate_state())
     train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
     purifier = None
@@ -78,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state[GATE_KEY] = ArrayRecord(gate)
     folder = _client_dir(out_dir, partition)
     if folder is not None:
-        save_tensors(folder / "gate.safetensors", gate, {"round": str(server_round), "client": str(partition)})
+        _save_gate(folder, gate, server_round, partition)
     n_train = len(train_loader.dataset)
     _append_history(folder, {"round": server_round, "phase": "train", "gate_in": gate_in,
                              "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
@@ -90,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, out_dir = _setup(msg, context)
-    model = _personal_model(cfg, partition, msg, context)
+    model = _personal_model(cfg, partition, msg, context, out_dir)
     _, test_loader, _ = task.client_loaders(cfg, partition, server_round)
     with_attack = cfg.attack.eval_every_round or bool(msg.content["config"].get("final", False))
     result = task.test_local(model, test_loader, cfg, seed=task.client_seed(cfg, partition, server_round),
@@ -108,7 +138,7 @@ def defend(msg: Message, context: Context) -> Message:
     """Final defended evaluation on this client's test split, with its own gate and calibration."""
     cfg, partition, server_round, out_dir = _setup(msg, context)
     conf = msg.content["config"]
-    model = _personal_model(cfg, partition, msg, context).eval()
+    model = _personal_model(cfg, partition, msg, context, out_dir).eval()
     mae = load_pretrained("mae", cfg, str(conf["mae-path"]))
     diffusion = load_pretrained("diffusion", cfg, str(conf["diffusion-path"]))
     _, test_loader, _ = task.client_loaders(cfg, partition)
@@ -116,13 +146,17 @@ def defend(msg: Message, context: Context) -> Message:
     d = cfg.defense
     base = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, t_min=d.t_min, t_max=d.t_max,
                            sampler=d.sampler, steps=d.sampler_steps, tau=0.0)
-    metrics, examples = evaluate_defense(model, mae, diffusion, task.validation_loader(cfg, partition), test_loader,
+    metrics, examples, calibration = evaluate_defense(model, mae, diffusion, task.validation_loader(cfg, partition), test_loader,
                                          task.make_attack(model, cfg, seed), base, d.target_fpr,
                                          list(d.eval_detectors), list(d.eval_modes), seed,
                                          figure=(d.detector, d.mode if d.mode != "off" else "graded"))
     folder = _client_dir(out_dir, partition)
     if folder is not None:
         write_json(folder / "defense.json", metrics)
+        # tau and the clean scores behind it stay with this hospital's models
+        save_tensors(folder / "detector_calibration.safetensors", calibration,
+                     {"target_fpr": str(d.target_fpr), "rule": d.rule,
+                      **{f"tau.{name}": str(metrics[f"{name}.tau"]) for name in calibration}})
         if partition == 0 and examples:
             from medfedpure.reporting.plots import plot_defense_examples
             plot_defense_examples(examples, Path(out_dir) / "defense_examples.png",

@@ -8,6 +8,7 @@ holds the two defense checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation import task
+from medfedpure.federation.checkpoint import config_fingerprint, load_round, save_round
 from medfedpure.federation.client_app import app as client_app
 from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
 from medfedpure.federation.server_app import (PretrainFedAvg, make_pretrain_server_app, make_server_app,
@@ -101,26 +103,32 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
     t0 = time.time()
     task.set_seed(cfg.seed)
     model = phase.build(cfg).to(cfg.device)
-    rows: list[dict] = []
+    resumed = load_round(out, phase_name, cfg)
+    rows: list[dict] = list(resumed.state["rows"]) if resumed else []
+    if resumed is not None:
+        model.load_state_dict(resumed.arrays)
+        log.info("resuming %s after round %d (checkpoints/%s.json)", phase_name, resumed.round, phase_name)
     metrics_path = out / f"{phase_name}_metrics.json"
 
-    def record(row: dict) -> None:
+    def record(row: dict, state: dict) -> None:
         rows.append(row)
+        save_round(out, phase_name, cfg, row["round"], state, {"rows": rows})
         write_json(metrics_path, {"phase": phase_name, "training": cfg.defense.training, "rows": rows})
 
     if cfg.defense.training == "central":
-        _pretrain_central(cfg, phase, model, settings, record, progress)
+        _pretrain_central(cfg, phase, model, settings, len(rows), record, progress)
     else:
-        bar = tqdm(total=settings.rounds, desc=f"{phase_name} rounds", unit="round", disable=not progress)
+        bar = tqdm(total=settings.rounds, initial=len(rows), desc=f"{phase_name} rounds", unit="round",
+                   disable=not progress)
 
         def on_round_end(rnd: int, row: dict) -> None:
-            record(dict(row))
+            record(dict(row), strategy.latest_arrays.to_torch_state_dict())
             bar.set_postfix(train=f"{row.get('train_loss', float('nan')):.4f}",
                             test=f"{row.get('test_loss') or float('nan'):.4f}")
             bar.update(1)
 
         final: list[ArrayRecord] = []
-        strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end)
+        strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows))
         server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
                                               settings.rounds, final.append)
         try:
@@ -132,24 +140,28 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
         model.load_state_dict(final[0].to_torch_state_dict())
     wall = time.time() - t0
     save_tensors(out / CHECKPOINTS[phase_name], model.state_dict(),
-                 {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}"})
-    summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1)}
+                 {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
+                  "fingerprint": config_fingerprint(cfg, phase_name)})
+    summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
+               "fingerprint": config_fingerprint(cfg, phase_name)}
     write_json(metrics_path, summary)
     return summary
 
 
-def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, record, progress: bool) -> None:
-    """The paper's setting: every client's training scans pooled on one machine."""
+def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, done: int, record, progress: bool) -> None:
+    """The paper's setting: every client's training scans pooled on one machine (an epoch a 'round')."""
     data, splits = task.data_and_splits(cfg)
     train_idx = torch.cat([torch.from_numpy(s.train_idx) for s in splits]).numpy()
     test_idx = torch.cat([torch.from_numpy(s.test_idx) for s in splits]).numpy()
     test = make_loader(data, test_idx, 64, train=False)
     epochs = settings.rounds * settings.local_epochs
-    for epoch in tqdm(range(1, epochs + 1), desc=f"{phase.name} epochs (central)", disable=not progress):
+    for epoch in tqdm(range(done + 1, epochs + 1), initial=done, total=epochs,
+                      desc=f"{phase.name} epochs (central)", disable=not progress):
         train = make_loader(data, train_idx, settings.batch_size, train=True, seed=cfg.seed + epoch,
                             augment=cfg.data.augment)
         loss = train_epochs(phase, model, train, 1, settings.lr, cfg.device, seed=cfg.seed + epoch)
-        record({"round": epoch, "train_loss": loss, "test_loss": eval_loss(phase, model, test, cfg.device)})
+        record({"round": epoch, "train_loss": loss, "test_loss": eval_loss(phase, model, test, cfg.device)},
+               model.state_dict())
 
 
 # --------------------------------------------------------------------------- phase 3
@@ -168,10 +180,17 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
     task.set_seed(cfg.seed)
     model = task.new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
+    resumed = load_round(out, "train", cfg)
+    if resumed is not None:
+        model.load_experts(resumed.arrays)
+        log.info("resuming after round %d of %d (checkpoints/train.json)", resumed.round, cfg.train.rounds)
     initial = ArrayRecord(model.expert_state())
-    bar = tqdm(total=cfg.train.rounds, desc="federated rounds", unit="round", disable=not progress)
+    bar = tqdm(total=cfg.train.rounds, initial=resumed.round if resumed else 0, desc="federated rounds",
+               unit="round", disable=not progress)
 
     def on_round_end(rnd: int, rec: dict) -> None:
+        save_round(out, "train", cfg, rnd, strategy.latest_arrays.to_torch_state_dict(),
+                   {"history": history_to_json(strategy.history)})
         rows = round_rows(strategy.history)
         write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows})
         write_csv(out / "metrics.csv", rows)
@@ -184,7 +203,8 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
     final_arrays: list[ArrayRecord] = []
     defense_results: list[dict] = []
-    strategy = make_strategy(cfg, on_round_end, keep_client_arrays)
+    strategy = make_strategy(cfg, on_round_end, keep_client_arrays, round_offset=resumed.round if resumed else 0,
+                             history=history_from_json(resumed.state["history"]) if resumed else None)
     run_defense = cfg.defense.enabled and len(defense_paths) == 2
     if cfg.defense.enabled and not run_defense:
         log.warning("no defended evaluation: %s lacks %s (run pretrain-diffusion and pretrain-mae with the same "
@@ -202,7 +222,8 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
     model.load_experts(final_arrays[0].to_torch_state_dict())
     save_tensors(out / "global_experts.safetensors", model.expert_state(),
-                 {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json()})
+                 {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json(),
+                  "fingerprint": config_fingerprint(cfg, "train")})
     rows = round_rows(strategy.history)
     wall = time.time() - t0
     final = dict(mean_rows(rows)[-1])
@@ -210,6 +231,7 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows})
     write_csv(out / "metrics.csv", rows)
     summary = {"name": cfg.name, "attack": attack_label(cfg), "final": final,
+               "fingerprint": config_fingerprint(cfg, "train"),
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
     if defense_results:
         drows = defense_rows(defense_results, cfg)
@@ -224,5 +246,62 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     return RunResult(out, rows, final, wall, strategy.history, summary.get("defense", []))
 
 
+def history_to_json(history: dict[int, dict]) -> dict:
+    """The strategy's bookkeeping without the arrays kept for audits."""
+    skip = {"arrays", "sent_arrays", "aggregated"}
+    return {str(rnd): {**{k: v for k, v in rec.items() if k not in skip and k != "clients"},
+                       "clients": {str(c): {k: v for k, v in m.items() if k not in skip}
+                                   for c, m in rec["clients"].items()}}
+            for rnd, rec in history.items()}
+
+
+def history_from_json(raw: dict) -> dict[int, dict]:
+    return {int(rnd): {**rec, "clients": {int(c): m for c, m in rec["clients"].items()}} for rnd, rec in raw.items()}
+
+
 def _defense_paths(cfg: ExperimentConfig, out: Path) -> dict[str, str]:
     return {f"{name}-path": str(out / fname) for name, fname in CHECKPOINTS.items() if (out / fname).is_file()}
+
+
+# --------------------------------------------------------------------------- all phases
+PHASE_ORDER = ("diffusion", "mae", "train")
+
+
+def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
+    """Whether `out` already holds this phase's final result for this config."""
+    from safetensors import safe_open
+
+    if phase in CHECKPOINTS:
+        path = out / CHECKPOINTS[phase]
+        if not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("fingerprint") == config_fingerprint(cfg, phase)
+    path = out / "summary.json"
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    return (summary.get("fingerprint") == config_fingerprint(cfg, "train")
+            and (not cfg.defense.enabled or "defense" in summary))
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                   flower_log_level: int = logging.ERROR) -> dict:
+    """Every phase the config needs, then the report; finished phases (and rounds) are not redone."""
+    out = Path(out_dir).resolve()
+    phases = PHASE_ORDER if cfg.defense.enabled else ("train",)
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    for phase in phases:
+        if phase_done(cfg, out, phase):
+            log.info("phase %s: already done in %s, not redone", phase, out)
+            continue
+        t0 = time.time()
+        if phase == "train":
+            run_federated(cfg, out, progress=progress, flower_log_level=flower_log_level)
+        else:
+            run_pretraining(cfg, phase, out, progress=progress, flower_log_level=flower_log_level)
+        timings[phase] = round(time.time() - t0, 1)
+        write_json(out / "timings.json", timings)
+    from medfedpure.reporting.tables import write_report
+
+    return write_report(out)

@@ -21,10 +21,12 @@ class ExpertFedAvg(FedAvg):
 
     `history[round]` holds the keys sent and received and each client's metrics;
     with `keep_client_arrays` it also keeps what every client sent (for audits and tests).
+    A resumed run passes the rounds already done as `round_offset` and their `history`.
     """
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
-                 keep_client_arrays: bool = False, **kwargs) -> None:
+                 keep_client_arrays: bool = False, round_offset: int = 0,
+                 history: dict[int, dict] | None = None, **kwargs) -> None:
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_evaluate_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
@@ -32,7 +34,9 @@ class ExpertFedAvg(FedAvg):
         self.num_rounds = num_rounds
         self.on_round_end = on_round_end
         self.keep_client_arrays = keep_client_arrays
-        self.history: dict[int, dict] = {}
+        self.round_offset = round_offset
+        self.history: dict[int, dict] = dict(history or {})
+        self.latest_arrays: ArrayRecord | None = None
 
     def _round(self, server_round: int) -> dict:
         return self.history.setdefault(server_round, {"round": server_round, "clients": {}})
@@ -47,6 +51,7 @@ class ExpertFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         rec = self._round(server_round)
         rec["sent_keys"] = self._check_keys(arrays.keys(), "server -> client train message")
         if self.keep_client_arrays:
@@ -55,6 +60,7 @@ class ExpertFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._check_keys(arrays.keys(), "server -> client evaluate message")
         config["final"] = server_round == self.num_rounds
         return super().configure_evaluate(server_round, arrays, config, grid)
@@ -67,6 +73,7 @@ class ExpertFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         self._raise_on_errors(replies, f"training round {server_round}")
         rec = self._round(server_round)
@@ -86,12 +93,14 @@ class ExpertFedAvg(FedAvg):
         if agg_arrays is not None:
             # Integer buffers (BatchNorm's num_batches_tracked) stay integers.
             agg_arrays = ArrayRecord({k: Array(_cast(v.numpy(), dtypes[k])) for k, v in agg_arrays.items()})
+            self.latest_arrays = agg_arrays
             if self.keep_client_arrays:
                 rec["aggregated"] = {k: v.numpy().copy() for k, v in agg_arrays.items()}
         rec["train"] = _without_id(agg_metrics)
         return agg_arrays, agg_metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         self._raise_on_errors(replies, f"evaluation round {server_round}")
         rec = self._round(server_round)

@@ -1,0 +1,105 @@
+"""Evaluate a trained federation on any labelled folder (`medfedpure evaluate`): every chosen
+client's personalized model, bare and defended, clean and attacked, with the calibration it
+saved. Scans no client trained on are the point."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from medfedpure.config import ExperimentConfig, apply_overrides
+from medfedpure.data import load_dataset, make_loader
+from medfedpure.defense import DefenseSettings
+from medfedpure.defense.trainer import load_pretrained
+from medfedpure.evaluation.defense_eval import evaluate_defense
+from medfedpure.evaluation.metrics import evaluate_accuracy
+from medfedpure.federation import task
+from medfedpure.reporting.results import defense_rows
+from medfedpure.storage import atomic_write_text, load_tensors, write_csv, write_json
+
+
+class RunFolderError(FileNotFoundError):
+    """A run folder that lacks what an evaluation needs, or whose files do not match its config."""
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise RunFolderError(f"run folder is incomplete: {what} '{path}' is missing")
+    return path
+
+
+def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overrides: list[str] | None = None,
+                 out: Path | str | None = None) -> dict:
+    run = Path(run)
+    cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
+    cfg = apply_overrides(cfg, overrides or [])
+    classes = json.loads(_need(run / "partition.json", "partition record").read_text())["classes"]
+    if cfg.data.dataset == "synthetic":  # the built-in set, written out as class folders
+        cfg.data.dataset = "folder"
+    cfg.data.root = str(data)
+    cfg.data.max_per_class = None
+    images = load_dataset(cfg.data, seed=cfg.seed)
+    if list(images.classes) != list(classes):
+        raise RunFolderError(f"'{data}' has classes {list(images.classes)}, the run was trained on {classes}")
+    ids = range(cfg.data.num_clients) if clients == "all" else [int(clients)]
+    experts = load_tensors(_need(run / "global_experts.safetensors", "global experts"))
+    defended = cfg.defense.enabled and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file()
+    mae = load_pretrained("mae", cfg, run / "mae.safetensors") if defended else None
+    diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors") if defended else None
+    loader = make_loader(images, np.arange(len(images)), 64, train=False)
+    metrics, plain = [], []
+    for i in ids:
+        folder = run / "clients" / f"client_{i:02d}"
+        model = task.new_model(cfg, len(classes), init_seed=0)
+        try:
+            model.load_experts(experts)
+            model.load_gate(load_tensors(_need(folder / "gate.safetensors", f"client {i}'s gate")))
+        except KeyError as err:
+            raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {err}") from err
+        model.eval()
+        attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, i, 20_000))
+        if defended:
+            calibration = load_tensors(_need(folder / "detector_calibration.safetensors", f"client {i}'s calibration"))
+            d = cfg.defense
+            detectors = [name for name in d.eval_detectors if name in calibration]
+            base = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, t_min=d.t_min, t_max=d.t_max,
+                                   sampler=d.sampler, steps=d.sampler_steps, tau=0.0)
+            m, _, _ = evaluate_defense(model, mae, diffusion, calibration, loader, attack, base, d.target_fpr,
+                                       detectors, list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
+            cfg.defense.eval_detectors = detectors
+            metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
+        else:
+            plain.append({"client": i, **evaluate_accuracy(model, loader, attack)})
+    target = Path(out) if out else run / "evaluations" / Path(data).name
+    result = {"run": str(run), "data": str(data), "n_images": len(images), "attack": asdict(cfg.attack),
+              "protocol": "PGD on each client's classifier, then its defense", "clients": list(ids)}
+    if defended:
+        rows = defense_rows(metrics, cfg)
+        result["rows"] = rows
+        write_csv(target / "evaluation.csv", rows)
+    else:
+        result["rows"] = plain
+        write_csv(target / "evaluation.csv", plain)
+    write_json(target / "evaluation.json", result)
+    atomic_write_text(target / "evaluation.md", _markdown(result, defended))
+    result["out"] = str(target)
+    return result
+
+
+def _markdown(result: dict, defended: bool) -> str:
+    lines = [f"# {result['run']} on {result['data']} ({result['n_images']} scans)", "",
+             f"attack: {json.dumps(result['attack'])}", ""]
+    if defended:
+        lines += ["| client | detector | mode | bare clean | bare adv | clean | adv | AUROC |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['client']} | {r['detector']} | {r['mode']} | {100 * r['bare_clean_acc']:.2f} | "
+                         f"{100 * r['bare_adv_acc']:.2f} | {100 * r['clean_acc']:.2f} | {100 * r['adv_acc']:.2f} | "
+                         f"{r['auroc']:.3f} |")
+    else:
+        lines += ["| client | clean | adv |", "|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['client']} | {100 * r['clean_acc']:.2f} | {100 * r['adv_acc']:.2f} |")
+    return "\n".join(lines) + "\n"

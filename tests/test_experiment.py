@@ -1,0 +1,143 @@
+"""`experiment` end to end on the built-in data: all phases, tables, resume after a kill, `report`."""
+
+import json
+
+import pytest
+
+from medfedpure.config import load_preset
+from medfedpure.evaluation.evaluate_run import RunFolderError, evaluate_run
+from medfedpure.federation import simulation
+from medfedpure.federation.checkpoint import ResumeError
+from medfedpure.reporting.tables import ReportError, write_report
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(defense: bool = True):
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 2
+    cfg.data.synthetic_per_class = 120
+    cfg.train.rounds = 2
+    cfg.train.local_epochs = 1
+    cfg.attack.max_eval_per_client = 8
+    cfg.defense.enabled = defense
+    cfg.defense.eval_detectors = ["mae", "disagreement"]
+    for part in (cfg.defense.mae, cfg.defense.diffusion):
+        part.train.rounds, part.train.local_epochs = 1, 1
+    return cfg
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.is_file() and p.suffix in {".json", ".csv", ".md", ".safetensors"}}
+
+
+def _write_scans(folder, seed=99):
+    """Scans no client saw, as class folders of PNGs."""
+    from PIL import Image
+
+    from medfedpure.data import make_synthetic
+
+    data = make_synthetic(12, 32, seed=seed)
+    for i, (img, label) in enumerate(zip(data.images, data.labels)):
+        target = folder / data.classes[label]
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(target / f"scan{i}.png")
+    return folder
+
+
+def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path):
+    tables = simulation.run_experiment(tiny(), tmp_path, progress=False)
+    assert tables["table"] == "II"
+    methods = [r["method"] for r in tables["rows"]]
+    assert methods[0].startswith("MoE, no defense") and methods[1].startswith("MedFedPure")
+    assert all(r["paper_clean"] is None for r in tables["rows"])  # the paper has no built-in-data row
+    for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
+                 "timings.json", "config.json", "environment.json"):
+        assert (tmp_path / name).is_file(), name
+    before = _snapshot(tmp_path)
+    simulation.run_experiment(tiny(), tmp_path, progress=False)  # every phase is done: nothing is redone
+    assert _snapshot(tmp_path) == before
+    (tmp_path / "tables.md").unlink()
+    (tmp_path / "tables.json").unlink()
+    write_report(tmp_path)
+    assert _snapshot(tmp_path) == before
+
+    # evaluate the trained federation on scans no client saw
+    scans = _write_scans(tmp_path.parent / "unseen")
+    result = evaluate_run(tmp_path, scans)
+    means = [r for r in result["rows"] if r["client"] == "mean"]
+    assert len(means) == 4 and all(r["n_test"] == 2 * 24 for r in means)  # 2 clients x 24 scans
+    assert (tmp_path / "evaluations" / "unseen" / "evaluation.md").is_file()
+    one = evaluate_run(tmp_path, scans, clients="1", overrides=["attack.eps=0.05"], out=tmp_path.parent / "e1")
+    assert {r["client"] for r in one["rows"]} == {1, "mean"} and one["attack"]["eps"] == 0.05
+
+    # a corrupted checkpoint and a missing file are named
+    gate = tmp_path / "clients" / "client_00" / "gate.safetensors"
+    gate.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="gate.safetensors"):
+        evaluate_run(tmp_path, scans)
+    (tmp_path / "global_experts.safetensors").unlink()
+    with pytest.raises(RunFolderError, match="global_experts.safetensors"):
+        evaluate_run(tmp_path, scans)
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
+    straight = simulation.run_federated(tiny(defense=False), tmp_path / "straight", progress=False)
+
+    real_save = simulation.save_round
+
+    def save_then_die(out, phase, cfg, rnd, arrays, state):
+        real_save(out, phase, cfg, rnd, arrays, state)
+        if rnd == 1:
+            raise RuntimeError("killed after round 1")
+
+    monkeypatch.setattr(simulation, "save_round", save_then_die)
+    with pytest.raises(BaseException):
+        simulation.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "train.json").read_text())["round"] == 1
+    monkeypatch.setattr(simulation, "save_round", real_save)
+    resumed = simulation.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
+    assert len(straight.rows) == len(resumed.rows)
+    for a, b in zip(straight.rows, resumed.rows):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            else:
+                assert a[key] == b[key], key
+    history = json.loads((tmp_path / "killed" / "clients" / "client_00" / "history.json").read_text())
+    assert [h["round"] for h in history if h["phase"] == "train"] == [1, 2]
+
+
+def test_resume_refuses_another_config(tmp_path):
+    simulation.run_federated(tiny(defense=False), tmp_path, progress=False)
+    other = tiny(defense=False)
+    other.train.lr = 0.5
+    with pytest.raises(ResumeError, match="another config"):
+        simulation.run_federated(other, tmp_path, progress=False)
+
+
+def test_report_needs_results(tmp_path):
+    with pytest.raises(ReportError, match="config.json"):
+        write_report(tmp_path)
+
+
+def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
+    """A Br35H run folder (results written by hand here) gets the paper's Table II row."""
+    from medfedpure.reporting.tables import build_tables
+
+    cfg = load_preset("br35h-cpu")
+    cfg.data.root = "/data/br35h"
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "environment.json").write_text(json.dumps({"git_commit": "abc", "packages": {}}))
+    mean = {"detector": "disagreement", "mode": "graded", "rule": "threshold", "auroc": 0.99, "tpr_at_tau": 0.9,
+            "fpr_at_tau": 0.05, "clean_acc": 0.98, "adv_acc": 0.9, "clean_purified": 1.0, "adv_purified": 1.0,
+            "adv_mean_t": 100.0, "adv_score_ms": 1.0, "adv_purify_ms": 2.0, "adv_classify_ms": 3.0}
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"final": {"clean_acc": 0.99, "adv_acc": 0.1, "wall_time_s": 10.0}, "defense": [mean]}))
+    tables = build_tables(tmp_path)
+    rows = {r["method"].split(" (")[0]: r for r in tables["rows"]}
+    assert rows["MedFedPure"]["clean"] == 98.0 and rows["MedFedPure"]["paper_adv"] == 87.33
+    assert rows["pFedDef"]["clean"] is None and rows["pFedDef"]["paper_clean"] == 98.33
+    assert all(r["resolution"] == 64 and "eps=0.015" in r["attack"] for r in tables["rows"])
