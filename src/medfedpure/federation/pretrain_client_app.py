@@ -28,6 +28,7 @@ def _setup(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, phase, partition, server_round, model = _setup(msg, context)
+    task.set_seed(task.client_seed(cfg, partition, server_round))  # augmentation draws from the global RNG
     settings = phase.settings(cfg)
     loader = task.client_loaders(cfg, partition, server_round, batch_size=settings.batch_size)[0]
     loss = train_epochs(phase, model, loader, settings.local_epochs, settings.lr, cfg.device,
