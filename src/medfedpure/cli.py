@@ -27,14 +27,18 @@ def _out(args: argparse.Namespace, cfg) -> Path:
     return Path(args.out or f"runs/{cfg.name}")
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    return {"progress": not args.no_progress,
+            "flower_log_level": logging.INFO if args.verbose else logging.ERROR}
+
+
 def _train(args: argparse.Namespace) -> int:
     from medfedpure.federation.simulation import attack_label, run_federated
 
     cfg = _config(args)
     out = _out(args, cfg)
     print(f"medfedpure train: preset {args.preset} -> {out}", flush=True)
-    result = run_federated(cfg, out, progress=not args.no_progress,
-                           flower_log_level=logging.INFO if args.verbose else logging.ERROR)
+    result = run_federated(cfg, out, **_run_options(args))
     f = result.final
     print(f"\nfinished in {result.wall_time_s / 60:.1f} min; round {f['round']} weighted mean over "
           f"{cfg.data.num_clients} clients: clean acc {100 * f['clean_acc']:.2f}%"
@@ -55,8 +59,7 @@ def _pretrain(phase: str):
         cfg = _config(args)
         out = _out(args, cfg)
         print(f"medfedpure pretrain-{phase}: preset {args.preset} ({cfg.defense.training}) -> {out}", flush=True)
-        summary = run_pretraining(cfg, phase, out, progress=not args.no_progress,
-                                  flower_log_level=logging.INFO if args.verbose else logging.ERROR)
+        summary = run_pretraining(cfg, phase, out, **_run_options(args))
         last = summary["rows"][-1]
         print(f"\nfinished in {summary['wall_time_s'] / 60:.1f} min; train loss {last['train_loss']:.4f}, "
               f"held-out loss {last['test_loss']:.4f}; checkpoint {out}/{phase}.safetensors")
@@ -70,8 +73,7 @@ def _experiment(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = _out(args, cfg)
     print(f"medfedpure experiment: preset {args.preset} -> {out} (rerun the same command to resume)", flush=True)
-    tables = run_experiment(cfg, out, progress=not args.no_progress,
-                            flower_log_level=logging.INFO if args.verbose else logging.ERROR)
+    tables = run_experiment(cfg, out, **_run_options(args))
     _print_tables(tables, out)
     return 0
 
