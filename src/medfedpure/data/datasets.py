@@ -40,12 +40,18 @@ class ImageSet:
     labels: np.ndarray  # int64, (N,)
     classes: tuple[str, ...]
     source: str
+    # source file of each image, same order; None where images do not come from files
+    # (synthetic, CIFAR batch files). Lets `holdout` find the files a run never used.
+    paths: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source)
+        paths = None
+        if self.paths is not None:
+            paths = tuple(self.paths[i] for i in np.arange(len(self.labels))[idx])
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source, paths)
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageSet:
@@ -62,6 +68,17 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageSet:
     if cfg.max_per_class:
         data = cap_per_class(data, cfg.max_per_class, seed)
     return data
+
+
+def files_digest(data: ImageSet) -> str | None:
+    """A fingerprint of which files (relative to the data folder) a run used, in order."""
+    if data.paths is None:
+        return None
+    root = Path(data.source)
+    h = hashlib.sha256()
+    for p in data.paths:
+        h.update(os.path.relpath(p, root).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -110,7 +127,7 @@ def load_class_folders(root: Path, image_size: int, classes: tuple[str, ...] | N
     paths = [p for name in names for p in files[name]]
     labels = np.array([i for i, name in enumerate(names) for _ in files[name]], dtype=np.int64)
     images = decode_cached(paths, image_size, cache_dir)
-    return ImageSet(images, labels, names, str(root))
+    return ImageSet(images, labels, names, str(root), tuple(str(p) for p in paths))
 
 
 def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None) -> ImageSet:
@@ -127,7 +144,7 @@ def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None) -> I
         raise DataError(f"'{root}' holds neither cifar-10-batches-py nor train/ and test/ class folders")
     parts = [load_class_folders(s, image_size, CIFAR10_CLASSES, cache_dir) for s in splits]
     return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
-                    CIFAR10_CLASSES, str(root))
+                    CIFAR10_CLASSES, str(root), tuple(path for p in parts for path in p.paths or ()))
 
 
 def _load_cifar_batches(folder: Path, image_size: int) -> ImageSet:

@@ -31,14 +31,52 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def dataset_for_folder(dataset: str, folder: Path) -> str:
+    """How to load `folder` for a run trained on `dataset`.
+
+    A plain class-folder set (what `medfedpure holdout` writes, or the built-in set written out)
+    loads as "folder" even for a CIFAR-10 run; the class-names check that follows still
+    guards the label order. Br35H needs no fallback: its layout is already yes/ and no/ class
+    folders, and loading it as "br35h" ignores extra folders beside them (the Kaggle pred/).
+    """
+    if dataset == "synthetic":
+        return "folder"
+    if dataset == "cifar10" and not _looks_like_cifar10(folder) and _has_class_folders(folder):
+        return "folder"
+    return dataset
+
+
+def _looks_like_cifar10(folder: Path) -> bool:
+    return any((folder / name).is_dir() for name in ("train", "test", "cifar-10-batches-py")) or \
+        (folder / "data_batch_1").exists()
+
+
+def _has_class_folders(folder: Path) -> bool:
+    return folder.is_dir() and sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) >= 2
+
+
+def load_client_model(run: Path, cfg: ExperimentConfig, client: int, n_classes: int,
+                      experts: dict | None = None):
+    """Client `client`'s personalized classifier as trained: the global experts and its own part."""
+    if experts is None:
+        experts = load_tensors(_need(run / "global_experts.safetensors", "global experts"))
+    folder = run / "clients" / f"client_{client:02d}"
+    model = task.new_model(cfg, n_classes, init_seed=0)
+    try:
+        model.load_experts(experts)
+        model.load_gate(load_tensors(_need(folder / "gate.safetensors", f"client {client}'s gate")))
+    except KeyError as err:
+        raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {err}") from err
+    return model.eval()
+
+
 def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overrides: list[str] | None = None,
                  out: Path | str | None = None) -> dict:
     run = Path(run)
     cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
     cfg = apply_overrides(cfg, overrides or [])
     classes = json.loads(_need(run / "partition.json", "partition record").read_text())["classes"]
-    if cfg.data.dataset == "synthetic":  # the built-in set, written out as class folders
-        cfg.data.dataset = "folder"
+    cfg.data.dataset = dataset_for_folder(cfg.data.dataset, Path(data))
     cfg.data.root = str(data)
     cfg.data.max_per_class = None
     images = load_dataset(cfg.data, seed=cfg.seed)
@@ -53,13 +91,7 @@ def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overri
     metrics, plain = [], []
     for i in ids:
         folder = run / "clients" / f"client_{i:02d}"
-        model = task.new_model(cfg, len(classes), init_seed=0)
-        try:
-            model.load_experts(experts)
-            model.load_gate(load_tensors(_need(folder / "gate.safetensors", f"client {i}'s gate")))
-        except KeyError as err:
-            raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {err}") from err
-        model.eval()
+        model = load_client_model(run, cfg, i, len(classes), experts)
         attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, i, 20_000))
         if defended:
             calibration = load_tensors(_need(folder / "detector_calibration.safetensors", f"client {i}'s calibration"))
