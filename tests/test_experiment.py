@@ -119,7 +119,7 @@ def test_resume_refuses_another_config(tmp_path):
 
 
 def test_report_needs_results(tmp_path):
-    with pytest.raises(ReportError, match="config.json"):
+    with pytest.raises(ReportError, match="summary.json"):
         write_report(tmp_path)
 
 

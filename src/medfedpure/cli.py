@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
-from medfedpure.config import ConfigError, apply_overrides, load_preset, preset_names
+from medfedpure.config import METHOD_NAMES, ConfigError, apply_overrides, load_preset, preset_names
 from medfedpure.data import DataError
 
 
@@ -20,6 +21,8 @@ def _config(args: argparse.Namespace):
         cfg.data.root = args.data
     if args.seed is not None:
         cfg.seed = args.seed
+    if getattr(args, "method", None):
+        cfg.method.name = args.method
     return cfg.validate()
 
 
@@ -37,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = _out(args, cfg)
-    print(f"medfedpure train: preset {args.preset} -> {out}", flush=True)
+    print(f"medfedpure train: preset {args.preset}, method {cfg.method.name} -> {out}", flush=True)
     result = run_federated(cfg, out, **_run_options(args))
     f = result.final
     print(f"\nfinished in {result.wall_time_s / 60:.1f} min; round {f['round']} weighted mean over "
@@ -69,11 +72,14 @@ def _pretrain(phase: str):
 
 def _experiment(args: argparse.Namespace) -> int:
     from medfedpure.federation.simulation import run_experiment
+    from medfedpure.methods import parse_methods
 
     cfg = _config(args)
     out = _out(args, cfg)
-    print(f"medfedpure experiment: preset {args.preset} -> {out} (rerun the same command to resume)", flush=True)
-    tables = run_experiment(cfg, out, **_run_options(args))
+    methods = parse_methods(args.methods)
+    print(f"medfedpure experiment: preset {args.preset}, methods {', '.join(methods)} -> {out} "
+          "(rerun the same command to resume)", flush=True)
+    tables = run_experiment(cfg, out, methods=methods, transfer=not args.no_transfer, **_run_options(args))
     _print_tables(tables, out)
     return 0
 
@@ -84,6 +90,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run, args.data, args.client, args.overrides, args.out)
     print(open(Path(result["out"]) / "evaluation.md").read())
     print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md")
+    return 0
+
+
+def _holdout(args: argparse.Namespace) -> int:
+    from medfedpure.data.holdout import export_holdout
+
+    record = export_holdout(Path(args.run), Path(args.data), Path(args.out), args.per_class, args.copy)
+    how = "copied" if args.copy else "linked"
+    print(f"{sum(record['per_class'].values())} scans run {args.run} never used ({how}; "
+          f"{record['n_held_out_total']} held out, {record['n_used_by_run']} used by the run) -> {args.out}")
+    for name, n in record["per_class"].items():
+        print(f"  {name}: {n}")
+    print(f"next: medfedpure evaluate --run {shlex.quote(str(args.run))} --data {shlex.quote(str(args.out))}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from medfedpure.evaluation.transfer import transfer_matrix
+
+    result = transfer_matrix(Path(args.run), progress=not args.no_progress)
+    for kind in ("bare", "defended"):
+        if kind in result:
+            r = result[kind]
+            print(f"{result['method']} ({kind} victims): white-box {100 * r['diagonal_mean']:.2f}%, "
+                  f"transferred from other clients {100 * r['off_diagonal_mean']:.2f}%")
+    print(f"written to {args.run}/transfer.json, transfer.csv, transfer.png")
     return 0
 
 
@@ -101,7 +133,11 @@ def _print_tables(tables: dict, out: Path) -> None:
         ours = "not run" if r["clean"] is None else f"{r['clean']} / {r['adv']}"
         paper = "" if r["paper_clean"] is None else f"  [{r['paper_clean']} / {r['paper_adv']}]"
         print(f"  {r['method']:<48} {ours:>15}{paper}")
-    print(f"tables: {out}/tables.md, tables.csv, tables.json; figure: {out}/accuracy_per_round.png")
+    for r in tables.get("transfer", []):
+        print(f"  internal evasion, {r['method']}: white-box {r['white_box_diagonal']}%, "
+              f"from other clients {r['transfer_off_diagonal']}%")
+    print(f"tables: {out}/tables.md, tables.csv, tables.json; figures: accuracy_per_round.png"
+          + (", methods.png" if len(tables["rows"]) > 1 else "") + (", transfer.png" if tables.get("transfer") else ""))
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -135,24 +171,45 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_pretrain("mae"))
     p = sub.add_parser("train", help="phase 3: federated personalized MoE, PGD every round, then the defended "
-                                     "evaluation when the run folder holds the phase 1-2 checkpoints")
+                                     "evaluation when the run folder holds the phase 1-2 checkpoints; or a baseline")
     common(p)
+    p.add_argument("--method", choices=list(METHOD_NAMES), help="federated method (default: the preset's, medfedpure)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("experiment", help="every phase and the evaluation, then the tables; resumes after an "
                                           "interruption (finished phases and rounds are not redone)")
     common(p)
+    p.add_argument("--methods", default="medfedpure",
+                   help=f"comma-separated methods to train and compare, or 'all' ({', '.join(METHOD_NAMES)}); "
+                        "baselines go to <out>/baselines/<method>")
+    p.add_argument("--no-transfer", action="store_true", help="skip the internal-evasion (transfer) matrix")
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser("evaluate", help="evaluate a trained federation (bare and defended, clean and attacked) "
                                         "on any labelled folder, e.g. scans no client saw")
     p.add_argument("--run", required=True, help="run folder written by experiment or train")
-    p.add_argument("--data", required=True, help="labelled folder in the run's layout (e.g. Br35H yes/ no/)")
+    p.add_argument("--data", required=True, help="labelled folder: the run's layout (e.g. Br35H yes/ no/) or one "
+                                                  "sub-folder per class (e.g. what holdout writes)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")
     p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="e.g. attack.eps=0.03 attack.steps=20 defense.mode=selective")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("holdout", help="write the scans in a data folder that a run never used (it may train on "
+                                       "data.max_per_class of them) as class folders, to evaluate it on them")
+    p.add_argument("--run", required=True, help="run folder written by experiment or train")
+    p.add_argument("--data", required=True, help="the data folder the run trained on (on this machine)")
+    p.add_argument("--out", required=True, help="new folder for the held-out scans, one sub-folder per class")
+    p.add_argument("--per-class", type=int, help="at most this many per class (a seeded, repeatable draw)")
+    p.add_argument("--copy", action="store_true", help="copy the files (default: symbolic links to them)")
+    p.set_defaults(func=_holdout)
+
+    p = sub.add_parser("transfer", help="internal evasion: each client's PGD scans sent to every other client "
+                                        "(victim-by-attacker accuracy matrix)")
+    p.add_argument("--run", required=True, help="a method's run folder (the experiment folder, or baselines/<method>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_transfer)
 
     p = sub.add_parser("report", help="rebuild tables and figures from a run folder's saved results")
     p.add_argument("--run", required=True, help="run folder written by experiment or train")

@@ -133,6 +133,34 @@ class DefenseConfig:
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
 
+METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
+
+
+@dataclass
+class MethodConfig:
+    """The federated method that trains the classifier (SPEC §6b). Only `medfedpure` uses the
+    defense; the others are the paper's baselines, trained on the same federation."""
+
+    name: str = "medfedpure"  # medfedpure | fedavg | local | fedem | fat | local-adv | pfeddef
+    learners: int = 3  # FedEM / pFedDef: mixture components (each one backbone + head)
+    adv_share: float = 0.5  # FAT / Local Adv: share of every training batch replaced by PGD examples
+    adv_data_share: float = 0.4  # pFedDef G: share of the client's training scans replaced by PGD examples
+    adv_every: int = 2  # pFedDef Q: rounds between regenerations (reference: 10 of its 150 rounds)
+    # adversarial-training budget; None takes the evaluation attack's value
+    adv_norm: str | None = None
+    adv_eps: float | None = None
+    adv_alpha: float | None = None
+    adv_steps: int | None = None
+
+    @property
+    def adversarial(self) -> bool:
+        return self.name in {"fat", "local-adv", "pfeddef"}
+
+    @property
+    def communicates(self) -> bool:
+        return self.name not in {"local", "local-adv"}
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "demo"
@@ -144,6 +172,7 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +187,14 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
         return cls.from_dict(json.loads(text))
+
+    def adversarial_training_attack(self) -> AttackConfig:
+        """The PGD budget adversarial training uses: method.adv_* where set, else the attack's."""
+        m = self.method
+        return dataclasses.replace(self.attack, norm=m.adv_norm or self.attack.norm,
+                                   eps=self.attack.eps if m.adv_eps is None else m.adv_eps,
+                                   alpha=self.attack.alpha if m.adv_alpha is None else m.adv_alpha,
+                                   steps=self.attack.steps if m.adv_steps is None else m.adv_steps)
 
     def validate(self) -> "ExperimentConfig":
         checks = [
@@ -194,6 +231,12 @@ class ExperimentConfig:
             (self.defense.sampler in {"ddim", "ddpm"}, "defense.sampler", "ddim or ddpm"),
             (self.defense.sampler_steps >= 1, "defense.sampler_steps", ">= 1"),
             (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
+            (self.method.name in METHOD_NAMES, "method.name", "one of " + ", ".join(METHOD_NAMES)),
+            (self.method.learners >= 1, "method.learners", ">= 1"),
+            (0 <= self.method.adv_share <= 1, "method.adv_share", "in [0, 1]"),
+            (0 <= self.method.adv_data_share <= 1, "method.adv_data_share", "in [0, 1]"),
+            (self.method.adv_every >= 1, "method.adv_every", ">= 1"),
+            (self.method.adv_norm in {None, "linf", "l2"}, "method.adv_norm", "linf, l2 or null"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -239,7 +282,7 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
 
 _SECTIONS: dict[str, type] = {c.__name__: c for c in (
     DataConfig, ModelConfig, TrainConfig, AttackConfig, FederationConfig, PretrainConfig, MAESettings,
-    DiffusionSettings, DefenseConfig)}
+    DiffusionSettings, DefenseConfig, MethodConfig)}
 
 
 def preset_names() -> list[str]:

@@ -32,6 +32,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     raw["data"].pop("cache_dir", None)
     raw.pop("federation", None)
     raw.pop("name", None)
+    method = raw.pop("method", {})
     if phase in ("mae", "diffusion"):
         part = {"seed": raw["seed"], "data": raw["data"], "training": raw["defense"]["training"],
                 phase: raw["defense"][phase]}
@@ -39,6 +40,9 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
         part = raw
         part["defense"] = {k: v for k, v in raw["defense"].items()
                            if k not in _EVALUATION_ONLY + ("mae", "training")}
+        if method.get("name", "medfedpure") != "medfedpure":  # a baseline: no defense, its own settings
+            part.pop("defense")
+            part["method"] = method
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

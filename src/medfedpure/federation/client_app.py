@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors import safe_open
 
@@ -20,12 +20,14 @@ from medfedpure.defense import DefenseSettings
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.federation import task
+from medfedpure.methods import baselines
 from medfedpure.models import PersonalizedMoE
 from medfedpure.storage import load_tensors, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
-GATE_KEY = "gate"  # context.state entry holding this client's attention nets
+GATE_KEY = "gate"  # context.state entry holding what stays: the attention nets (a baseline's own part)
+ADV_KEY = "pfeddef-adversarial"  # pFedDef's current adversarial training scans
 
 app = ClientApp()
 
@@ -98,23 +100,78 @@ def train(msg: Message, context: Context) -> Message:
     task.set_seed(task.client_seed(cfg, partition, server_round))
     model = _personal_model(cfg, partition, msg, context, out_dir)
     gate_in = task.state_digest(model.gate_state())
-    train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
-    purifier = None
-    if cfg.defense.purify_training:
-        purifier = load_pretrained("diffusion", cfg, str(msg.content["config"]["diffusion-path"]))
-    stats = task.train_local(model, train_loader, cfg, server_round, purifier)
+    folder = _client_dir(out_dir, partition)
+    if cfg.method.name == "medfedpure":
+        train_loader, _, _ = task.client_loaders(cfg, partition, server_round)
+        purifier = None
+        if cfg.defense.purify_training:
+            purifier = load_pretrained("diffusion", cfg, str(msg.content["config"]["diffusion-path"]))
+        stats = task.train_local(model, train_loader, cfg, server_round, purifier)
+        n_train = len(train_loader.dataset)
+    else:
+        stats, n_train = _train_baseline(model, cfg, partition, server_round, context, folder)
 
     gate = model.gate_state()
     context.state[GATE_KEY] = ArrayRecord(gate)
-    folder = _client_dir(out_dir, partition)
     if folder is not None:
         _save_gate(folder, gate, server_round, partition)
-    n_train = len(train_loader.dataset)
     _append_history(folder, {"round": server_round, "phase": "train", "gate_in": gate_in,
                              "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
     metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
     content = RecordDict({"arrays": ArrayRecord(model.expert_state()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _train_baseline(model, cfg: ExperimentConfig, partition: int, server_round: int, context: Context,
+                    folder: Path | None) -> tuple[dict, int]:
+    """One local round of a baseline (FedAvg, Local, FedEM, FAT, Local Adv, pFedDef)."""
+    data, splits = task.data_and_splits(cfg)
+    indices = splits[partition].train_idx
+    lr = task.round_lr(cfg, server_round)
+    seed = task.client_seed(cfg, partition, server_round)
+    name = cfg.method.name
+    if name in {"fedem", "pfeddef"}:
+        adversarial = None
+        if name == "pfeddef":
+            adversarial = _pfeddef_set(model, cfg, data, indices, seed, server_round, context, folder)
+        stats = baselines.train_fedem(model, data, indices, cfg, lr, seed, adversarial)
+    else:
+        share = cfg.method.adv_share if cfg.method.adversarial else 0.0
+        stats = baselines.train_plain(model, data, indices, cfg, lr, seed, share)
+    return stats, len(indices)
+
+
+def _pfeddef_set(model, cfg: ExperimentConfig, data, indices, seed: int, server_round: int, context: Context,
+                 folder: Path | None) -> baselines.AdversarialSet:
+    """pFedDef's adversarial scans: made anew every Q rounds on this client's current model, else kept
+    (in the node's memory, and on the client's disk for a restarted node)."""
+    made_at = server_round - (server_round - 1) % cfg.method.adv_every
+    if made_at != server_round:
+        kept = _kept_adversarial(context, folder, made_at)
+        if kept is not None:
+            return kept
+        log.warning("%s: pFedDef scans of round %d are gone (restarted node); making them again", folder, made_at)
+    adv = baselines.make_adversarial_set(model, data, indices, cfg, seed, made_at)
+    context.state[ADV_KEY] = ArrayRecord(adv.to_tensors())
+    context.state[ADV_KEY + "-round"] = ConfigRecord({"round": made_at})
+    if folder is not None:
+        save_tensors(folder / "adversarial_scans.safetensors", adv.to_tensors(), {"round": str(made_at)})
+    return adv
+
+
+def _kept_adversarial(context: Context, folder: Path | None, made_at: int) -> baselines.AdversarialSet | None:
+    if ADV_KEY in context.state and int(context.state[ADV_KEY + "-round"]["round"]) == made_at:
+        return baselines.AdversarialSet.from_tensors(context.state[ADV_KEY].to_torch_state_dict(), made_at)
+    path = folder / "adversarial_scans.safetensors" if folder else None
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        if int((fh.metadata() or {}).get("round", -1)) != made_at:
+            return None
+    adv = baselines.AdversarialSet.from_tensors(load_tensors(path), made_at)
+    context.state[ADV_KEY] = ArrayRecord(adv.to_tensors())
+    context.state[ADV_KEY + "-round"] = ConfigRecord({"round": made_at})
+    return adv
 
 
 @app.evaluate()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import describe_splits, make_loader
-from medfedpure.data.datasets import default_cache_dir
+from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint, load_round, save_round
@@ -68,7 +68,8 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "") -> Pa
     sizes = describe_splits(splits, data.labels, len(data.classes))
     write_json(out / f"config{tag}.json", cfg.to_dict())
     write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
-    write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source, "clients": sizes})
+    write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source,
+                                        "files_sha256": files_digest(data), "clients": sizes})
     log.info("%d clients, n_i (train) = %s, n_i (test) = %s", len(splits),
              [s["n_train"] for s in sizes], [s["n_test"] for s in sizes])
     return out
@@ -169,6 +170,9 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
                   progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
     """Train the personalized MoE with Flower, evaluate every round, then (if the folder holds the
     MAE and diffusion checkpoints and the defense is enabled) the defended evaluation."""
+    if cfg.method.name != "medfedpure":  # the baselines have no defense
+        cfg.defense.enabled = False
+        cfg.defense.purify_training = False
     defense_paths = _defense_paths(cfg, Path(out_dir).resolve())
     if cfg.defense.purify_training and "diffusion-path" not in defense_paths:
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
@@ -285,23 +289,50 @@ def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
             and (not cfg.defense.enabled or "defense" in summary))
 
 
+def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """The same experiment trained by another method (the baselines have no defense)."""
+    mcfg = ExperimentConfig.from_dict(cfg.to_dict())
+    mcfg.method.name = method
+    if method != "medfedpure":
+        mcfg.defense.enabled = False
+        mcfg.defense.purify_training = False
+    return mcfg.validate()
+
+
+def method_dir(out: Path, method: str) -> Path:
+    return out if method == "medfedpure" else out / "baselines" / method
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-                   flower_log_level: int = logging.ERROR) -> dict:
-    """Every phase the config needs, then the report; finished phases (and rounds) are not redone."""
+                   flower_log_level: int = logging.ERROR, methods: list[str] | None = None,
+                   transfer: bool = True) -> dict:
+    """Every phase each method needs, the internal-evasion matrix, then the report; finished
+    phases (and rounds) are not redone. MedFedPure runs in `out`, a baseline in `out/baselines/<name>`."""
+    from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
+
     out = Path(out_dir).resolve()
-    phases = PHASE_ORDER if cfg.defense.enabled else ("train",)
+    out.mkdir(parents=True, exist_ok=True)
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
-    for phase in phases:
-        if phase_done(cfg, out, phase):
-            log.info("phase %s: already done in %s, not redone", phase, out)
-            continue
-        t0 = time.time()
-        if phase == "train":
-            run_federated(cfg, out, progress=progress, flower_log_level=flower_log_level)
-        else:
-            run_pretraining(cfg, phase, out, progress=progress, flower_log_level=flower_log_level)
-        timings[phase] = round(time.time() - t0, 1)
-        write_json(out / "timings.json", timings)
+    for method in methods or [cfg.method.name]:
+        mcfg = method_config(cfg, method)
+        folder = method_dir(out, method)
+        phases = PHASE_ORDER if method == "medfedpure" and mcfg.defense.enabled else ("train",)
+        for phase in phases:
+            if phase_done(mcfg, folder, phase):
+                log.info("%s phase %s: already done in %s, not redone", method, phase, folder)
+                continue
+            t0 = time.time()
+            if phase == "train":
+                run_federated(mcfg, folder, progress=progress, flower_log_level=flower_log_level)
+            else:
+                run_pretraining(mcfg, phase, folder, progress=progress, flower_log_level=flower_log_level)
+            timings[phase if method == "medfedpure" else f"train:{method}"] = round(time.time() - t0, 1)
+            write_json(out / "timings.json", timings)
+        if transfer and not transfer_done(folder, mcfg):
+            t0 = time.time()
+            transfer_matrix(folder, progress=progress)
+            timings[f"transfer:{method}"] = round(time.time() - t0, 1)
+            write_json(out / "timings.json", timings)
     from medfedpure.reporting.tables import write_report
 
     return write_report(out)

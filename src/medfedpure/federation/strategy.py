@@ -86,6 +86,8 @@ class ExpertFedAvg(FedAvg):
             entry = rec["clients"].setdefault(client, {})
             entry.update(received_keys=keys, n_train=int(metrics["num-examples"]),
                          train_loss=float(metrics["train_loss"]), gate_entropy=float(metrics["gate_entropy"]))
+            if "adv_share" in metrics:  # adversarial training: the share of training inputs that were PGD
+                entry["adv_share"] = float(metrics["adv_share"])
             if self.keep_client_arrays:
                 entry["arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
             dtypes.update({k: v.numpy().dtype for k, v in arrays.items()})

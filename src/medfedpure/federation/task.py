@@ -14,7 +14,8 @@ from medfedpure.attacks import PGD
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ClientSplit, ImageSet, load_dataset, make_client_splits, make_loader
 from medfedpure.evaluation import evaluate_accuracy
-from medfedpure.models import PersonalizedMoE, build_model
+from medfedpure.methods import build_classifier
+from medfedpure.models import LearnerMixture, PersonalizedMoE
 
 
 def set_seed(seed: int) -> None:
@@ -66,9 +67,10 @@ def num_classes(cfg: ExperimentConfig) -> int:
     return len(data_and_splits(cfg)[0].classes)
 
 
-def new_model(cfg: ExperimentConfig, n_classes: int, init_seed: int) -> PersonalizedMoE:
+def new_model(cfg: ExperimentConfig, n_classes: int, init_seed: int) -> PersonalizedMoE | LearnerMixture:
+    """The classifier of the config's method (MedFedPure's MoE, or a baseline's learner mixture)."""
     torch.manual_seed(init_seed)
-    return build_model(cfg.model, n_classes).to(cfg.device)
+    return build_classifier(cfg, n_classes).to(cfg.device)
 
 
 def round_lr(cfg: ExperimentConfig, server_round: int) -> float:

@@ -65,3 +65,57 @@ def plot_defense_examples(examples: dict, path: Path | str, title: str) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _save(fig, path: Path | str) -> None:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
+    """Victim-by-attacker accuracy heat maps (internal evasion), one panel per victim pipeline."""
+    kinds = list(matrices)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.9), dpi=110, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        m = 100 * matrices[kind]
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        n = len(m)
+        if n <= 12:
+            for v in range(n):
+                for a in range(n):
+                    ax.text(a, v, f"{m[v, a]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if m[v, a] < 60 else "black")
+        ax.set_xlabel("attacker client")
+        ax.set_ylabel("victim client")
+        ax.set_title(f"{kind} victims (accuracy %)", fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> None:
+    """Clean and adversarial accuracy per method (ours hatched beside the paper's)."""
+    rows = [r for r in rows if r.get("clean") is not None or r.get("paper_clean") is not None]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.0), dpi=110)
+    xs = range(len(rows))
+    w = 0.2
+    series = [("clean", "ours clean", "tab:blue", None), ("adv", "ours PGD", "tab:red", None),
+              ("paper_clean", "paper clean", "tab:blue", "//"), ("paper_adv", "paper PGD", "tab:red", "//")]
+    for k, (key, label, color, hatch) in enumerate(series):
+        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
+        ax.bar([x + (k - 1.5) * w for x in xs], vals, w, label=label, color=color,
+               alpha=0.35 if hatch else 0.9, hatch=hatch, edgecolor=color)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -7,7 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-ROUND_FIELDS = ("train_loss", "gate_entropy", "clean_acc", "adv_acc", "test_loss")
+ROUND_FIELDS = ("train_loss", "gate_entropy", "adv_share", "clean_acc", "adv_acc", "test_loss")
 PACKAGES = ("medfedpure", "torch", "torchvision", "flwr", "ray", "numpy", "safetensors")
 
 

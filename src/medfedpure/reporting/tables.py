@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.reporting.plots import plot_convergence
+from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, write_csv, write_json
 
 # SPEC §6: what the paper reports (clean %, adversarial %).
@@ -40,45 +40,95 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
 
+def method_runs(run: Path) -> dict[str, Path]:
+    """The run folders of every method an experiment trained: MedFedPure in `run` itself,
+    the baselines in `run/baselines/<method>`."""
+    from medfedpure.methods import METHODS
+
+    found = {}
+    for name in METHODS:
+        folder = run if name == "medfedpure" else run / "baselines" / name
+        if (folder / "summary.json").is_file():
+            found[name] = folder
+    return found
+
+
 def build_tables(run: Path) -> dict:
     """Every table of a run as plain rows."""
+    from medfedpure.methods import METHODS
+
     run = Path(run)
-    cfg = ExperimentConfig.from_dict(_load(run, "config.json"))
-    summary = _load(run, "summary.json")
-    env = _load(run, "environment.json")
+    runs = method_runs(run)
+    if not runs:
+        raise ReportError(f"run folder '{run}' has no summary.json (nor baselines/<method>/summary.json): "
+                          "run `medfedpure experiment` or `train` there first")
+    first = runs.get("medfedpure", next(iter(runs.values())))
+    cfg = ExperimentConfig.from_dict(_load(first, "config.json"))
+    env = _load(first, "environment.json")
     table = _table_id(cfg)
     a = cfg.attack
     attack = f"PGD {a.norm} eps={a.eps:g} alpha={a.alpha:g} steps={a.steps}"
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
-               "clients": cfg.data.num_clients, "model": f"K={cfg.model.num_experts} x {cfg.model.backbone}",
-               "attack": attack}
+               "clients": cfg.data.num_clients, "attack": attack}
     paper = PAPER.get((table, cfg.data.dataset), {})
-    headline = next((r for r in summary.get("defense", [])
-                     if r["detector"] == cfg.defense.detector and r["mode"] == cfg.defense.mode), None)
-    final = summary["final"]
-    rows = [{**setting, "method": "MoE, no defense (ours)", "protocol": "white-box PGD on the classifier",
-             "clean": _pct(final["clean_acc"]), "adv": _pct(final.get("adv_acc")),
-             "paper_clean": None, "paper_adv": None}]
-    if headline is not None:
-        rows.append({**setting, "method": f"MedFedPure ({cfg.defense.mode}, {cfg.defense.detector} detector)",
-                     "protocol": "paper: PGD on the classifier, then the defense",
-                     "clean": _pct(headline["clean_acc"]), "adv": _pct(headline["adv_acc"]),
-                     "paper_clean": paper.get("MedFedPure", (None, None))[0],
-                     "paper_adv": paper.get("MedFedPure", (None, None))[1]})
-    for method, (clean, adv) in paper.items():
-        if method != "MedFedPure":
-            rows.append({**setting, "method": method, "protocol": "not run (baselines issue)", "clean": None,
-                         "adv": None, "paper_clean": clean, "paper_adv": adv})
-    detection = [{"detector": r["detector"], "mode": r["mode"], "rule": r["rule"], "auroc": round(r["auroc"], 4),
-                  "tpr_at_tau": round(r["tpr_at_tau"], 4), "fpr_at_tau": round(r["fpr_at_tau"], 4),
-                  "clean": _pct(r["clean_acc"]), "adv": _pct(r["adv_acc"]),
-                  "purified_clean": _pct(r["clean_purified"]), "purified_adv": _pct(r["adv_purified"]),
-                  "mean_t_adv": round(r["adv_mean_t"], 1), "score_ms": round(r["adv_score_ms"], 2),
-                  "purify_ms": round(r["adv_purify_ms"], 2), "classify_ms": round(r["adv_classify_ms"], 2)}
-                 for r in summary.get("defense", [])]
-    return {"run": str(run), "table": table, "rows": rows, "detection": detection, "note": NOTES.get(table),
-            "seed": cfg.seed, "git_commit": env.get("git_commit"), "packages": env.get("packages"),
-            "wall_time_s": final.get("wall_time_s")}
+    rows, detection, transfer, wall = [], [], [], {}
+    for name, info in METHODS.items():
+        label = info.label
+        paper_clean, paper_adv = paper.get(label, (None, None))
+        if name not in runs:
+            if label in paper:
+                rows.append({**setting, "model": "", "method": label,
+                             "protocol": f"not run (medfedpure experiment --methods {name})", "clean": None,
+                             "adv": None, "paper_clean": paper_clean, "paper_adv": paper_adv})
+            continue
+        folder = runs[name]
+        mcfg = ExperimentConfig.from_dict(_load(folder, "config.json"))
+        summary = _load(folder, "summary.json")
+        final = summary["final"]
+        wall[name] = final.get("wall_time_s")
+        k = mcfg.method.learners if name in {"fedem", "pfeddef"} else (mcfg.model.num_experts
+                                                                       if name == "medfedpure" else 1)
+        model = f"K={k} x {mcfg.model.backbone}"
+        adv_train = ""
+        if mcfg.method.adversarial:
+            t = mcfg.adversarial_training_attack()
+            share = (f"G={mcfg.method.adv_data_share:g} of scans every Q={mcfg.method.adv_every} rounds"
+                     if name == "pfeddef" else f"{mcfg.method.adv_share:g} of each batch")
+            adv_train = f"; trained on PGD {t.norm} eps={t.eps:g} steps={t.steps}, {share}"
+        bare_label = "MoE, no defense (ours)" if name == "medfedpure" else label
+        rows.append({**setting, "model": model, "method": bare_label,
+                     "protocol": "white-box PGD on the classifier" + adv_train, "clean": _pct(final["clean_acc"]),
+                     "adv": _pct(final.get("adv_acc")),
+                     "paper_clean": None if name == "medfedpure" else paper_clean,
+                     "paper_adv": None if name == "medfedpure" else paper_adv})
+        if name == "medfedpure":
+            headline = next((r for r in summary.get("defense", [])
+                             if r["detector"] == mcfg.defense.detector and r["mode"] == mcfg.defense.mode), None)
+            if headline is not None:
+                rows.append({**setting, "model": model,
+                             "method": f"MedFedPure ({mcfg.defense.mode}, {mcfg.defense.detector} detector)",
+                             "protocol": "paper: PGD on the classifier, then the defense",
+                             "clean": _pct(headline["clean_acc"]), "adv": _pct(headline["adv_acc"]),
+                             "paper_clean": paper_clean, "paper_adv": paper_adv})
+            detection = [{"detector": r["detector"], "mode": r["mode"], "rule": r["rule"],
+                          "auroc": round(r["auroc"], 4), "tpr_at_tau": round(r["tpr_at_tau"], 4),
+                          "fpr_at_tau": round(r["fpr_at_tau"], 4), "clean": _pct(r["clean_acc"]),
+                          "adv": _pct(r["adv_acc"]), "purified_clean": _pct(r["clean_purified"]),
+                          "purified_adv": _pct(r["adv_purified"]), "mean_t_adv": round(r["adv_mean_t"], 1),
+                          "score_ms": round(r["adv_score_ms"], 2), "purify_ms": round(r["adv_purify_ms"], 2),
+                          "classify_ms": round(r["adv_classify_ms"], 2)}
+                         for r in summary.get("defense", [])]
+        if (folder / "transfer.json").is_file():
+            t = json.loads((folder / "transfer.json").read_text())
+            for kind in ("bare", "defended"):
+                if kind in t:
+                    transfer.append({"method": label + (" + defense" if kind == "defended" else ""),
+                                     "white_box_diagonal": _pct(t[kind]["diagonal_mean"]),
+                                     "transfer_off_diagonal": _pct(t[kind]["off_diagonal_mean"]),
+                                     "n_adv_per_attacker": sum(t["n_adv_per_attacker"]) / len(t["n_adv_per_attacker"])})
+    return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
+            "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
+            "packages": env.get("packages"), "wall_time_s": wall.get("medfedpure"), "wall_time_s_by_method": wall}
 
 
 def _markdown(tables: dict) -> str:
@@ -104,6 +154,16 @@ def _markdown(tables: dict) -> str:
             lines.append("| " + " | ".join(cell(r[k]) for k in (
                 "detector", "mode", "rule", "auroc", "tpr_at_tau", "fpr_at_tau", "clean", "adv", "purified_clean",
                 "purified_adv", "mean_t_adv", "score_ms", "purify_ms", "classify_ms")) + " |")
+    if tables.get("transfer"):
+        lines += ["", "## Internal evasion (each client's PGD sent to every other client; accuracy %)", "",
+                  "| method | white-box (diagonal mean) | transferred (off-diagonal mean) | scans per attacker |",
+                  "|---|---|---|---|"]
+        for r in tables["transfer"]:
+            lines.append(f"| {r['method']} | {r['white_box_diagonal']} | {r['transfer_off_diagonal']} | "
+                         f"{r['n_adv_per_attacker']:g} |")
+    if tables.get("wall_time_s_by_method"):
+        lines += ["", "Training wall time (s) per method: " + ", ".join(
+            f"{k} {v}" for k, v in tables["wall_time_s_by_method"].items())]
     lines += ["", f"seed {tables['seed']}, git commit {tables['git_commit']}, "
               f"packages {json.dumps(tables['packages'])}", ""]
     return "\n".join(lines)
@@ -118,9 +178,14 @@ def write_report(run: Path | str) -> dict:
     if tables["detection"]:
         write_csv(run / "detection.csv", tables["detection"])
     atomic_write_text(run / "tables.md", _markdown(tables))
-    cfg = ExperimentConfig.from_dict(_load(run, "config.json"))
-    metrics = _load(run, "metrics.json")
-    plot_convergence(metrics["rows"], run / "accuracy_per_round.png",
-                     f"{cfg.name}: {cfg.data.dataset} {cfg.data.image_size}px, {cfg.data.num_clients} clients, "
-                     f"K={cfg.model.num_experts} {cfg.model.backbone}", metrics["attack"])
+    for name, folder in method_runs(run).items():
+        cfg = ExperimentConfig.from_dict(_load(folder, "config.json"))
+        metrics = _load(folder, "metrics.json")
+        plot_convergence(metrics["rows"], folder / "accuracy_per_round.png",
+                         f"{cfg.name} / {name}: {cfg.data.dataset} {cfg.data.image_size}px, "
+                         f"{cfg.data.num_clients} clients, {cfg.model.backbone}", metrics["attack"])
+    if len(tables["rows"]) > 1:
+        plot_method_comparison(tables["rows"], run / "methods.png",
+                               f"Table {tables['table']}: {tables['rows'][0]['data']} "
+                               f"{tables['rows'][0]['resolution']}px, {tables['rows'][0]['attack']}")
     return tables

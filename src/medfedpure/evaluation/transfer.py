@@ -1,0 +1,118 @@
+"""Internal evasion (pFedDef's threat, SPEC §2): a client crafts PGD on its own personalized
+model, from its own test scans, and sends the result to every other client.
+
+`matrix[v][a]` is victim v's accuracy on attacker a's adversarial scans. The diagonal is
+each client's white-box accuracy: the same scans, attack seed and cap as the run's final
+evaluation round, so it reproduces the per-client figure in metrics.csv. With MedFedPure's
+defense in the run folder, the victims also classify through their own defended pipeline
+(their detector calibration, their purifier noise seed), the attacker seeing only its own
+bare classifier (transfer, paper protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medfedpure.config import ExperimentConfig
+from medfedpure.defense.pipeline import DefendedClassifier, DefenseSettings
+from medfedpure.defense.rules import calibrate_threshold
+from medfedpure.defense.trainer import load_pretrained
+from medfedpure.evaluation.defense_eval import build_detector
+from medfedpure.evaluation.evaluate_run import RunFolderError, load_client_model
+from medfedpure.federation import task
+from medfedpure.federation.checkpoint import config_fingerprint
+from medfedpure.storage import load_tensors, write_csv, write_json
+
+
+def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client `client`'s PGD scans, made exactly as its final-round white-box evaluation made them."""
+    _, test_loader, _ = task.client_loaders(cfg, client, cfg.train.rounds)
+    attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, client, cfg.train.rounds))
+    cap = cfg.attack.max_eval_per_client
+    xs, ys, done = [], [], 0
+    for x, y in test_loader:
+        if cap is not None and done >= cap:
+            break
+        keep = len(y) if cap is None else min(len(y), cap - done)
+        xs.append(attack(x[:keep], y[:keep]))
+        ys.append(y[:keep])
+        done += keep
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
+    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    return correct / max(len(y), 1)
+
+
+def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusion) -> DefendedClassifier:
+    d = cfg.defense
+    calibration = load_tensors(run / "clients" / f"client_{client:02d}" / "detector_calibration.safetensors")
+    if d.detector not in calibration:
+        raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
+    seed = task.client_seed(cfg, client, 10_000)
+    scores = calibration[d.detector]
+    settings = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, tau=calibrate_threshold(scores, d.target_fpr),
+                               t_min=d.t_min, t_max=d.t_max, sampler=d.sampler, steps=d.sampler_steps)
+    defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
+                                  settings, scores).eval()
+    defended.generator = torch.Generator().manual_seed(seed)
+    return defended
+
+
+def _summary(matrix: np.ndarray) -> dict[str, float]:
+    off = ~np.eye(len(matrix), dtype=bool)
+    return {"diagonal_mean": float(np.mean(np.diag(matrix))),
+            "off_diagonal_mean": float(matrix[off].mean()) if off.any() else float("nan")}
+
+
+def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
+    """Victim-by-attacker accuracy (bare, and defended when the run has MedFedPure's defense);
+    writes transfer.json, transfer.csv and transfer.png in the run folder."""
+    run = Path(run)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise RunFolderError(f"run folder '{run}' has no config.json")
+    cfg = ExperimentConfig.from_dict(json.loads(config_path.read_text()))
+    n = cfg.data.num_clients
+    n_classes = task.num_classes(cfg)
+    models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
+    defended = (cfg.method.name == "medfedpure" and cfg.defense.enabled
+                and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file())
+    victims = {"bare": models}
+    if defended:
+        mae = load_pretrained("mae", cfg, run / "mae.safetensors")
+        diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors")
+        victims["defended"] = [_defended(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
+    matrices = {kind: np.zeros((n, n)) for kind in victims}
+    sizes = []
+    for a in tqdm(range(n), desc="internal evasion (attackers)", disable=not progress):
+        x_adv, y = crafted_examples(models[a], cfg, a)
+        sizes.append(len(y))
+        for kind, nets in victims.items():
+            for v in range(n):
+                matrices[kind][v, a] = _accuracy(nets[v], x_adv, y)
+    result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
+              "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
+                          "scans; every victim classifies them (rows: victim, columns: attacker)",
+              "fingerprint": config_fingerprint(cfg, "train"),
+              **{kind: {"matrix": m.round(6).tolist(), **_summary(m)} for kind, m in matrices.items()}}
+    write_json(run / "transfer.json", result)
+    write_csv(run / "transfer.csv", [{"kind": kind, "victim": v, **{f"attacker_{a}": m[v, a] for a in range(n)}}
+                                     for kind, m in matrices.items() for v in range(n)])
+    from medfedpure.reporting.plots import plot_transfer
+
+    plot_transfer(matrices, run / "transfer.png", f"{cfg.name} / {cfg.method.name}: internal evasion")
+    return result
+
+
+def transfer_done(run: Path, cfg: ExperimentConfig) -> bool:
+    path = Path(run) / "transfer.json"
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == config_fingerprint(cfg, "train")

@@ -1,0 +1,170 @@
+"""Local training of the paper's baselines (SPEC §6b), one round on one client.
+
+- FedAvg / Local: cross-entropy on a plain classifier (a `LearnerMixture` with K=1).
+- FAT / Local Adv: the same, with a share of every batch replaced by PGD examples made on
+  the client's current model (Madry-style adversarial training, true cross-entropy PGD).
+- FedEM: E-step q_i(m) = softmax_m(log pi_m - loss_m(x_i, y_i)), pi = mean_i q_i, then the
+  M-step trains every learner on its q-weighted loss.
+- pFedDef: FedEM where, every Q rounds, a share G of the client's training scans is replaced
+  by PGD examples made on its own current model; they stay until the next regeneration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medfedpure.attacks import PGD
+from medfedpure.config import ExperimentConfig
+from medfedpure.data import ImageSet
+from medfedpure.data.loaders import train_augmentation
+from medfedpure.models.mixture import LearnerMixture
+
+
+@dataclass
+class AdversarialSet:
+    """pFedDef's replaced training scans: positions in the client's training split and their PGD versions."""
+
+    index: torch.Tensor  # int64 (M,), positions within the client's training split
+    images: torch.Tensor  # float (M, 3, S, S) in [0, 1]
+    round: int  # the round that made them
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"index": self.index, "images": self.images}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], rnd: int) -> "AdversarialSet":
+        return cls(tensors["index"].long(), tensors["images"].float(), rnd)
+
+
+class ClientTrainingSet(Dataset):
+    """A client's training scans with their positions (FedEM weighs each sample by its own q),
+    some of them replaced by adversarial versions (pFedDef)."""
+
+    def __init__(self, data: ImageSet, indices: np.ndarray, augment: bool,
+                 replaced: AdversarialSet | None = None) -> None:
+        idx = np.asarray(indices)
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
+        self.labels = torch.from_numpy(np.ascontiguousarray(data.labels[idx]))
+        self.transform = train_augmentation() if augment else None
+        self.replacement = {} if replaced is None else {int(i): k for k, i in enumerate(replaced.index)}
+        self.replaced = replaced
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        k = self.replacement.get(i)
+        x = self.images[i].float().div_(255.0) if k is None else self.replaced.images[k].clone()
+        if self.transform is not None:
+            x = self.transform(x).clamp_(0.0, 1.0)
+        return x, self.labels[i], i
+
+
+def make_pgd(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> PGD:
+    a = cfg.adversarial_training_attack()
+    return PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=a.random_start, seed=seed)
+
+
+def adversarial_batch(attack: PGD, x: torch.Tensor, y: torch.Tensor, share: float) -> tuple[torch.Tensor, int]:
+    """The batch with its first ceil(share * B) scans (the loader shuffles) replaced by PGD examples."""
+    k = min(len(x), math.ceil(share * len(x))) if share > 0 else 0
+    if k == 0:
+        return x, 0
+    return torch.cat([attack(x[:k], y[:k]), x[k:]]), k
+
+
+def _optimizer(model: LearnerMixture, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    params = model.experts.parameters()
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+
+
+def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                      num_workers=0)
+
+
+def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
+                lr: float, seed: int, adv_share: float = 0.0) -> dict[str, float]:
+    """FedAvg / Local (adv_share 0) and FAT / Local Adv (adv_share > 0) local epochs."""
+    loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment), cfg.train.batch_size, True, seed)
+    optimizer = _optimizer(model, cfg, lr)
+    attack = make_pgd(model, cfg, seed) if adv_share > 0 else None
+    model.train()
+    stats: dict[str, float] = {}
+    for _ in range(cfg.train.local_epochs):
+        total = n = n_adv = 0.0
+        for x, y, _ in loader:
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            if attack is not None:
+                x, k = adversarial_batch(attack, x, y, adv_share)
+                n_adv += k
+            loss, _ = model.loss(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            n += len(y)
+        stats = {"train_loss": total / max(n, 1), "gate_entropy": 0.0, "adv_share": n_adv / max(n, 1)}
+    return stats
+
+
+def make_adversarial_set(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
+                         seed: int, rnd: int) -> AdversarialSet:
+    """pFedDef: PGD versions of a random share G of the client's training scans, on its current model."""
+    n = len(indices)
+    m = min(n, math.ceil(cfg.method.adv_data_share * n))
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=gen)[:m].sort().values
+    attack = make_pgd(model, cfg, seed)
+    clean = ClientTrainingSet(data, np.asarray(indices)[chosen.numpy()], augment=False)
+    parts = []
+    for x, y, _ in _loader(clean, 64, False, seed):
+        parts.append(attack(x.to(cfg.device), y.to(cfg.device)).cpu())
+    images = torch.cat(parts) if parts else torch.empty((0, 3, data.images.shape[2], data.images.shape[3]))
+    return AdversarialSet(chosen.long(), images, rnd)
+
+
+@torch.no_grad()
+def e_step(model: LearnerMixture, dataset: ClientTrainingSet, cfg: ExperimentConfig) -> torch.Tensor:
+    """q (N, K): responsibilities of the learners for each training sample; also sets pi = mean q."""
+    was_training = model.training
+    model.eval()
+    losses = torch.empty((len(dataset), model.num_learners))
+    for x, y, i in _loader(dataset, 128, False, 0):
+        losses[i] = model.learner_losses(x.to(cfg.device), y.to(cfg.device)).cpu()
+    q = torch.softmax(model.log_pi.cpu().view(1, -1) - losses, dim=1)
+    model.log_pi.copy_(q.mean(dim=0).clamp_min(1e-12).log().to(model.log_pi.device))
+    model.train(was_training)
+    return q
+
+
+def train_fedem(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
+                lr: float, seed: int, adversarial: AdversarialSet | None = None) -> dict[str, float]:
+    """One FedEM round: E-step on the (possibly partly adversarial) training set, then the M-step."""
+    q = e_step(model, ClientTrainingSet(data, indices, False, adversarial), cfg).to(cfg.device)
+    loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment, adversarial), cfg.train.batch_size, True, seed)
+    optimizer = _optimizer(model, cfg, lr)
+    model.train()
+    stats: dict[str, float] = {}
+    pi = model.log_pi.exp()
+    entropy = float(-(pi * model.log_pi).sum())
+    for _ in range(cfg.train.local_epochs):
+        total = n = 0.0
+        for x, y, i in loader:
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            loss, _ = model.loss(x, y, weights=q[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            n += len(y)
+        share = 0.0 if adversarial is None else len(adversarial.index) / max(len(indices), 1)
+        stats = {"train_loss": total / max(n, 1), "gate_entropy": entropy, "adv_share": share}
+    return stats

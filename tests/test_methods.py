@@ -1,0 +1,244 @@
+"""The baselines (SPEC §6b): their models, FedEM's EM steps, adversarial training, and each
+method trained through a real Flower simulation, with the internal-evasion matrix."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfedpure.attacks import PGD
+from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig, load_preset
+from medfedpure.data import make_synthetic
+from medfedpure.methods import METHODS, build_classifier, parse_methods
+from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, e_step, make_adversarial_set,
+                                          train_fedem)
+from medfedpure.models import LearnerMixture
+
+SMALL = ModelConfig(backbone="small_cnn", head_hidden=16)
+
+
+def _data(n_per_class=12, size=16):
+    return make_synthetic(n_per_class, size, seed=3)
+
+
+# ----------------------------------------------------------------------------- models and registry
+def test_registry_and_parse_methods():
+    assert list(METHODS) == ["medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]
+    assert parse_methods("all") == list(METHODS)
+    assert parse_methods("pfeddef, medfedpure") == ["medfedpure", "pfeddef"]  # registry order
+    with pytest.raises(ValueError, match="fedprox"):
+        parse_methods("fedavg,fedprox")
+    cfg = ExperimentConfig()
+    cfg.method.name = "fedprox"
+    with pytest.raises(ConfigError, match="method.name"):
+        cfg.validate()
+
+
+def test_mixture_prediction_is_the_pi_weighted_mixture_of_softmaxes():
+    torch.manual_seed(0)
+    model = LearnerMixture(3, SMALL, learners=3).eval()
+    model.log_pi.copy_(torch.tensor([0.2, 0.5, 0.3]).log())
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        probs = torch.softmax(model.learner_logits(x), dim=-1)
+        expected = (torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1) * probs).sum(1).log()
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        single = LearnerMixture(3, SMALL, learners=1).eval()
+        assert torch.allclose(single(x), torch.log_softmax(single.learner_logits(x)[:, 0], dim=-1), atol=1e-6)
+
+
+def test_what_travels_and_what_stays_per_method():
+    cfg = ExperimentConfig(model=SMALL)
+    for name in ("fedavg", "fat", "fedem", "pfeddef"):
+        cfg.method.name = name
+        model = build_classifier(cfg, 2)
+        assert model.expert_state() and all(k.startswith("experts.") for k in model.expert_state())
+        assert set(model.gate_state()) == {"log_pi"}, name
+        assert model.num_learners == (3 if name in {"fedem", "pfeddef"} else 1)
+    for name in ("local", "local-adv"):
+        cfg.method.name = name
+        model = build_classifier(cfg, 2)
+        assert model.expert_state() == {}  # nothing is ever sent
+        assert set(model.gate_state()) == set(model.state_dict())
+        model.load_gate({k: v.clone() for k, v in model.gate_state().items()})
+    with pytest.raises(KeyError):
+        LearnerMixture(2, SMALL, learners=2).load_gate({"log_pi": torch.zeros(2), "extra": torch.zeros(1)})
+
+
+# ----------------------------------------------------------------------------- FedEM
+def test_e_step_responsibilities_sum_to_one_and_set_pi():
+    torch.manual_seed(0)
+    data = _data()
+    idx = np.arange(len(data))
+    model = LearnerMixture(2, SMALL, learners=3)
+    q = e_step(model, ClientTrainingSet(data, idx, augment=False), ExperimentConfig())
+    assert q.shape == (len(idx), 3)
+    assert torch.allclose(q.sum(1), torch.ones(len(idx)), atol=1e-5)
+    assert torch.allclose(model.log_pi.exp(), q.mean(0), atol=1e-5)
+    # the E-step formula: q_i(m) proportional to pi_m exp(-loss_m(x_i, y_i))
+    model.eval()
+    x, y = torch.stack([ClientTrainingSet(data, idx, False)[i][0] for i in range(4)]), torch.from_numpy(data.labels[:4])
+    with torch.no_grad():
+        losses = model.learner_losses(x, y)
+    expected = torch.softmax(torch.full((3,), -math.log(3)) - losses, dim=1)
+    assert torch.allclose(q[:4], expected, atol=1e-4)
+
+
+def test_m_step_weights_each_learner_by_its_responsibility():
+    torch.manual_seed(0)
+    model = LearnerMixture(2, SMALL, learners=2)
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 0, 1, 0, 1])
+    weights = torch.tensor([[1.0, 0.0]] * 6)  # learner 1 owns no sample
+    loss, _ = model.loss(x, y, weights=weights)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.experts[1].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.experts[0].parameters())
+
+
+def test_train_fedem_updates_pi_and_trains():
+    torch.manual_seed(0)
+    data = _data(20)
+    cfg = ExperimentConfig(model=SMALL)
+    cfg.train.local_epochs, cfg.train.batch_size = 1, 8
+    model = LearnerMixture(2, SMALL, learners=3)
+    before = {k: v.clone() for k, v in model.expert_state().items()}
+    stats = train_fedem(model, data, np.arange(len(data)), cfg, lr=0.01, seed=0)
+    assert stats["train_loss"] > 0 and stats["adv_share"] == 0
+    assert abs(float(model.log_pi.exp().sum()) - 1) < 1e-5
+    assert any(not torch.equal(before[k], v) for k, v in model.expert_state().items())
+
+
+# ----------------------------------------------------------------------------- adversarial training
+def test_adversarial_batch_replaces_the_share_within_eps():
+    torch.manual_seed(0)
+    model = LearnerMixture(2, SMALL).eval()
+    attack = PGD(model, eps=0.03, alpha=0.01, steps=3)
+    x, y = torch.rand(10, 3, 16, 16), torch.randint(0, 2, (10,))
+    mixed, k = adversarial_batch(attack, x, y, share=0.4)
+    assert k == 4
+    delta = (mixed - x).abs().flatten(1).amax(1)
+    assert (delta[:4] > 0).all() and (delta[:4] <= 0.03 + 1e-6).all()
+    assert torch.equal(mixed[4:], x[4:])
+    assert adversarial_batch(attack, x, y, 0.0)[1] == 0
+
+
+def test_pfeddef_replaces_share_g_of_the_scans_with_pgd_examples():
+    torch.manual_seed(0)
+    data = _data(15)
+    idx = np.arange(5, len(data))  # positions within the split, not dataset indices
+    cfg = ExperimentConfig(model=SMALL)
+    cfg.method.name, cfg.method.adv_data_share = "pfeddef", 0.4
+    cfg.attack.eps, cfg.attack.alpha, cfg.attack.steps = 0.03, 0.01, 3
+    model = LearnerMixture(2, SMALL, learners=2)
+    adv = make_adversarial_set(model, data, idx, cfg, seed=1, rnd=1)
+    assert len(adv.index) == math.ceil(0.4 * len(idx)) and len(set(adv.index.tolist())) == len(adv.index)
+    clean = ClientTrainingSet(data, idx, augment=False)
+    replaced = ClientTrainingSet(data, idx, augment=False, replaced=adv)
+    for k, pos in enumerate(adv.index.tolist()):
+        x_clean, x_adv = clean[pos][0], replaced[pos][0]
+        assert torch.equal(x_adv, adv.images[k])
+        assert 0 < (x_adv - x_clean).abs().max() <= 0.03 + 1e-6
+    untouched = next(i for i in range(len(idx)) if i not in set(adv.index.tolist()))
+    assert torch.equal(clean[untouched][0], replaced[untouched][0])
+    # a separate adversarial-training budget is honoured and recorded
+    cfg.method.adv_eps, cfg.method.adv_norm = 0.5, "l2"
+    assert cfg.adversarial_training_attack().eps == 0.5 and cfg.adversarial_training_attack().norm == "l2"
+    assert cfg.attack.eps == 0.03
+
+
+# ----------------------------------------------------------------------------- through Flower
+BASELINES = ["fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from medfedpure.federation.simulation import method_config, run_federated
+
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 2
+    cfg.data.partition = "dirichlet"  # alpha 100: classes near 50/50 (chance), but unequal n_i
+    cfg.data.dirichlet_alpha = 100.0
+    cfg.data.synthetic_per_class = 400
+    cfg.train.rounds = 2
+    cfg.train.local_epochs = 3
+    cfg.attack.max_eval_per_client = 24
+    cfg.method.adv_every = 1
+    cfg.method.adv_steps = 2  # cheaper adversarial training; the evaluation attack keeps 7 steps
+    root = tmp_path_factory.mktemp("methods")
+    return {m: run_federated(method_config(cfg, m), root / m, keep_client_arrays=(m == "fedem"), progress=False)
+            for m in BASELINES}
+
+
+def _majority_rate(run_dir) -> float:
+    """Accuracy of always answering each client's most common test class."""
+    clients = json.loads((run_dir / "partition.json").read_text())["clients"]
+    return sum(max(c["test_class_counts"]) for c in clients) / sum(c["n_test"] for c in clients)
+
+
+@pytest.mark.slow
+def test_every_baseline_trains_through_flower_and_beats_chance(trained):
+    majority = _majority_rate(next(iter(trained.values())).out_dir)
+    for name, run in trained.items():
+        assert len(run.history) == 2, name
+        assert run.final["clean_acc"] > max(0.62, majority + 0.06), (name, run.final, majority)
+
+
+@pytest.mark.slow
+def test_local_methods_send_nothing_and_shared_ones_only_experts(trained):
+    for name, run in trained.items():
+        for rec in run.history.values():
+            if name.startswith("local"):
+                assert rec["sent_keys"] == [] and all(c["received_keys"] == [] for c in rec["clients"].values())
+            else:
+                assert rec["sent_keys"] and all(k.startswith("experts.") for k in rec["sent_keys"])
+
+
+@pytest.mark.slow
+def test_fedem_keeps_pi_on_the_client_and_averages_each_learner_by_n(trained):
+    from safetensors.torch import load_file
+
+    run = trained["fedem"]
+    pis = [load_file(str(run.out_dir / "clients" / f"client_{i:02d}" / "gate.safetensors"))["log_pi"].exp()
+           for i in range(2)]
+    assert all(abs(float(p.sum()) - 1) < 1e-5 for p in pis)
+    assert not torch.allclose(pis[0], pis[1])  # personal mixture weights
+    rec = run.history[2]
+    clients = list(rec["clients"].values())
+    n = np.array([c["n_train"] for c in clients], dtype=np.float64)
+    assert len(set(n)) > 1
+    for key in ("experts.0.head.2.weight", "experts.2.head.2.weight"):
+        expected = sum(w * c["arrays"][key] for w, c in zip(n / n.sum(), clients))
+        plain = sum(c["arrays"][key] for c in clients) / len(clients)
+        error = np.abs(rec["aggregated"][key] - expected).max()
+        assert error < 1e-6 and np.abs(rec["aggregated"][key] - plain).max() > 100 * error + 1e-6
+
+
+@pytest.mark.slow
+def test_adversarial_methods_really_train_on_pgd(trained):
+    for name, share in (("fat", 0.5), ("local-adv", 0.5), ("pfeddef", 0.4)):
+        for rec in trained[name].history.values():
+            for c in rec["clients"].values():
+                assert abs(c["adv_share"] - share) < 0.06, (name, c["adv_share"])
+    for name in ("fedavg", "local", "fedem"):
+        assert all(c["adv_share"] == 0 for rec in trained[name].history.values() for c in rec["clients"].values())
+    saved = trained["pfeddef"].out_dir / "clients" / "client_00" / "adversarial_scans.safetensors"
+    assert saved.is_file()
+
+
+@pytest.mark.slow
+def test_transfer_matrix_shape_and_white_box_diagonal(trained):
+    from medfedpure.evaluation.transfer import transfer_matrix
+
+    for name in ("local", "pfeddef"):
+        run = trained[name]
+        result = transfer_matrix(run.out_dir, progress=False)
+        matrix = np.array(result["bare"]["matrix"])
+        assert matrix.shape == (2, 2)
+        white_box = {c: m["adv_acc"] for c, m in run.history[2]["clients"].items()}
+        np.testing.assert_allclose(np.diag(matrix), [white_box[c] for c in range(2)], atol=1e-6)
+        assert "defended" not in result
+        saved = json.loads((run.out_dir / "transfer.json").read_text())
+        assert saved["bare"]["diagonal_mean"] == pytest.approx(np.diag(matrix).mean())
+        assert (run.out_dir / "transfer.png").is_file()
