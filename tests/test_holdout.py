@@ -136,9 +136,12 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(DataError, match="does not match the run.*cat"):
         export_holdout(run, other, tmp_path / "o2")
 
-    exact = folder_set(tmp_path / "exact", per_class=(10, 5))  # the run used all of class1
-    with pytest.raises(DataError, match="every image of class class1"):
+    exact = folder_set(tmp_path / "exact", per_class=(10, 5))
+    with pytest.raises(DataError, match="does not match the run.*other files"):  # same counts, other files
         export_holdout(run, exact, tmp_path / "o1")
+    exact_run = tiny_run(tmp_path / "exact-run", exact)  # this run used all of class1
+    with pytest.raises(DataError, match="every image of class class1"):
+        export_holdout(exact_run, exact, tmp_path / "o1")
 
     whole = tiny_run(tmp_path / "whole", data, max_per_class=None)
     with pytest.raises(DataError, match="every image in .* is used by run .*max_per_class"):

@@ -242,3 +242,24 @@ def test_transfer_matrix_shape_and_white_box_diagonal(trained):
         saved = json.loads((run.out_dir / "transfer.json").read_text())
         assert saved["bare"]["diagonal_mean"] == pytest.approx(np.diag(matrix).mean())
         assert (run.out_dir / "transfer.png").is_file()
+
+
+@pytest.mark.slow
+def test_experiment_compares_methods_and_resumes(tmp_path):
+    from medfedpure.federation.simulation import run_experiment
+
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 2
+    cfg.data.synthetic_per_class = 60
+    cfg.train.rounds = 1
+    cfg.attack.max_eval_per_client = 8
+    tables = run_experiment(cfg, tmp_path, progress=False, methods=["fedavg", "local"])
+    rows = {r["method"]: r for r in tables["rows"]}
+    assert set(rows) == {"FedAvg", "Local"} and all(r["clean"] is not None for r in rows.values())
+    assert {r["method"] for r in tables["transfer"]} == {"FedAvg", "Local"}
+    assert (tmp_path / "methods.png").is_file() and (tmp_path / "tables.md").is_file()
+    summary = tmp_path / "baselines" / "local" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    again = run_experiment(cfg, tmp_path, progress=False, methods=["fedavg", "local"])
+    assert summary.stat().st_mtime_ns == stamp  # nothing retrained
+    assert again["rows"] == tables["rows"]
