@@ -114,8 +114,9 @@ def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> No
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # room for the legend above the 100% bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
