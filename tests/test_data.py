@@ -112,3 +112,18 @@ def test_real_br35h_loads(shared_data):
     data = load_dataset(DataConfig(dataset="br35h", root=str(shared_data / "br35h"), image_size=32))
     assert np.bincount(data.labels).tolist() == [1200, 1200]
     assert data.images.shape[1:] == (3, 32, 32)
+
+
+def test_training_loader_never_ends_on_a_lone_scan():
+    """BatchNorm cannot train on one sample with a 1x1 map (ResNet-18 / MobileNetV2 at 32 px)."""
+    from medfedpure.config import ModelConfig
+    from medfedpure.models import build_model
+
+    data = make_synthetic(20, 32, seed=0)
+    sizes = [len(y) for _, y in make_loader(data, np.arange(33), 8, train=True)]
+    assert sizes == [8, 8, 8, 8]  # the 33rd scan would have been a batch of one
+    assert [len(y) for _, y in make_loader(data, np.arange(34), 8, train=True)][-1] == 2
+    assert sum(len(y) for _, y in make_loader(data, np.arange(33), 8, train=False)) == 33  # evaluation keeps all
+    model = build_model(ModelConfig(backbone="mobilenet_v2", num_experts=1), 2).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.loss(torch.rand(1, 3, 32, 32), torch.tensor([0]))

@@ -40,5 +40,11 @@ def make_loader(data: ImageSet, indices: np.ndarray | None, batch_size: int, tra
                 seed: int = 0, augment: bool = True) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     ds = ImageTensorDataset(data, indices, augment=train and augment)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen, drop_last=False,
-                      num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen,
+                      drop_last=train and drops_lone_sample(len(ds), batch_size), num_workers=0)
+
+
+def drops_lone_sample(n: int, batch_size: int) -> bool:
+    """Training drops a last batch of one scan: BatchNorm cannot train on a single sample whose
+    feature map is 1x1 (ResNet-18 / MobileNetV2 at 32 px). Other last batches are kept."""
+    return n > 1 and n % batch_size == 1

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfedpure.attacks import PGD
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
-from medfedpure.data.loaders import train_augmentation
+from medfedpure.data.loaders import drops_lone_sample, train_augmentation
 from medfedpure.models.mixture import LearnerMixture
 
 
@@ -86,8 +86,9 @@ def _optimizer(model: LearnerMixture, cfg: ExperimentConfig, lr: float) -> torch
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Shuffled (training) loaders drop a last batch of one scan, as `make_loader` does."""
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
-                      num_workers=0)
+                      drop_last=shuffle and drops_lone_sample(len(ds), batch_size), num_workers=0)
 
 
 def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
