@@ -37,6 +37,12 @@ class DefenseSettings:
     sampler: str = "ddim"
     steps: int = 1
 
+    @classmethod
+    def from_config(cls, defense, tau: float | None = 0.0) -> "DefenseSettings":
+        """The settings an experiment's `defense` section (a DefenseConfig) names."""
+        return cls(mode=defense.mode, rule=defense.rule, kappa=defense.kappa, tau=tau, t_min=defense.t_min,
+                   t_max=defense.t_max, sampler=defense.sampler, steps=defense.sampler_steps)
+
     def validate(self) -> "DefenseSettings":
         if self.mode not in MODES:
             raise ValueError(f"defense mode must be one of {MODES}, not '{self.mode}'")

@@ -48,7 +48,7 @@ def _scores(detector: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tens
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
+def batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
     correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
     return correct / max(len(y), 1)
 
@@ -75,7 +75,7 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
     saved = val if isinstance(val, dict) else None
     x_val = None if saved is not None else _collect(val)[0]
     x_adv = torch.cat([attack(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
-    out: dict[str, float] = {"bare.clean_acc": _accuracy(classifier, x, y), "bare.adv_acc": _accuracy(classifier, x_adv, y),
+    out: dict[str, float] = {"bare.clean_acc": batched_accuracy(classifier, x, y), "bare.adv_acc": batched_accuracy(classifier, x_adv, y),
                              "n_test": float(len(y))}
     examples: dict[str, torch.Tensor] = {}
     calibration: dict[str, torch.Tensor] = {}

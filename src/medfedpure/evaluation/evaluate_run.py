@@ -97,8 +97,7 @@ def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overri
             calibration = load_tensors(_need(folder / "detector_calibration.safetensors", f"client {i}'s calibration"))
             d = cfg.defense
             detectors = [name for name in d.eval_detectors if name in calibration]
-            base = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, t_min=d.t_min, t_max=d.t_max,
-                                   sampler=d.sampler, steps=d.sampler_steps, tau=0.0)
+            base = DefenseSettings.from_config(d)
             m, _, _ = evaluate_defense(model, mae, diffusion, calibration, loader, attack, base, d.target_fpr,
                                        detectors, list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
             cfg.defense.eval_detectors = detectors

@@ -22,7 +22,7 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.defense.pipeline import DefendedClassifier, DefenseSettings
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
-from medfedpure.evaluation.defense_eval import build_detector
+from medfedpure.evaluation.defense_eval import batched_accuracy, build_detector
 from medfedpure.evaluation.evaluate_run import RunFolderError, load_client_model
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint
@@ -46,12 +46,6 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
     return torch.cat(xs), torch.cat(ys)
 
 
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return correct / max(len(y), 1)
-
-
 def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusion) -> DefendedClassifier:
     d = cfg.defense
     calibration = load_tensors(run / "clients" / f"client_{client:02d}" / "detector_calibration.safetensors")
@@ -59,8 +53,7 @@ def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusi
         raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
     seed = task.client_seed(cfg, client, 10_000)
     scores = calibration[d.detector]
-    settings = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, tau=calibrate_threshold(scores, d.target_fpr),
-                               t_min=d.t_min, t_max=d.t_max, sampler=d.sampler, steps=d.sampler_steps)
+    settings = DefenseSettings.from_config(d, tau=calibrate_threshold(scores, d.target_fpr))
     defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
                                   settings, scores).eval()
     defended.generator = torch.Generator().manual_seed(seed)
@@ -98,7 +91,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
         sizes.append(len(y))
         for kind, nets in victims.items():
             for v in range(n):
-                matrices[kind][v, a] = _accuracy(nets[v], x_adv, y)
+                matrices[kind][v, a] = batched_accuracy(nets[v], x_adv, y)
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
                           "scans; every victim classifies them (rows: victim, columns: attacker)",

@@ -201,8 +201,7 @@ def defend(msg: Message, context: Context) -> Message:
     _, test_loader, _ = task.client_loaders(cfg, partition)
     seed = task.client_seed(cfg, partition, 10_000)
     d = cfg.defense
-    base = DefenseSettings(mode=d.mode, rule=d.rule, kappa=d.kappa, t_min=d.t_min, t_max=d.t_max,
-                           sampler=d.sampler, steps=d.sampler_steps, tau=0.0)
+    base = DefenseSettings.from_config(d)
     metrics, examples, calibration = evaluate_defense(model, mae, diffusion, task.validation_loader(cfg, partition), test_loader,
                                          task.make_attack(model, cfg, seed), base, d.target_fpr,
                                          list(d.eval_detectors), list(d.eval_modes), seed,

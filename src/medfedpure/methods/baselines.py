@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfedpure.attacks import PGD
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
-from medfedpure.data.loaders import drops_lone_sample, train_augmentation
+from medfedpure.data.loaders import ImageTensorDataset, drops_lone_sample
 from medfedpure.models.mixture import LearnerMixture
 
 
@@ -41,21 +41,15 @@ class AdversarialSet:
         return cls(tensors["index"].long(), tensors["images"].float(), rnd)
 
 
-class ClientTrainingSet(Dataset):
+class ClientTrainingSet(ImageTensorDataset):
     """A client's training scans with their positions (FedEM weighs each sample by its own q),
     some of them replaced by adversarial versions (pFedDef)."""
 
     def __init__(self, data: ImageSet, indices: np.ndarray, augment: bool,
                  replaced: AdversarialSet | None = None) -> None:
-        idx = np.asarray(indices)
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
-        self.labels = torch.from_numpy(np.ascontiguousarray(data.labels[idx]))
-        self.transform = train_augmentation() if augment else None
+        super().__init__(data, indices, augment)
         self.replacement = {} if replaced is None else {int(i): k for k, i in enumerate(replaced.index)}
         self.replaced = replaced
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         k = self.replacement.get(i)
