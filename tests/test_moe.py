@@ -71,6 +71,24 @@ def test_backbones(name, dim):
     assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, dim)
 
 
+@pytest.mark.parametrize("name, last_block, side", [("resnet18", "layer4", 4), ("mobilenet_v2", "features", 2)])
+def test_small_input_stem_keeps_resolution(name, last_block, side):
+    sizes = {}
+    for small in (False, True):
+        net, dim = build_backbone(name, small_input_stem=small)
+        getattr(net, last_block).register_forward_hook(lambda m, i, o, s=small: sizes.__setitem__(s, o.shape[-1]))
+        assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, dim)
+    assert sizes == {False: 1, True: side}
+
+
+def test_small_input_stem_reaches_the_model():
+    cfg = ModelConfig(backbone="mobilenet_v2", num_experts=2, small_input_stem=True)
+    model = PersonalizedMoE(10, cfg)
+    assert all(e.backbone.features[0][0].stride == (1, 1) for e in model.experts)
+    with pytest.raises(ValueError, match="small_input_stem"):
+        build_backbone("small_cnn", small_input_stem=True)
+
+
 def test_local_weights_file(tmp_path):
     from torchvision.models import resnet18
     ref = resnet18()

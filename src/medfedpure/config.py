@@ -44,6 +44,7 @@ class ModelConfig:
     head_hidden: int = 256
     attention_hidden: int = 64
     pretrained_weights: str | None = None  # local torchvision state-dict file, or "imagenet"
+    small_input_stem: bool = False  # stride-1 stem for 32-px images (CIFAR-style), see backbones.py
     beta: float = 1e-4  # L2 on attention nets (Eq. 9)
     gamma: float = 1e-2  # gate-entropy weight (Eq. 9)
 

