@@ -12,8 +12,8 @@ from medfedpure.attacks import PGD
 from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig, load_preset
 from medfedpure.data import make_synthetic
 from medfedpure.methods import METHODS, build_classifier, parse_methods
-from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, e_step, make_adversarial_set,
-                                          train_fedem)
+from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, adversarial_shares, e_step,
+                                          make_adversarial_set, train_fedem)
 from medfedpure.models import LearnerMixture
 
 SMALL = ModelConfig(backbone="small_cnn", head_hidden=16)
@@ -146,6 +146,43 @@ def test_pfeddef_replaces_share_g_of_the_scans_with_pgd_examples():
     cfg.method.adv_eps, cfg.method.adv_norm = 0.5, "l2"
     assert cfg.adversarial_training_attack().eps == 0.5 and cfg.adversarial_training_attack().norm == "l2"
     assert cfg.attack.eps == 0.03
+    # a client's solved share h_i replaces G
+    assert len(make_adversarial_set(model, data, idx, cfg, seed=1, rnd=1, share=0.1).index) == math.ceil(0.1 * len(idx))
+
+
+def test_resource_aware_shares_meet_g_within_the_caps():
+    assert adversarial_shares(0.4, [10, 20, 30], None) == [0.4] * 3
+    assert adversarial_shares(0.4, [10, 20, 30], 0.9) == pytest.approx([0.4] * 3)  # caps above G: no change
+    # clients short of resources take their cap; the others cover the rest, equally
+    shares = adversarial_shares(0.4, [100, 100, 100, 100], [0.0, 0.1, 1.0, 1.0])
+    assert shares == pytest.approx([0.0, 0.1, 0.75, 0.75])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(1, 500, size=8)
+        caps = rng.uniform(0, 1, size=8)
+        g = float(rng.uniform(0, 0.6))
+        h = np.array(adversarial_shares(g, sizes, caps.tolist()))
+        assert np.all(h <= caps + 1e-12) and np.all(h >= 0)
+        reached = float(h @ sizes / sizes.sum())
+        if caps @ sizes / sizes.sum() >= g:
+            assert reached == pytest.approx(g)
+            # as equal as the caps allow: whoever is below the top share is at its cap
+            assert np.all((h >= h.max() - 1e-9) | (np.abs(h - caps) < 1e-9))
+        else:
+            assert np.allclose(h, caps)  # infeasible: everyone at its cap
+
+
+def test_resource_caps_are_validated():
+    cfg = ExperimentConfig()
+    cfg.data.num_clients = 3
+    cfg.method.adv_resources = [0.5, 0.5]
+    with pytest.raises(ConfigError, match="method.adv_resources"):
+        cfg.validate()
+    cfg.method.adv_resources = 1.5
+    with pytest.raises(ConfigError, match="method.adv_resources"):
+        cfg.validate()
+    cfg.method.adv_resources = [0.1, 0.5, 1]
+    cfg.validate()
 
 
 # ----------------------------------------------------------------------------- through Flower
@@ -166,6 +203,7 @@ def trained(tmp_path_factory):
     cfg.attack.max_eval_per_client = 24
     cfg.method.adv_every = 1
     cfg.method.adv_steps = 2  # cheaper adversarial training; the evaluation attack keeps 7 steps
+    cfg.method.adv_resources = [0.2, 1.0]  # pFedDef: client 0 can afford 20%, client 1 covers the rest of G
     root = tmp_path_factory.mktemp("methods")
     return {m: run_federated(method_config(cfg, m), root / m, keep_client_arrays=(m == "fedem"), progress=False)
             for m in BASELINES}
@@ -217,10 +255,16 @@ def test_fedem_keeps_pi_on_the_client_and_averages_each_learner_by_n(trained):
 
 @pytest.mark.slow
 def test_adversarial_methods_really_train_on_pgd(trained):
-    for name, share in (("fat", 0.5), ("local-adv", 0.5), ("pfeddef", 0.4)):
+    for name, share in (("fat", 0.5), ("local-adv", 0.5)):
         for rec in trained[name].history.values():
             for c in rec["clients"].values():
                 assert abs(c["adv_share"] - share) < 0.06, (name, c["adv_share"])
+    # pFedDef with caps [0.2, 1.0]: client 0 at its cap, client 1 above G, n-weighted mean G = 0.4
+    for rec in trained["pfeddef"].history.values():
+        n = np.array([rec["clients"][i]["n_train"] for i in (0, 1)], dtype=float)
+        h = np.array([rec["clients"][i]["adv_share"] for i in (0, 1)])
+        assert abs(h[0] - 0.2) < 0.02 and h[1] > 0.5, h
+        assert abs(h @ n / n.sum() - 0.4) < 0.02
     for name in ("fedavg", "local", "fedem"):
         assert all(c["adv_share"] == 0 for rec in trained[name].history.values() for c in rec["clients"].values())
     saved = trained["pfeddef"].out_dir / "clients" / "client_00" / "adversarial_scans.safetensors"

@@ -147,6 +147,9 @@ class MethodConfig:
     adv_share: float = 0.5  # FAT / Local Adv: share of every training batch replaced by PGD examples
     adv_data_share: float = 0.4  # pFedDef G: share of the client's training scans replaced by PGD examples
     adv_every: int = 2  # pFedDef Q: rounds between regenerations (reference: 10 of its 150 rounds)
+    # pFedDef resource caps R_i: the largest share of its scans client i can make adversarial
+    # (one value for all, or one per client); null = no cap, every client replaces G
+    adv_resources: float | list | None = None
     # adversarial-training budget; None takes the evaluation attack's value
     adv_norm: str | None = None
     adv_eps: float | None = None
@@ -237,12 +240,23 @@ class ExperimentConfig:
             (0 <= self.method.adv_share <= 1, "method.adv_share", "in [0, 1]"),
             (0 <= self.method.adv_data_share <= 1, "method.adv_data_share", "in [0, 1]"),
             (self.method.adv_every >= 1, "method.adv_every", ">= 1"),
+            (_valid_resources(self.method.adv_resources, self.data.num_clients), "method.adv_resources",
+             "null, a share in [0, 1], or one such share per client (data.num_clients of them)"),
             (self.method.adv_norm in {None, "linf", "l2"}, "method.adv_norm", "linf, l2 or null"),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"config field '{name}' must be {expected}")
         return self
+
+
+def _valid_resources(caps: float | list | None, num_clients: int) -> bool:
+    if caps is None:
+        return True
+    values = caps if isinstance(caps, list) else [caps]
+    if isinstance(caps, list) and len(caps) != num_clients:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values)
 
 
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:

@@ -133,7 +133,9 @@ def _train_baseline(model, cfg: ExperimentConfig, partition: int, server_round: 
     if name in {"fedem", "pfeddef"}:
         adversarial = None
         if name == "pfeddef":
-            adversarial = _pfeddef_set(model, cfg, data, indices, seed, server_round, context, folder)
+            share = baselines.adversarial_shares(cfg.method.adv_data_share, [len(s.train_idx) for s in splits],
+                                                 cfg.method.adv_resources)[partition]
+            adversarial = _pfeddef_set(model, cfg, data, indices, seed, server_round, context, folder, share)
         stats = baselines.train_fedem(model, data, indices, cfg, lr, seed, adversarial)
     else:
         share = cfg.method.adv_share if cfg.method.adversarial else 0.0
@@ -142,16 +144,17 @@ def _train_baseline(model, cfg: ExperimentConfig, partition: int, server_round: 
 
 
 def _pfeddef_set(model, cfg: ExperimentConfig, data, indices, seed: int, server_round: int, context: Context,
-                 folder: Path | None) -> baselines.AdversarialSet:
+                 folder: Path | None, share: float) -> baselines.AdversarialSet:
     """pFedDef's adversarial scans: made anew every Q rounds on this client's current model, else kept
-    (in the node's memory, and on the client's disk for a restarted node)."""
+    (in the node's memory, and on the client's disk for a restarted node). Every client solves the
+    same resource split from the partition sizes and caps in the config, so it needs no extra message."""
     made_at = server_round - (server_round - 1) % cfg.method.adv_every
     if made_at != server_round:
         kept = _kept_adversarial(context, folder, made_at)
         if kept is not None:
             return kept
         log.warning("%s: pFedDef scans of round %d are gone (restarted node); making them again", folder, made_at)
-    adv = baselines.make_adversarial_set(model, data, indices, cfg, seed, made_at)
+    adv = baselines.make_adversarial_set(model, data, indices, cfg, seed, made_at, share)
     context.state[ADV_KEY] = ArrayRecord(adv.to_tensors())
     context.state[ADV_KEY + "-round"] = ConfigRecord({"round": made_at})
     if folder is not None:

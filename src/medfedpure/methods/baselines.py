@@ -7,11 +7,14 @@
   M-step trains every learner on its q-weighted loss.
 - pFedDef: FedEM where, every Q rounds, a share G of the client's training scans is replaced
   by PGD examples made on its own current model; they stay until the next regeneration.
+  With resource caps R_i, client i replaces h_i <= R_i instead (`adversarial_shares`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,8 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
 from medfedpure.data.loaders import ImageTensorDataset, drops_lone_sample
 from medfedpure.models.mixture import LearnerMixture
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,11 +115,48 @@ def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg:
     return stats
 
 
+def adversarial_shares(target: float, sizes: Sequence[int], caps: float | Sequence[float] | None) -> list[float]:
+    """pFedDef's resource-aware split of the robustness budget: shares h_i <= R_i whose
+    n_i-weighted mean is G, as equal as the caps allow.
+
+    Greedy water-filling: clients in order of rising cap take their cap while it is below the
+    level the rest would need, the others share the remainder equally. Clients with spare
+    resources so cover for those without, which is the point of pFedDef's solver; where the
+    caps cannot reach G at all, every client runs at its cap and the shortfall is logged.
+    """
+    sizes = [int(n) for n in sizes]
+    if caps is None:
+        return [float(target)] * len(sizes)
+    caps = [float(caps)] * len(sizes) if isinstance(caps, (int, float)) else [float(c) for c in caps]
+    if len(caps) != len(sizes):
+        raise ValueError(f"method.adv_resources has {len(caps)} caps for {len(sizes)} clients")
+    total = sum(sizes)
+    need, rest = target * total, total
+    shares = [0.0] * len(sizes)
+    order = sorted(range(len(sizes)), key=lambda i: caps[i])
+    for pos, i in enumerate(order):
+        level = need / rest if rest else 0.0
+        if caps[i] < level:
+            shares[i] = caps[i]
+            need -= caps[i] * sizes[i]
+            rest -= sizes[i]
+            continue
+        for j in order[pos:]:
+            shares[j] = level
+        break
+    reached = sum(h * n for h, n in zip(shares, sizes)) / max(total, 1)
+    if reached < target - 1e-9:
+        log.warning("pFedDef resource caps allow an adversarial share of %.3f, below G = %.3f", reached, target)
+    return shares
+
+
 def make_adversarial_set(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
-                         seed: int, rnd: int) -> AdversarialSet:
-    """pFedDef: PGD versions of a random share G of the client's training scans, on its current model."""
+                         seed: int, rnd: int, share: float | None = None) -> AdversarialSet:
+    """pFedDef: PGD versions of a random share (G, or this client's solved h_i) of its training
+    scans, made on its current model."""
     n = len(indices)
-    m = min(n, math.ceil(cfg.method.adv_data_share * n))
+    share = cfg.method.adv_data_share if share is None else share
+    m = min(n, math.ceil(share * n))
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:m].sort().values
     attack = make_pgd(model, cfg, seed)
