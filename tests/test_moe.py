@@ -89,6 +89,18 @@ def test_small_input_stem_reaches_the_model():
         build_backbone("small_cnn", small_input_stem=True)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_group_norm_backbone_has_no_running_statistics(name):
+    net, dim = build_backbone(name, norm="group", small_input_stem=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    assert not any("running" in k for k in net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(net.train()(x), net.eval()(x), atol=1e-5)  # no train/eval gap to average away
+    with pytest.raises(ValueError, match="model.norm"):
+        build_backbone(name, pretrained_weights="imagenet", norm="group")
+
+
 def test_local_weights_file(tmp_path):
     from torchvision.models import resnet18
     ref = resnet18()

@@ -45,6 +45,7 @@ class ModelConfig:
     attention_hidden: int = 64
     pretrained_weights: str | None = None  # local torchvision state-dict file, or "imagenet"
     small_input_stem: bool = False  # stride-1 stem for 32-px images (CIFAR-style), see backbones.py
+    norm: str = "batch"  # batch | group (GroupNorm: no running statistics to average, see backbones.py)
     beta: float = 1e-4  # L2 on attention nets (Eq. 9)
     gamma: float = 1e-2  # gate-entropy weight (Eq. 9)
 
@@ -235,6 +236,7 @@ class ExperimentConfig:
             (self.defense.sampler in {"ddim", "ddpm"}, "defense.sampler", "ddim or ddpm"),
             (self.defense.sampler_steps >= 1, "defense.sampler_steps", ">= 1"),
             (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
+            (self.model.norm in {"batch", "group"}, "model.norm", "batch or group"),
             (self.method.name in METHOD_NAMES, "method.name", "one of " + ", ".join(METHOD_NAMES)),
             (self.method.learners >= 1, "method.learners", ">= 1"),
             (0 <= self.method.adv_share <= 1, "method.adv_share", "in [0, 1]"),

@@ -35,6 +35,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     method = raw.pop("method", {})
     if not raw["model"].get("small_input_stem"):  # runs made before the option still match
         raw["model"].pop("small_input_stem", None)
+    if raw["model"].get("norm") == "batch":
+        raw["model"].pop("norm")
     if method.get("adv_resources") is None:
         method.pop("adv_resources", None)
     if phase in ("mae", "diffusion"):
