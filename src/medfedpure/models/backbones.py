@@ -36,12 +36,10 @@ def build_backbone(name: str, pretrained_weights: str | None = None,
     """A backbone that maps normalised images to a feature vector, and that vector's size.
 
     `small_input_stem` is the usual adaptation to 32-px images: the ImageNet stem divides a
-    32-px scan down to 1x1 features, which learns slowly from scratch (MobileNetV2 on 2400
-    CIFAR-10 images, 5 epochs: 27% with the stock stem, 38% with a stride-1 first conv).
+    32-px scan down to 1x1 features, which learns slowly from scratch.
     `norm="group"` swaps BatchNorm for GroupNorm: averaged BatchNorm statistics lag far behind
-    averaged weights when clients take few steps on label-skewed data (a FedAvg MobileNetV2 that
-    answers one class in eval mode reached 20% once its statistics were recomputed), the
-    known failure that GroupNorm avoids (Hsieh et al., 2020).
+    averaged weights when clients take few steps on label-skewed data, the known failure that
+    GroupNorm avoids (Hsieh et al., 2020).
     """
     if name == "small_cnn":
         if pretrained_weights:
