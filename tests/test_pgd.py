@@ -101,3 +101,28 @@ def test_cross_entropy_on_log_probs_is_true_nll():
     logp = torch.log_softmax(torch.randn(4, 3), 1)
     y = torch.tensor([0, 1, 2, 0])
     assert torch.allclose(nn.functional.cross_entropy(logp, y), -logp[torch.arange(4), y].mean())
+
+
+def test_capped_attack_samples_the_whole_split_not_its_first_classes():
+    """Splits are kept in class order: a cap must not attack only the first classes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    labels = torch.arange(5).repeat_interleave(10)  # 0,0,...,4,4: class order
+    loader = DataLoader(TensorDataset(torch.rand(50, 3, 4, 4), labels), batch_size=8)
+
+    class AlwaysZero(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 5).float()
+
+    seen = []
+
+    def identity_attack(x, y):
+        seen.append(y.clone())
+        return x
+
+    out = evaluate_accuracy(AlwaysZero(), loader, identity_attack, max_items=10)
+    assert out["n_adv"] == 10 and torch.cat(seen).bincount(minlength=5).tolist() == [2, 2, 2, 2, 2]
+    assert out["adv_acc"] == pytest.approx(0.2) and out["clean_acc_attacked"] == pytest.approx(0.2)
+    assert out["clean_acc"] == pytest.approx(0.2)
+    uncapped = evaluate_accuracy(AlwaysZero(), loader, lambda x, y: x, max_items=None)
+    assert uncapped["n_adv"] == 50

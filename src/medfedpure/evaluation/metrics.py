@@ -4,19 +4,43 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 
+def attacked_positions(n: int, cap: int | None) -> np.ndarray | None:
+    """Which of a split's n scans a capped attack runs on (None: all of them).
+
+    Evenly spaced over the split, not its first `cap`: splits are kept in class order, so the
+    first scans would be the first classes only, and accuracy on them says little about the rest.
+    """
+    if cap is None or cap >= n:
+        return None
+    return np.linspace(0, n - 1, cap).round().astype(np.int64)
+
+
+def attacked_part(x: torch.Tensor, y: torch.Tensor, offset: int,
+                  positions: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scans of a batch that starts at `offset` in its split which the attack runs on."""
+    if positions is None:
+        return x, y
+    chosen = torch.as_tensor(positions[(positions >= offset) & (positions < offset + len(y))] - offset)
+    return x[chosen], y[chosen]
+
+
 def evaluate_accuracy(model: nn.Module, loader: DataLoader,
                       attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                       max_items: int | None = None, device: str = "cpu") -> dict[str, float]:
-    """Clean accuracy and loss on every scan; adversarial accuracy on the first `max_items`."""
+    """Clean accuracy and loss on every scan; adversarial accuracy on `max_items` of them, evenly
+    spaced over the split (`attacked_positions`), and clean accuracy on those same scans."""
     was_training = model.training
     model.eval()
-    correct = adv_correct = total = adv_total = 0
+    correct = adv_correct = adv_clean_correct = total = adv_total = 0
     loss_sum = 0.0
+    positions = attacked_positions(len(loader.dataset), max_items) if attack is not None else None
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -24,16 +48,20 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader,
                 logits = model(x)
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(1) == y).sum().item()
+            if attack is not None:
+                xa, ya = attacked_part(x, y, total, positions)
+                if len(ya):
+                    with torch.no_grad():
+                        adv_clean_correct += (model(xa).argmax(1) == ya).sum().item()
+                    x_adv = attack(xa, ya)
+                    with torch.no_grad():
+                        adv_correct += (model(x_adv).argmax(1) == ya).sum().item()
+                    adv_total += len(ya)
             total += len(y)
-            if attack is not None and (max_items is None or adv_total < max_items):
-                keep = len(y) if max_items is None else min(len(y), max_items - adv_total)
-                x_adv = attack(x[:keep], y[:keep])
-                with torch.no_grad():
-                    adv_correct += (model(x_adv).argmax(1) == y[:keep]).sum().item()
-                adv_total += keep
     finally:
         model.train(was_training)
     out = {"clean_acc": correct / max(total, 1), "test_loss": loss_sum / max(total, 1), "n_test": total}
     if attack is not None:
-        out.update(adv_acc=adv_correct / max(adv_total, 1), n_adv=adv_total)
+        out.update(adv_acc=adv_correct / max(adv_total, 1), n_adv=adv_total,
+                   clean_acc_attacked=adv_clean_correct / max(adv_total, 1))
     return out

@@ -24,6 +24,7 @@ from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import batched_accuracy, build_detector
 from medfedpure.evaluation.evaluate_run import RunFolderError, load_client_model
+from medfedpure.evaluation.metrics import attacked_part, attacked_positions
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint
 from medfedpure.storage import load_tensors, write_csv, write_json
@@ -34,15 +35,14 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
     """Client `client`'s PGD scans, made exactly as its final-round white-box evaluation made them."""
     _, test_loader, _ = task.client_loaders(cfg, client, cfg.train.rounds)
     attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, client, cfg.train.rounds))
-    cap = cfg.attack.max_eval_per_client
-    xs, ys, done = [], [], 0
+    positions = attacked_positions(len(test_loader.dataset), cfg.attack.max_eval_per_client)
+    xs, ys, offset = [], [], 0
     for x, y in test_loader:
-        if cap is not None and done >= cap:
-            break
-        keep = len(y) if cap is None else min(len(y), cap - done)
-        xs.append(attack(x[:keep], y[:keep]))
-        ys.append(y[:keep])
-        done += keep
+        xa, ya = attacked_part(x, y, offset, positions)
+        offset += len(y)
+        if len(ya):
+            xs.append(attack(xa, ya))
+            ys.append(ya)
     return torch.cat(xs), torch.cat(ys)
 
 

@@ -7,7 +7,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-ROUND_FIELDS = ("train_loss", "gate_entropy", "adv_share", "clean_acc", "adv_acc", "test_loss")
+# clean_acc_attacked: clean accuracy on the scans the (capped) attack ran on, adv_acc's pair
+ROUND_FIELDS = ("train_loss", "gate_entropy", "adv_share", "clean_acc", "adv_acc", "test_loss", "clean_acc_attacked")
 PACKAGES = ("medfedpure", "torch", "torchvision", "flwr", "ray", "numpy", "safetensors")
 
 
