@@ -21,13 +21,11 @@ def attacked_positions(n: int, cap: int | None) -> np.ndarray | None:
     return np.linspace(0, n - 1, cap).round().astype(np.int64)
 
 
-def attacked_part(x: torch.Tensor, y: torch.Tensor, offset: int,
-                  positions: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scans of a batch that starts at `offset` in its split which the attack runs on."""
+def attacked_index(offset: int, batch_len: int, positions: np.ndarray | None) -> torch.Tensor | slice:
+    """Which scans of a batch that starts at `offset` in its split the attack runs on."""
     if positions is None:
-        return x, y
-    chosen = torch.as_tensor(positions[(positions >= offset) & (positions < offset + len(y))] - offset)
-    return x[chosen], y[chosen]
+        return slice(None)
+    return torch.as_tensor(positions[(positions >= offset) & (positions < offset + batch_len)] - offset)
 
 
 def evaluate_accuracy(model: nn.Module, loader: DataLoader,
@@ -48,10 +46,10 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader,
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
                 correct += (logits.argmax(1) == y).sum().item()
             if attack is not None:
-                xa, ya = attacked_part(x, y, total, positions)
+                idx = attacked_index(total, len(y), positions)
+                xa, ya = x[idx], y[idx]
                 if len(ya):
-                    with torch.no_grad():
-                        adv_clean_correct += (model(xa).argmax(1) == ya).sum().item()
+                    adv_clean_correct += (logits[idx].argmax(1) == ya).sum().item()
                     x_adv = attack(xa, ya)
                     with torch.no_grad():
                         adv_correct += (model(x_adv).argmax(1) == ya).sum().item()

@@ -24,7 +24,7 @@ from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import batched_accuracy, build_detector
 from medfedpure.evaluation.evaluate_run import RunFolderError, load_client_model
-from medfedpure.evaluation.metrics import attacked_part, attacked_positions
+from medfedpure.evaluation.metrics import attacked_index, attacked_positions
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint
 from medfedpure.storage import load_tensors, write_csv, write_json
@@ -38,7 +38,8 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
     positions = attacked_positions(len(test_loader.dataset), cfg.attack.max_eval_per_client)
     xs, ys, offset = [], [], 0
     for x, y in test_loader:
-        xa, ya = attacked_part(x, y, offset, positions)
+        idx = attacked_index(offset, len(y), positions)
+        xa, ya = x[idx], y[idx]
         offset += len(y)
         if len(ya):
             xs.append(attack(xa, ya))

@@ -26,6 +26,10 @@ class ResumeError(ValueError):
 _EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled")
 
 
+# fields added after run folders existed, and their defaults: left out of the fingerprint at the default
+_ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None}
+
+
 def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     """The part of the config that decides a phase's weights (not the cache folder, not the CPUs)."""
     raw = cfg.to_dict()
@@ -33,12 +37,10 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     raw.pop("federation", None)
     raw.pop("name", None)
     method = raw.pop("method", {})
-    if not raw["model"].get("small_input_stem"):  # runs made before the option still match
-        raw["model"].pop("small_input_stem", None)
-    if raw["model"].get("norm") == "batch":
-        raw["model"].pop("norm")
-    if method.get("adv_resources") is None:
-        method.pop("adv_resources", None)
+    for (section, field), default in _ADDED_FIELDS.items():  # runs made before them still match
+        part_of = method if section == "method" else raw[section]
+        if part_of.get(field, default) == default:
+            part_of.pop(field, None)
     if phase in ("mae", "diffusion"):
         part = {"seed": raw["seed"], "data": raw["data"], "training": raw["defense"]["training"],
                 phase: raw["defense"][phase]}
