@@ -30,3 +30,22 @@ def test_pretrain_commands_share_the_clear_errors(tmp_path, capsys):
         code = main([command, "--preset", "br35h-cpu", "--data", str(tmp_path / "nowhere")])
         err = capsys.readouterr().err
         assert code == 2 and "nowhere" in err and "Traceback" not in err
+
+
+def test_no_progress_reaches_the_decoding_bar(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from medfedpure.data.datasets import decode_cached
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / "scans" / "yes" / f"{i}.png")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(paths[-1])
+    monkeypatch.delenv("MEDFEDPURE_NO_PROGRESS", raising=False)
+    decode_cached(paths, 8, cache_dir=str(tmp_path / "cache-a"))
+    assert "decoding" in capsys.readouterr().err
+    assert main(["train", "--preset", "br35h-cpu", "--data", str(tmp_path / "absent"), "--no-progress"]) == 2
+    capsys.readouterr()
+    decode_cached(paths, 8, cache_dir=str(tmp_path / "cache-b"))
+    assert "decoding" not in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
+    if getattr(args, "no_progress", False):
+        os.environ["MEDFEDPURE_NO_PROGRESS"] = "1"  # for bars without a progress argument (image decoding)
     try:
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:  # incl. ReportError, ResumeError

@@ -184,6 +184,12 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"image file '{path}' cannot be read as an image ({err})") from err
 
 
+def show_progress() -> bool:
+    """Bars deep in the library take no argument from the CLI: `--no-progress` sets this
+    variable, which the Ray workers inherit too."""
+    return os.environ.get("MEDFEDPURE_NO_PROGRESS", "") not in ("1", "true")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDFEDPURE_CACHE", Path.home() / ".cache" / "medfedpure"))
 
@@ -209,7 +215,7 @@ def decode_cached(paths: list[Path], size: int, cache_dir: str | None = None) ->
             log.warning("ignoring unreadable image cache %s", cache)
     arr = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc=f"decoding {paths[0].parent.parent.name or 'images'}",
-                               unit="img", leave=False, mininterval=1.0)):
+                               unit="img", leave=False, mininterval=1.0, disable=not show_progress())):
         arr[i] = decode_image(p, size)
     try:
         buf = io.BytesIO()
