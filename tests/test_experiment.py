@@ -141,3 +141,25 @@ def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
     assert rows["MedFedPure"]["clean"] == 98.0 and rows["MedFedPure"]["paper_adv"] == 87.33
     assert rows["pFedDef"]["clean"] is None and rows["pFedDef"]["paper_clean"] == 98.33
     assert all(r["resolution"] == 64 and "eps=0.015" in r["attack"] for r in tables["rows"])
+
+
+def test_environment_records_uncommitted_changes(tmp_path):
+    """A run made from an edited tree says so: its commit alone would not reproduce it."""
+    import subprocess
+
+    from medfedpure.reporting.results import git_commit, git_dirty
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "preset.yaml").write_text("lr: 0.001\n")
+    git("add", "preset.yaml")
+    git("commit", "-q", "-m", "preset")
+    assert len(git_commit(tmp_path)) == 40 and git_dirty(tmp_path) is False
+    (tmp_path / "scratch.txt").write_text("untracked files do not count\n")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "preset.yaml").write_text("lr: 0.0001\n")
+    assert git_dirty(tmp_path) is True
+    assert git_commit(tmp_path / "missing") is None and git_dirty(tmp_path / "missing") is None

@@ -41,16 +41,27 @@ def environment_info(seed: int) -> dict:
         except md.PackageNotFoundError:
             versions[name] = None
     return {"seed": seed, "python": platform.python_version(), "platform": platform.platform(),
-            "packages": versions, "git_commit": git_commit()}
+            "packages": versions, "git_commit": git_commit(), "git_dirty": git_dirty()}
 
 
-def git_commit() -> str | None:
+def _git(args: list[str], where: Path | None) -> str | None:
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        where = where or Path(__file__).resolve().parent
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)
+        return out.stdout if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    out = _git(["rev-parse", "HEAD"], where)
+    return (out or "").strip() or None
+
+
+def git_dirty(where: Path | None = None) -> bool | None:
+    """True when tracked files differ from the commit: the commit alone does not reproduce the run."""
+    out = _git(["status", "--porcelain", "--untracked-files=no"], where)
+    return None if out is None else bool(out.strip())
 
 
 DEFENSE_FIELDS = ("bare_clean_acc", "bare_adv_acc", "clean_acc", "adv_acc", "auroc", "tpr_at_tau", "fpr_at_tau",

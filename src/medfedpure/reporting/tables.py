@@ -128,6 +128,7 @@ def build_tables(run: Path) -> dict:
                                      "n_adv_per_attacker": sum(t["n_adv_per_attacker"]) / len(t["n_adv_per_attacker"])})
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
+            "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get("medfedpure"), "wall_time_s_by_method": wall}
 
 
@@ -164,7 +165,8 @@ def _markdown(tables: dict) -> str:
     if tables.get("wall_time_s_by_method"):
         lines += ["", "Training wall time (s) per method: " + ", ".join(
             f"{k} {v}" for k, v in tables["wall_time_s_by_method"].items())]
-    lines += ["", f"seed {tables['seed']}, git commit {tables['git_commit']}, "
+    dirty = " (with uncommitted changes)" if tables.get("git_dirty") else ""
+    lines += ["", f"seed {tables['seed']}, git commit {tables['git_commit']}{dirty}, "
               f"packages {json.dumps(tables['packages'])}", ""]
     return "\n".join(lines)
 
