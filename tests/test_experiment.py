@@ -55,6 +55,11 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path):
     for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
                  "timings.json", "config.json", "environment.json"):
         assert (tmp_path / name).is_file(), name
+    transfer = json.loads((tmp_path / "transfer.json").read_text())
+    for kind in ("bare", "defended"):  # internal evasion through the defense, with the unattacked floor
+        assert len(transfer[kind]["matrix"]) == len(transfer[kind]["clean_matrix"]) == 2
+    assert [r["method"] for r in tables["transfer"]] == ["MedFedPure", "MedFedPure + defense"]
+    assert all(r["clean_off_diagonal"] is not None for r in tables["transfer"])
     before = _snapshot(tmp_path)
     simulation.run_experiment(tiny(), tmp_path, progress=False)  # every phase is done: nothing is redone
     assert _snapshot(tmp_path) == before

@@ -273,19 +273,31 @@ def test_adversarial_methods_really_train_on_pgd(trained):
 
 @pytest.mark.slow
 def test_transfer_matrix_shape_and_white_box_diagonal(trained):
-    from medfedpure.evaluation.transfer import transfer_matrix
+    from medfedpure.config import ExperimentConfig
+    from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 
     for name in ("local", "pfeddef"):
         run = trained[name]
+        cfg = ExperimentConfig.from_dict(json.loads((run.out_dir / "config.json").read_text()))
         result = transfer_matrix(run.out_dir, progress=False)
         matrix = np.array(result["bare"]["matrix"])
         assert matrix.shape == (2, 2)
         white_box = {c: m["adv_acc"] for c, m in run.history[2]["clients"].items()}
         np.testing.assert_allclose(np.diag(matrix), [white_box[c] for c in range(2)], atol=1e-6)
+        # the unattacked floor: its diagonal is each client's clean accuracy on the scans it attacked
+        clean = np.array(result["bare"]["clean_matrix"])
+        on_attacked = {c: m["clean_acc_attacked"] for c, m in run.history[2]["clients"].items()}
+        np.testing.assert_allclose(np.diag(clean), [on_attacked[c] for c in range(2)], atol=1e-6)
+        assert result["bare"]["clean_off_diagonal_mean"] == pytest.approx(clean[~np.eye(2, dtype=bool)].mean())
         assert "defended" not in result
         saved = json.loads((run.out_dir / "transfer.json").read_text())
         assert saved["bare"]["diagonal_mean"] == pytest.approx(np.diag(matrix).mean())
         assert (run.out_dir / "transfer.png").is_file()
+        assert transfer_done(run.out_dir, cfg)
+        # a matrix saved before the clean floor existed is redone
+        del saved["bare"]["clean_matrix"]
+        (run.out_dir / "transfer.json").write_text(json.dumps(saved))
+        assert not transfer_done(run.out_dir, cfg)
 
 
 @pytest.mark.slow

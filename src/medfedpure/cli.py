@@ -115,7 +115,8 @@ def _transfer(args: argparse.Namespace) -> int:
         if kind in result:
             r = result[kind]
             print(f"{result['method']} ({kind} victims): white-box {100 * r['diagonal_mean']:.2f}%, "
-                  f"transferred from other clients {100 * r['off_diagonal_mean']:.2f}%")
+                  f"transferred from other clients {100 * r['off_diagonal_mean']:.2f}% "
+                  f"(their scans unattacked: {100 * r['clean_off_diagonal_mean']:.2f}%)")
     print(f"written to {args.run}/transfer.json, transfer.csv, transfer.png")
     return 0
 
@@ -136,7 +137,7 @@ def _print_tables(tables: dict, out: Path) -> None:
         print(f"  {r['method']:<48} {ours:>15}{paper}")
     for r in tables.get("transfer", []):
         print(f"  internal evasion, {r['method']}: white-box {r['white_box_diagonal']}%, "
-              f"from other clients {r['transfer_off_diagonal']}%")
+              f"from other clients {r['transfer_off_diagonal']}% (unattacked {r.get('clean_off_diagonal')}%)")
     print(f"tables: {out}/tables.md, tables.csv, tables.json; figures: accuracy_per_round.png"
           + (", methods.png" if len(tables["rows"]) > 1 else "") + (", transfer.png" if tables.get("transfer") else ""))
 

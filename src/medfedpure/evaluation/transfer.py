@@ -7,6 +7,11 @@ evaluation round, so it reproduces the per-client figure in metrics.csv. With Me
 defense in the run folder, the victims also classify through their own defended pipeline
 (their detector calibration, their purifier noise seed), the attacker seeing only its own
 bare classifier (transfer, paper protocol).
+
+`clean_matrix[v][a]` is the same with attacker a's scans before the attack. Personalized
+models are tuned to their own client's labels, so a victim can be wrong on another client's
+scans with no attack at all; the clean off-diagonal is that floor, and only the drop from it
+to the attacked off-diagonal is the transferred attack's doing.
 """
 
 from __future__ import annotations
@@ -31,20 +36,22 @@ from medfedpure.storage import load_tensors, write_csv, write_json
 
 
 def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Client `client`'s PGD scans, made exactly as its final-round white-box evaluation made them."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Client `client`'s attacked scans (clean, PGD, labels), the PGD made exactly as its
+    final-round white-box evaluation made it."""
     _, test_loader, _ = task.client_loaders(cfg, client, cfg.train.rounds)
     attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, client, cfg.train.rounds))
     positions = attacked_positions(len(test_loader.dataset), cfg.attack.max_eval_per_client)
-    xs, ys, offset = [], [], 0
+    clean, adv, ys, offset = [], [], [], 0
     for x, y in test_loader:
         idx = attacked_index(offset, len(y), positions)
         xa, ya = x[idx], y[idx]
         offset += len(y)
         if len(ya):
-            xs.append(attack(xa, ya))
+            clean.append(xa)
+            adv.append(attack(xa, ya))
             ys.append(ya)
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(clean), torch.cat(adv), torch.cat(ys)
 
 
 def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusion) -> DefendedClassifier:
@@ -61,10 +68,10 @@ def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusi
     return defended
 
 
-def _summary(matrix: np.ndarray) -> dict[str, float]:
+def _summary(matrix: np.ndarray, prefix: str = "") -> dict[str, float]:
     off = ~np.eye(len(matrix), dtype=bool)
-    return {"diagonal_mean": float(np.mean(np.diag(matrix))),
-            "off_diagonal_mean": float(matrix[off].mean()) if off.any() else float("nan")}
+    return {f"{prefix}diagonal_mean": float(np.mean(np.diag(matrix))),
+            f"{prefix}off_diagonal_mean": float(matrix[off].mean()) if off.any() else float("nan")}
 
 
 def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
@@ -86,27 +93,40 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
         diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors")
         victims["defended"] = [_defended(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
     matrices = {kind: np.zeros((n, n)) for kind in victims}
+    clean = {kind: np.zeros((n, n)) for kind in victims}
     sizes = []
     for a in tqdm(range(n), desc="internal evasion (attackers)", disable=not progress):
-        x_adv, y = crafted_examples(models[a], cfg, a)
+        x_clean, x_adv, y = crafted_examples(models[a], cfg, a)
         sizes.append(len(y))
         for kind, nets in victims.items():
             for v in range(n):
                 matrices[kind][v, a] = batched_accuracy(nets[v], x_adv, y)
+                clean[kind][v, a] = batched_accuracy(nets[v], x_clean, y)
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
                           "scans; every victim classifies them (rows: victim, columns: attacker)",
               "fingerprint": config_fingerprint(cfg, "train"),
-              **{kind: {"matrix": m.round(6).tolist(), **_summary(m)} for kind, m in matrices.items()}}
+              **{kind: {"matrix": m.round(6).tolist(), **_summary(m),
+                        "clean_matrix": clean[kind].round(6).tolist(), **_summary(clean[kind], "clean_")}
+                 for kind, m in matrices.items()}}
     write_json(run / "transfer.json", result)
-    write_csv(run / "transfer.csv", [{"kind": kind, "victim": v, **{f"attacker_{a}": m[v, a] for a in range(n)}}
-                                     for kind, m in matrices.items() for v in range(n)])
+    write_csv(run / "transfer.csv", [{"kind": kind, "scans": scans, "victim": v,
+                                      **{f"attacker_{a}": m[v, a] for a in range(n)}}
+                                     for kind in matrices for scans, m in (("pgd", matrices[kind]),
+                                                                           ("clean", clean[kind]))
+                                     for v in range(n)])
     from medfedpure.reporting.plots import plot_transfer
 
-    plot_transfer(matrices, run / "transfer.png", f"{cfg.name} / {cfg.method.name}: internal evasion")
+    panels = {"bare, clean scans": clean["bare"], **{f"{kind}, PGD scans": m for kind, m in matrices.items()}}
+    plot_transfer(panels, run / "transfer.png", f"{cfg.name} / {cfg.method.name}: internal evasion")
     return result
 
 
 def transfer_done(run: Path, cfg: ExperimentConfig) -> bool:
+    """Done for this training, in the current format (older files lack the clean matrix)."""
     path = Path(run) / "transfer.json"
-    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == config_fingerprint(cfg, "train")
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    return (saved.get("fingerprint") == config_fingerprint(cfg, "train")
+            and "clean_matrix" in saved.get("bare", {}))

@@ -90,7 +90,7 @@ def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
                             color="white" if m[v, a] < 60 else "black")
         ax.set_xlabel("attacker client")
         ax.set_ylabel("victim client")
-        ax.set_title(f"{kind} victims (accuracy %)", fontsize=9)
+        ax.set_title(f"{kind} (victim accuracy %)", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     fig.suptitle(title, fontsize=9)
     buf = io.BytesIO()

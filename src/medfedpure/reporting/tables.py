@@ -125,6 +125,7 @@ def build_tables(run: Path) -> dict:
                     transfer.append({"method": label + (" + defense" if kind == "defended" else ""),
                                      "white_box_diagonal": _pct(t[kind]["diagonal_mean"]),
                                      "transfer_off_diagonal": _pct(t[kind]["off_diagonal_mean"]),
+                                     "clean_off_diagonal": _pct(t[kind].get("clean_off_diagonal_mean")),
                                      "n_adv_per_attacker": sum(t["n_adv_per_attacker"]) / len(t["n_adv_per_attacker"])})
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
@@ -157,11 +158,12 @@ def _markdown(tables: dict) -> str:
                 "purified_adv", "mean_t_adv", "score_ms", "purify_ms", "classify_ms")) + " |")
     if tables.get("transfer"):
         lines += ["", "## Internal evasion (each client's PGD sent to every other client; accuracy %)", "",
-                  "| method | white-box (diagonal mean) | transferred (off-diagonal mean) | scans per attacker |",
-                  "|---|---|---|---|"]
+                  "| method | white-box (diagonal mean) | transferred (off-diagonal mean) "
+                  "| other clients' scans unattacked (off-diagonal mean) | scans per attacker |",
+                  "|---|---|---|---|---|"]
         for r in tables["transfer"]:
             lines.append(f"| {r['method']} | {r['white_box_diagonal']} | {r['transfer_off_diagonal']} | "
-                         f"{r['n_adv_per_attacker']:g} |")
+                         f"{cell(r.get('clean_off_diagonal'))} | {r['n_adv_per_attacker']:g} |")
     if tables.get("wall_time_s_by_method"):
         lines += ["", "Training wall time (s) per method: " + ", ".join(
             f"{k} {v}" for k, v in tables["wall_time_s_by_method"].items())]
