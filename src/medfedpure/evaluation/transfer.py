@@ -100,8 +100,10 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
         sizes.append(len(y))
         for kind, nets in victims.items():
             for v in range(n):
-                matrices[kind][v, a] = batched_accuracy(nets[v], x_adv, y)
-                clean[kind][v, a] = batched_accuracy(nets[v], x_clean, y)
+                for k, (x, target) in enumerate(((x_adv, matrices), (x_clean, clean))):
+                    if isinstance(nets[v], DefendedClassifier):  # purifier noise fixed per cell, not per order
+                        nets[v].generator.manual_seed(task.client_seed(cfg, v, 10_000 + 2 * a + k))
+                    target[kind][v, a] = batched_accuracy(nets[v], x, y)
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
                           "scans; every victim classifies them (rows: victim, columns: attacker)",
