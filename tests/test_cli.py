@@ -49,3 +49,14 @@ def test_no_progress_reaches_the_decoding_bar(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     decode_cached(paths, 8, cache_dir=str(tmp_path / "cache-b"))
     assert "decoding" not in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_folder_or_own_test(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:  # argparse: one of --data / --own-test
+        main(["evaluate", "--run", str(tmp_path)])
+    assert exit_.value.code == 2 and "--own-test" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path / "norun"), "--own-test"]) == 2
+    err = capsys.readouterr().err
+    assert "norun" in err and "Traceback" not in err

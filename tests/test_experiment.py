@@ -77,6 +77,16 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path):
     one = evaluate_run(tmp_path, scans, clients="1", overrides=["attack.eps=0.05"], out=tmp_path.parent / "e1")
     assert {r["client"] for r in one["rows"]} == {1, "mean"} and one["attack"]["eps"] == 0.05
 
+    # each client on its own test split, with a stronger attack: the same scans and models as the run's end
+    own = evaluate_run(tmp_path, None, overrides=["attack.steps=2"])
+    final = {c["client"]: c for c in json.loads((tmp_path / "summary.json").read_text())["clients"]}
+    for r in (r for r in own["rows"] if r["client"] != "mean"):
+        assert r["n_test"] == final[r["client"]]["n_test"]
+        assert r["bare_clean_acc"] == pytest.approx(final[r["client"]]["clean_acc"])
+    assert own["attack"]["steps"] == 2 and (tmp_path / "evaluations" / "own-test" / "evaluation.md").is_file()
+    with pytest.raises(ValueError, match="data.image_size"):
+        evaluate_run(tmp_path, None, overrides=["data.image_size=16"])
+
     # a corrupted checkpoint and a missing file are named
     gate = tmp_path / "clients" / "client_00" / "gate.safetensors"
     gate.write_bytes(b"not a checkpoint")

@@ -88,7 +88,7 @@ def _experiment(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from medfedpure.evaluation.evaluate_run import evaluate_run
 
-    result = evaluate_run(args.run, args.data, args.client, args.overrides, args.out)
+    result = evaluate_run(args.run, None if args.own_test else args.data, args.client, args.overrides, args.out)
     print(open(Path(result["out"]) / "evaluation.md").read())
     print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md")
     return 0
@@ -190,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a trained federation (bare and defended, clean and attacked) "
                                         "on any labelled folder, e.g. scans no client saw")
     p.add_argument("--run", required=True, help="run folder written by experiment or train")
-    p.add_argument("--data", required=True, help="labelled folder: the run's layout (e.g. Br35H yes/ no/) or one "
-                                                  "sub-folder per class (e.g. what holdout writes)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="labelled folder: the run's layout (e.g. Br35H yes/ no/) or one "
+                                       "sub-folder per class (e.g. what holdout writes)")
+    source.add_argument("--own-test", action="store_true",
+                        help="each client's own test split from the run (e.g. a stronger attack: attack.steps=50)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")
     p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",

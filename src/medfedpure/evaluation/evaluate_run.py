@@ -1,6 +1,8 @@
 """Evaluate a trained federation on any labelled folder (`medfedpure evaluate`): every chosen
 client's personalized model, bare and defended, clean and attacked, with the calibration it
-saved. Scans no client trained on are the point."""
+saved. Scans no client trained on are the point. Without a folder, each client is evaluated
+on its own test split from the run (the scans of the run's final evaluation), which is how a
+stronger attack (`attack.steps=50`) is tried on a trained run without retraining."""
 
 from __future__ import annotations
 
@@ -70,26 +72,42 @@ def load_client_model(run: Path, cfg: ExperimentConfig, client: int, n_classes: 
     return model.eval()
 
 
-def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overrides: list[str] | None = None,
-                 out: Path | str | None = None) -> dict:
+OWN_TEST_OVERRIDES = ("attack.", "defense.")
+
+
+def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
+                 overrides: list[str] | None = None, out: Path | str | None = None) -> dict:
+    """`data=None`: every client on its own test split, as the run's final evaluation saw it."""
     run = Path(run)
     cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
+    own_test = data is None
+    if own_test:
+        changed = [o for o in overrides or [] if not o.startswith(OWN_TEST_OVERRIDES)]
+        if changed:
+            raise ValueError(f"evaluating on the run's own test splits keeps its data and model: only attack.* "
+                             f"and defense.* overrides apply, not {changed}")
     cfg = apply_overrides(cfg, overrides or [])
     classes = json.loads(_need(run / "partition.json", "partition record").read_text())["classes"]
-    cfg.data.dataset = dataset_for_folder(cfg.data.dataset, Path(data))
-    cfg.data.root = str(data)
-    cfg.data.max_per_class = None
-    images = load_dataset(cfg.data, seed=cfg.seed)
-    if list(images.classes) != list(classes):
-        raise RunFolderError(f"'{data}' has classes {list(images.classes)}, the run was trained on {classes}")
     ids = range(cfg.data.num_clients) if clients == "all" else [int(clients)]
+    if own_test:
+        loaders = {i: task.client_loaders(cfg, i, cfg.train.rounds)[1] for i in ids}
+        n_images = sum(len(loader.dataset) for loader in loaders.values())
+    else:
+        cfg.data.dataset = dataset_for_folder(cfg.data.dataset, Path(data))
+        cfg.data.root = str(data)
+        cfg.data.max_per_class = None
+        images = load_dataset(cfg.data, seed=cfg.seed)
+        if list(images.classes) != list(classes):
+            raise RunFolderError(f"'{data}' has classes {list(images.classes)}, the run was trained on {classes}")
+        loaders = dict.fromkeys(ids, make_loader(images, np.arange(len(images)), 64, train=False))
+        n_images = len(images)
     experts = load_tensors(_need(run / "global_experts.safetensors", "global experts"))
     defended = cfg.defense.enabled and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file()
     mae = load_pretrained("mae", cfg, run / "mae.safetensors") if defended else None
     diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors") if defended else None
-    loader = make_loader(images, np.arange(len(images)), 64, train=False)
     metrics, plain = [], []
     for i in ids:
+        loader = loaders[i]
         folder = run / "clients" / f"client_{i:02d}"
         model = load_client_model(run, cfg, i, len(classes), experts)
         attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, i, 20_000))
@@ -104,8 +122,9 @@ def evaluate_run(run: Path | str, data: Path | str, clients: str = "all", overri
             metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
         else:
             plain.append({"client": i, **evaluate_accuracy(model, loader, attack)})
-    target = Path(out) if out else run / "evaluations" / Path(data).name
-    result = {"run": str(run), "data": str(data), "n_images": len(images), "attack": asdict(cfg.attack),
+    target = Path(out) if out else run / "evaluations" / ("own-test" if own_test else Path(data).name)
+    result = {"run": str(run), "data": "each client's own test split" if own_test else str(data),
+              "n_images": n_images, "attack": asdict(cfg.attack),
               "protocol": "PGD on each client's classifier, then its defense", "clients": list(ids)}
     if defended:
         rows = defense_rows(metrics, cfg)
