@@ -124,6 +124,13 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     history = json.loads((tmp_path / "killed" / "clients" / "client_00" / "history.json").read_text())
     assert [h["round"] for h in history if h["phase"] == "train"] == [1, 2]
 
+    # an undefended run on its own test splits: per client, and the test-size-weighted mean of the run's end
+    own = evaluate_run(tmp_path / "killed", None)
+    mean = own["rows"][-1]
+    assert mean["client"] == "mean" and mean["n_test"] == resumed.final["n_test"]
+    assert mean["clean_acc"] == pytest.approx(resumed.final["clean_acc"])
+    assert mean["n_adv"] == mean["n_test"]  # no cap: every test scan attacked
+
 
 def test_resume_refuses_another_config(tmp_path):
     simulation.run_federated(tiny(defense=False), tmp_path, progress=False)

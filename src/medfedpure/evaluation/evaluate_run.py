@@ -77,7 +77,8 @@ OWN_TEST_OVERRIDES = ("attack.", "defense.")
 
 def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
                  overrides: list[str] | None = None, out: Path | str | None = None) -> dict:
-    """`data=None`: every client on its own test split, as the run's final evaluation saw it."""
+    """`data=None`: every client on its own test split, the scans of the run's final evaluation
+    (all of them attacked, whatever the run's `attack.max_eval_per_client`)."""
     run = Path(run)
     cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
     own_test = data is None
@@ -131,12 +132,25 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
         result["rows"] = rows
         write_csv(target / "evaluation.csv", rows)
     else:
-        result["rows"] = plain
-        write_csv(target / "evaluation.csv", plain)
+        result["rows"] = plain + [_weighted_mean(plain)]
+        write_csv(target / "evaluation.csv", result["rows"])
     write_json(target / "evaluation.json", result)
     atomic_write_text(target / "evaluation.md", _markdown(result, defended))
     result["out"] = str(target)
     return result
+
+
+def _weighted_mean(rows: list[dict]) -> dict:
+    """The clients' mean weighted by their scans (attacked scans for the attacked figures)."""
+    n_test, n_adv = sum(r["n_test"] for r in rows), sum(r.get("n_adv", 0) for r in rows)
+
+    def mean(key: str, weight: str, total: int) -> float | None:
+        return sum(r[key] * r[weight] for r in rows) / total if total else None
+
+    return {"client": "mean", "clean_acc": mean("clean_acc", "n_test", n_test),
+            "test_loss": mean("test_loss", "n_test", n_test), "n_test": n_test,
+            "adv_acc": mean("adv_acc", "n_adv", n_adv), "n_adv": n_adv,
+            "clean_acc_attacked": mean("clean_acc_attacked", "n_adv", n_adv)}
 
 
 def _markdown(result: dict, defended: bool) -> str:
