@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from medfedpure.cli import main
 from medfedpure.config import load_preset
 from medfedpure.evaluation.evaluate_run import RunFolderError, evaluate_run
 from medfedpure.federation import simulation
@@ -46,7 +47,7 @@ def _write_scans(folder, seed=99):
     return folder
 
 
-def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path):
+def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, capsys):
     tables = simulation.run_experiment(tiny(), tmp_path, progress=False)
     assert tables["table"] == "II"
     methods = [r["method"] for r in tables["rows"]]
@@ -74,7 +75,11 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path):
     means = [r for r in result["rows"] if r["client"] == "mean"]
     assert len(means) == 4 and all(r["n_test"] == 2 * 24 for r in means)  # 2 clients x 24 scans
     assert (tmp_path / "evaluations" / "unseen" / "evaluation.md").is_file()
-    one = evaluate_run(tmp_path, scans, clients="1", overrides=["attack.eps=0.05"], out=tmp_path.parent / "e1")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path), "--data", str(scans), "--client", "1", "--no-progress",
+                 "--out", str(tmp_path.parent / "e1"), "attack.eps=0.05"]) == 0
+    assert "evaluating clients" not in capsys.readouterr().err  # --no-progress: no bar
+    one = json.loads((tmp_path.parent / "e1" / "evaluation.json").read_text())
     assert {r["client"] for r in one["rows"]} == {1, "mean"} and one["attack"]["eps"] == 0.05
 
     # each client on its own test split, with a stronger attack: the same scans and models as the run's end

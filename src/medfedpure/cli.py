@@ -88,7 +88,8 @@ def _experiment(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from medfedpure.evaluation.evaluate_run import evaluate_run
 
-    result = evaluate_run(args.run, None if args.own_test else args.data, args.client, args.overrides, args.out)
+    result = evaluate_run(args.run, None if args.own_test else args.data, args.client, args.overrides, args.out,
+                          progress=not args.no_progress)
     print(open(Path(result["out"]) / "evaluation.md").read())
     print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md")
     return 0
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="each client's own test split from the run (e.g. a stronger attack: attack.steps=50)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")
     p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="e.g. attack.eps=0.03 attack.steps=20 defense.mode=selective")
     p.set_defaults(func=_evaluate)
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the held-out scans, one sub-folder per class")
     p.add_argument("--per-class", type=int, help="at most this many per class (a seeded, repeatable draw)")
     p.add_argument("--copy", action="store_true", help="copy the files (default: symbolic links to them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_holdout)
 
     p = sub.add_parser("transfer", help="internal evasion: each client's PGD scans sent to every other client "

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig, apply_overrides
 from medfedpure.data import load_dataset, make_loader
@@ -76,7 +77,7 @@ OWN_TEST_OVERRIDES = ("attack.", "defense.")
 
 
 def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
-                 overrides: list[str] | None = None, out: Path | str | None = None) -> dict:
+                 overrides: list[str] | None = None, out: Path | str | None = None, progress: bool = True) -> dict:
     """`data=None`: every client on its own test split, the scans of the run's final evaluation
     (all of them attacked, whatever the run's `attack.max_eval_per_client`)."""
     run = Path(run)
@@ -107,7 +108,7 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
     mae = load_pretrained("mae", cfg, run / "mae.safetensors") if defended else None
     diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors") if defended else None
     metrics, plain = [], []
-    for i in ids:
+    for i in tqdm(ids, desc="evaluating clients", unit="client", disable=not progress):
         loader = loaders[i]
         folder = run / "clients" / f"client_{i:02d}"
         model = load_client_model(run, cfg, i, len(classes), experts)

@@ -118,10 +118,17 @@ class PersonalizedMoE(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
+_ANNOUNCED: set[tuple] = set()
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> PersonalizedMoE:
     model = PersonalizedMoE(num_classes, cfg)
-    if cfg.pretrained_weights:
-        log.info("experts' %s backbones start from ImageNet weights (%s)", cfg.backbone, cfg.pretrained_weights)
-    else:
-        log.info("experts' %s backbones start from random init (no pretrained weights given)", cfg.backbone)
+    # once per process: every client (and every evaluation) builds a model, the start is the same for all
+    start = (cfg.backbone, cfg.pretrained_weights)
+    if start not in _ANNOUNCED:
+        _ANNOUNCED.add(start)
+        if cfg.pretrained_weights:
+            log.info("experts' %s backbones start from ImageNet weights (%s)", cfg.backbone, cfg.pretrained_weights)
+        else:
+            log.info("experts' %s backbones start from random init (no pretrained weights given)", cfg.backbone)
     return model
