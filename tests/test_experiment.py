@@ -47,7 +47,7 @@ def _write_scans(folder, seed=99):
     return folder
 
 
-def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, capsys):
+def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, capsys, monkeypatch):
     tables = simulation.run_experiment(tiny(), tmp_path, progress=False)
     assert tables["table"] == "II"
     methods = [r["method"] for r in tables["rows"]]
@@ -75,6 +75,7 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     means = [r for r in result["rows"] if r["client"] == "mean"]
     assert len(means) == 4 and all(r["n_test"] == 2 * 24 for r in means)  # 2 clients x 24 scans
     assert (tmp_path / "evaluations" / "unseen" / "evaluation.md").is_file()
+    monkeypatch.setenv("MEDFEDPURE_NO_PROGRESS", "0")  # main() sets it for --no-progress; restored after the test
     capsys.readouterr()
     assert main(["evaluate", "--run", str(tmp_path), "--data", str(scans), "--client", "1", "--no-progress",
                  "--out", str(tmp_path.parent / "e1"), "attack.eps=0.05"]) == 0
