@@ -20,7 +20,7 @@ from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.evaluation.metrics import evaluate_accuracy
 from medfedpure.federation import task
-from medfedpure.reporting.results import defense_rows
+from medfedpure.reporting.results import defense_rows, weighted_mean
 from medfedpure.storage import atomic_write_text, load_tensors, write_csv, write_json
 
 
@@ -143,15 +143,10 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
 
 def _weighted_mean(rows: list[dict]) -> dict:
     """The clients' mean weighted by their scans (attacked scans for the attacked figures)."""
-    n_test, n_adv = sum(r["n_test"] for r in rows), sum(r.get("n_adv", 0) for r in rows)
-
-    def mean(key: str, weight: str, total: int) -> float | None:
-        return sum(r[key] * r[weight] for r in rows) / total if total else None
-
-    return {"client": "mean", "clean_acc": mean("clean_acc", "n_test", n_test),
-            "test_loss": mean("test_loss", "n_test", n_test), "n_test": n_test,
-            "adv_acc": mean("adv_acc", "n_adv", n_adv), "n_adv": n_adv,
-            "clean_acc_attacked": mean("clean_acc_attacked", "n_adv", n_adv)}
+    return {"client": "mean", "clean_acc": weighted_mean(rows, "clean_acc"),
+            "test_loss": weighted_mean(rows, "test_loss"), "n_test": sum(r["n_test"] for r in rows),
+            "adv_acc": weighted_mean(rows, "adv_acc", "n_adv"), "n_adv": sum(r["n_adv"] for r in rows),
+            "clean_acc_attacked": weighted_mean(rows, "clean_acc_attacked", "n_adv")}
 
 
 def _markdown(result: dict, defended: bool) -> str:

@@ -184,6 +184,9 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
     task.set_seed(cfg.seed)
     model = task.new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
+    log.info("%s backbones start from %s", cfg.model.backbone,
+             f"ImageNet weights ({cfg.model.pretrained_weights})" if cfg.model.pretrained_weights
+             else "random init (no pretrained weights given)")
     resumed = load_round(out, "train", cfg)
     if resumed is not None:
         model.load_experts(resumed.arrays)

@@ -7,7 +7,6 @@ serves as the logits for attacks and metrics.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,6 @@ from torch import nn
 from medfedpure.config import ModelConfig
 from medfedpure.models.backbones import build_backbone
 
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,17 +116,5 @@ class PersonalizedMoE(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-_ANNOUNCED: set[tuple] = set()
-
-
 def build_model(cfg: ModelConfig, num_classes: int) -> PersonalizedMoE:
-    model = PersonalizedMoE(num_classes, cfg)
-    # once per process: every client (and every evaluation) builds a model, the start is the same for all
-    start = (cfg.backbone, cfg.pretrained_weights)
-    if start not in _ANNOUNCED:
-        _ANNOUNCED.add(start)
-        if cfg.pretrained_weights:
-            log.info("experts' %s backbones start from ImageNet weights (%s)", cfg.backbone, cfg.pretrained_weights)
-        else:
-            log.info("experts' %s backbones start from random init (no pretrained weights given)", cfg.backbone)
-    return model
+    return PersonalizedMoE(num_classes, cfg)

@@ -33,6 +33,12 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["client"] == "mean"]
 
 
+def weighted_mean(rows: list[dict], key: str, weight: str = "n_test") -> float | None:
+    """The clients' figure weighted by their scans (None when no client has any)."""
+    total = sum(r[weight] for r in rows)
+    return sum(r[key] * r[weight] for r in rows) / total if total else None
+
+
 def environment_info(seed: int) -> dict:
     versions = {}
     for name in PACKAGES:
@@ -88,9 +94,8 @@ def defense_rows(client_metrics: list[dict], cfg) -> list[dict]:
     for detector in cfg.defense.eval_detectors:
         for mode in cfg.defense.eval_modes:
             group = [r for r in rows if r["detector"] == detector and r["mode"] == mode]
-            n = sum(r["n_test"] for r in group)
-            mean = {"client": "mean", "detector": detector, "mode": mode, "rule": cfg.defense.rule, "n_test": n}
-            for f in DEFENSE_FIELDS:
-                mean[f] = sum(r[f] * r["n_test"] for r in group) / max(n, 1)
+            mean = {"client": "mean", "detector": detector, "mode": mode, "rule": cfg.defense.rule,
+                    "n_test": sum(r["n_test"] for r in group)}
+            mean.update({f: weighted_mean(group, f) or 0.0 for f in DEFENSE_FIELDS})
             means.append(mean)
     return rows + means
