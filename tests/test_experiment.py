@@ -21,6 +21,8 @@ def tiny(defense: bool = True):
     cfg.train.rounds = 2
     cfg.train.local_epochs = 1
     cfg.attack.max_eval_per_client = 8
+    cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "square"], 3
+    cfg.attack.adaptive_steps, cfg.attack.eot, cfg.attack.square_queries, cfg.attack.draws = 2, 2, 5, 3
     cfg.defense.enabled = defense
     cfg.defense.eval_detectors = ["mae", "disagreement"]
     for part in (cfg.defense.mae, cfg.defense.diffusion):
@@ -53,6 +55,9 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     methods = [r["method"] for r in tables["rows"]]
     assert methods[0].startswith("MoE, no defense") and methods[1].startswith("MedFedPure")
     assert all(r["paper_clean"] is None for r in tables["rows"])  # the paper has no built-in-data row
+    suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
+    assert tables["rows"][1]["adaptive"] == round(100 * suite["headline"]["first"], 2)  # the defended headline
+    assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (tmp_path / "tables.md").read_text()
     for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
                  "timings.json", "config.json", "environment.json"):
         assert (tmp_path / name).is_file(), name
@@ -92,6 +97,43 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert own["attack"]["steps"] == 2 and (tmp_path / "evaluations" / "own-test" / "evaluation.md").is_file()
     with pytest.raises(ValueError, match="data.image_size"):
         evaluate_run(tmp_path, None, overrides=["data.image_size=16"])
+
+    # the attack suite through the CLI, on 3 scans per client, with a tiny budget
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "all", "--max-per-client", "3",
+                 "--no-progress", "attack.adaptive_steps=2", "attack.eot=2", "attack.square_queries=4",
+                 "attack.draws=3"]) == 0
+    printed = capsys.readouterr().out
+    suite_dir = tmp_path / "evaluations" / "own-test-suite"
+    suite = json.loads((suite_dir / "evaluation.json").read_text())
+    assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "bpda", "detector-aware",
+                                    "square"]
+    assert all(p["n"] == 6 for name, p in suite["suite"].items() if name != "clean (whole split)")
+    assert suite["suite"]["clean (whole split)"]["n"] == sum(c["n_test"] for c in final.values())
+    assert suite["suite"]["eot-pgd"]["settings"]["steps"] == 2 and suite["suite"]["eot-pgd"]["draws"] == 3
+    assert suite["headline"]["attack"] in ("eot-pgd", "bpda", "detector-aware", "square")
+    assert (suite_dir / "robustness.png").is_file() and "Headline" in printed
+    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "cw"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
+
+    # defense candidates under the same attacks on the same scans; a rerun redoes nothing
+    spec = tmp_path.parent / "candidates.yaml"
+    spec.write_text(f"attacks: [eot-pgd]\nmax_per_client: 2\noverrides: [attack.adaptive_steps=1, attack.eot=1, "
+                    f"attack.draws=1]\ncandidates:\n  - {{name: graded, run: {tmp_path}}}\n"
+                    f"  - {{name: selective votes 3, run: {tmp_path}, overrides: [defense.mode=selective, "
+                    f"defense.votes=3]}}\n")
+    frontier = tmp_path.parent / "frontier"
+    assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
+    table = json.loads((frontier / "candidates.json").read_text())
+    assert [r["name"] for r in table["rows"]] == ["graded", "selective votes 3"]
+    assert table["rows"][1]["defense"]["votes"] == 3 and table["rows"][1]["robust_n"] == 4
+    assert (frontier / "candidates.png").is_file()
+    stamp = (frontier / "graded" / "evaluation.json").stat().st_mtime_ns
+    assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
+    assert (frontier / "graded" / "evaluation.json").stat().st_mtime_ns == stamp
+    spec.write_text("candidates:\n  - {name: x, run: /nonexistent}\n")
+    assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
 
     # a corrupted checkpoint and a missing file are named
     gate = tmp_path / "clients" / "client_00" / "gate.safetensors"

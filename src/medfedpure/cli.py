@@ -80,19 +80,40 @@ def _experiment(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     print(f"medfedpure experiment: preset {args.preset}, methods {', '.join(methods)} -> {out} "
           "(rerun the same command to resume)", flush=True)
-    tables = run_experiment(cfg, out, methods=methods, transfer=not args.no_transfer, **_run_options(args))
+    tables = run_experiment(cfg, out, methods=methods, transfer=not args.no_transfer, suite=not args.no_suite,
+                            **_run_options(args))
     _print_tables(tables, out)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    data = None if args.own_test else args.data
+    if args.attack:
+        from medfedpure.attacks import parse_attacks
+        from medfedpure.evaluation.attack_suite import evaluate_suite
+
+        result = evaluate_suite(args.run, data, parse_attacks(args.attack), args.client, args.overrides, args.out,
+                                args.max_per_client, progress=not args.no_progress)
+        print(open(Path(result["out"]) / "evaluation.md").read())
+        print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md, robustness.png")
+        return 0
     from medfedpure.evaluation.evaluate_run import evaluate_run
 
-    result = evaluate_run(args.run, None if args.own_test else args.data, args.client, args.overrides, args.out,
-                          progress=not args.no_progress)
+    if args.max_per_client is not None:
+        raise ValueError("--max-per-client goes with --attack (the paper-protocol evaluation attacks every scan)")
+    result = evaluate_run(args.run, data, args.client, args.overrides, args.out, progress=not args.no_progress)
     print(open(Path(result["out"]) / "evaluation.md").read())
     print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md")
     return 0
+
+
+def _compare_defenses(args: argparse.Namespace) -> int:
+    from medfedpure.evaluation.candidates import compare_defenses
+
+    result = compare_defenses(args.spec, args.out, progress=not args.no_progress)
+    print(open(Path(args.out) / "candidates.md").read())
+    print(f"written to {args.out}/candidates.md, candidates.json, candidates.png (one folder per candidate)")
+    return 0 if result["rows"] else 1
 
 
 def _holdout(args: argparse.Namespace) -> int:
@@ -186,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated methods to train and compare, or 'all' ({', '.join(METHOD_NAMES)}); "
                         "baselines go to <out>/baselines/<method>")
     p.add_argument("--no-transfer", action="store_true", help="skip the internal-evasion (transfer) matrix")
+    p.add_argument("--no-suite", action="store_true",
+                   help="skip the attack suite (attack.suite on attack.suite_max_per_client scans per client)")
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser("evaluate", help="evaluate a trained federation (bare and defended, clean and attacked) "
@@ -196,12 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sub-folder per class (e.g. what holdout writes)")
     source.add_argument("--own-test", action="store_true",
                         help="each client's own test split from the run (e.g. a stronger attack: attack.steps=50)")
+    p.add_argument("--attack", metavar="NAME[,NAME]",
+                   help="run the attack suite instead of the paper-protocol evaluation: pgd (paper protocol), "
+                        "eot-pgd, bpda, detector-aware, square, 'adaptive' (the last four) or 'all'; budget from "
+                        "attack.adaptive_steps, attack.eot, attack.square_queries, attack.draws")
+    p.add_argument("--max-per-client", type=int, metavar="N",
+                   help="attack at most N scans per client, spread evenly over its split (default: all)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")
-    p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>)")
+    p.add_argument("--out", help="where to write (default <run>/evaluations/<data folder name>[-suite])")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="e.g. attack.eps=0.03 attack.steps=20 defense.mode=selective")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare-defenses", help="defense candidates (trained runs + defense.* overrides) under the "
+                                                 "same attack suite on the same scans; resumes")
+    p.add_argument("spec", help="YAML: attacks, max_per_client, overrides, candidates [{name, run, overrides}]")
+    p.add_argument("--out", required=True, help="folder for the comparison (one sub-folder per candidate)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_compare_defenses)
 
     p = sub.add_parser("holdout", help="write the scans in a data folder that a run never used (it may train on "
                                        "data.max_per_class of them) as class folders, to evaluate it on them")

@@ -71,6 +71,16 @@ class AttackConfig:
     random_start: bool = True
     eval_every_round: bool = True
     max_eval_per_client: int | None = None  # cap on PGD test scans per client per round
+    # the adaptive suite (`medfedpure evaluate --attack ...`): attacks that know the defense
+    adaptive_steps: int = 50  # steps of eot-pgd, bpda and detector-aware (attack.steps stays the paper's PGD)
+    eot: int = 4  # fresh purification draws averaged per gradient step
+    loss: str = "ce"  # ce | margin
+    detector_weight: float = 1.0  # detector-aware: weight of max(0, score / tau - 0.8)
+    square_queries: int = 500  # Square: queries per scan (each one a defended forward pass, ~45 ms on 2 CPU cores)
+    draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
+    # what `experiment` runs on every method's own test splits after training (empty: nothing)
+    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "bpda", "detector-aware", "square"])
+    suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
 
 
 @dataclass
@@ -128,13 +138,18 @@ class DefenseConfig:
     t_max: int = 100
     sampler: str = "ddim"  # ddim (few deterministic steps) | ddpm (the paper's full reverse)
     sampler_steps: int = 1
+    votes: int = 1  # purifications per scan, class probabilities averaged
     purify_training: bool = False  # Algorithm 3's optional step: experts see purified scans
+    # adversarial training with the purifier in the loop: this share of every phase-3 batch is
+    # replaced by PGD crafted through purification (budget: method.adv_* or the attack's), then purified
+    adv_share: float = 0.0
     eval_modes: list = field(default_factory=lambda: ["selective", "graded"])
     eval_detectors: list = field(default_factory=lambda: ["mae", "residual", "disagreement"])
     mae: MAESettings = field(default_factory=MAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
 
+SUITE_NAMES = ("pgd", "eot-pgd", "bpda", "detector-aware", "square")  # medfedpure.attacks.SUITE
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
 
 
@@ -224,6 +239,15 @@ class ExperimentConfig:
             (self.attack.norm in {"linf", "l2"}, "attack.norm", "linf or l2"),
             (self.attack.eps >= 0 and self.attack.alpha >= 0, "attack.eps/alpha", ">= 0"),
             (self.attack.steps >= 0, "attack.steps", ">= 0"),
+            (self.attack.adaptive_steps >= 0, "attack.adaptive_steps", ">= 0"),
+            (self.attack.eot >= 1, "attack.eot", ">= 1"),
+            (self.attack.loss in {"ce", "margin"}, "attack.loss", "ce or margin"),
+            (self.attack.detector_weight >= 0, "attack.detector_weight", ">= 0"),
+            (self.attack.square_queries >= 1, "attack.square_queries", ">= 1"),
+            (self.attack.draws >= 1, "attack.draws", ">= 1"),
+            (set(self.attack.suite) <= set(SUITE_NAMES), "attack.suite", "a list of " + ", ".join(SUITE_NAMES)),
+            (self.attack.suite_max_per_client is None or self.attack.suite_max_per_client >= 1,
+             "attack.suite_max_per_client", ">= 1 or null (every scan)"),
             (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),
             (self.defense.detector in {"mae", "residual", "disagreement"}, "defense.detector",
              "one of mae, residual, disagreement"),
@@ -235,6 +259,10 @@ class ExperimentConfig:
              "defense.t_min/t_max", "0 <= t_min <= t_max <= diffusion.timesteps"),
             (self.defense.sampler in {"ddim", "ddpm"}, "defense.sampler", "ddim or ddpm"),
             (self.defense.sampler_steps >= 1, "defense.sampler_steps", ">= 1"),
+            (self.defense.votes >= 1, "defense.votes", ">= 1"),
+            (0 <= self.defense.adv_share <= 1, "defense.adv_share", "in [0, 1]"),
+            (self.defense.adv_share == 0 or self.defense.purify_training, "defense.adv_share",
+             "0 unless defense.purify_training is on (the purifier is what the attack goes through)"),
             (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
             (self.model.norm in {"batch", "group"}, "model.norm", "batch or group"),
             (self.method.name in METHOD_NAMES, "method.name", "one of " + ", ".join(METHOD_NAMES)),

@@ -1,5 +1,65 @@
-"""Attacks: every one is an object called as `attack(images, labels)`."""
+"""Attacks: every one is an object called as `attack(images, labels)`.
 
-from medfedpure.attacks.pgd import PGD, Attack
+The suite (`build_attack`) names what `medfedpure evaluate --attack` runs against a model,
+bare or defended (a `DefendedClassifier`):
 
-__all__ = ["Attack", "PGD"]
+- `pgd`: PGD crafted on the classifier alone, then met by the defense (the paper's protocol);
+- `eot-pgd`: PGD with exact gradients through the whole defended classifier, the loss averaged
+  over `eot` fresh purification draws per step, each scan keeping its best iterate;
+- `bpda`: the same with purification treated as the identity on the backward pass;
+- `detector-aware`: EOT-PGD plus a term that keeps the detector's score under its threshold;
+- `square`: gradient-free random search (l_inf), the check for masked gradients.
+On an undefended model the first four are all white-box PGD.
+"""
+
+from medfedpure.attacks.base import Attack, attack_loss
+from medfedpure.attacks.bpda import BPDA
+from medfedpure.attacks.detector_aware import DetectorAwarePGD
+from medfedpure.attacks.pgd import PGD
+from medfedpure.attacks.square import Square
+from medfedpure.config import SUITE_NAMES
+
+SUITE = SUITE_NAMES
+ADAPTIVE = ("eot-pgd", "bpda", "detector-aware", "square")  # the attacks that know the defense
+
+
+def parse_attacks(text: str) -> list[str]:
+    """'all', 'adaptive' or a comma-separated list of suite names, in the suite's order."""
+    text = text.strip()
+    names = list(SUITE) if text == "all" else list(ADAPTIVE) if text == "adaptive" else \
+        [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in SUITE]
+    if unknown or not names:
+        raise ValueError(f"unknown attack(s) {unknown or [text]}; choose from {', '.join(SUITE)}, 'adaptive' or 'all'")
+    return [n for n in SUITE if n in names]
+
+
+def build_attack(name: str, model, cfg, seed: int) -> Attack:
+    """Suite attack `name` against `model` with the budget of `cfg` (an AttackConfig)."""
+    defended = hasattr(model, "purify_draws")
+    eot = cfg.eot if getattr(model, "stochastic", False) else 1  # a deterministic model needs one pass
+    common = {"eps": cfg.eps, "alpha": cfg.alpha, "norm": cfg.norm, "random_start": cfg.random_start,
+              "seed": seed, "loss": cfg.loss}
+    if name == "pgd":
+        return PGD(model.classifier if defended else model, steps=cfg.steps, **common)
+    adaptive = {"steps": cfg.adaptive_steps, "eot": eot, "keep_best": True, **common}
+    if name == "eot-pgd":
+        return _named(PGD(model, **adaptive), "eot-pgd")
+    if name == "bpda":
+        return BPDA(model, **adaptive)
+    if name == "detector-aware":
+        return DetectorAwarePGD(model, weight=cfg.detector_weight, **adaptive)
+    if name == "square":
+        if cfg.norm != "linf":
+            raise ValueError("the Square attack here is l_inf only (attack.norm=linf)")
+        return Square(model, eps=cfg.eps, n_queries=cfg.square_queries, seed=seed)
+    raise ValueError(f"unknown attack '{name}'; choose from {', '.join(SUITE)}")
+
+
+def _named(attack: Attack, name: str) -> Attack:
+    attack.name = name
+    return attack
+
+
+__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "PGD", "SUITE", "Square", "attack_loss", "build_attack",
+           "parse_attacks"]

@@ -9,10 +9,15 @@ Modes:
 - `selective` (the paper): only flagged scans are purified; the rest pass bit-identical.
 - `graded`: every scan is purified at least at t_min, flagged scans deeper.
 - `off`: the bare classifier, for comparison.
+
+With `votes = N > 1` every scan is purified N times with independent noise and the
+classifier's probabilities are averaged (a majority vote in probability), which lowers the
+variance a single draw leaves to chance at N times the purification cost.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,12 +41,13 @@ class DefenseSettings:
     t_max: int = 100
     sampler: str = "ddim"
     steps: int = 1
+    votes: int = 1  # purifications averaged per scan
 
     @classmethod
     def from_config(cls, defense, tau: float | None = 0.0) -> "DefenseSettings":
         """The settings an experiment's `defense` section (a DefenseConfig) names."""
         return cls(mode=defense.mode, rule=defense.rule, kappa=defense.kappa, tau=tau, t_min=defense.t_min,
-                   t_max=defense.t_max, sampler=defense.sampler, steps=defense.sampler_steps)
+                   t_max=defense.t_max, sampler=defense.sampler, steps=defense.sampler_steps, votes=defense.votes)
 
     def validate(self) -> "DefenseSettings":
         if self.mode not in MODES:
@@ -52,6 +58,8 @@ class DefenseSettings:
             raise ValueError("the threshold rule needs a calibrated tau (calibrate on clean validation scans)")
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError("need 0 <= t_min <= t_max")
+        if self.votes < 1:
+            raise ValueError("votes (purifications per scan) must be >= 1")
         return self
 
 
@@ -91,30 +99,94 @@ class DefendedClassifier(nn.Module):
             return torch.where(flags, deep, torch.full_like(deep, s.t_min))
         return torch.where(flags, deep, torch.zeros_like(deep))
 
-    def details(self, images: torch.Tensor) -> DefenseOutput:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if self.settings.mode == "off":
-            scores = torch.zeros(images.shape[0], device=images.device)
-        else:
-            scores = self.detector(images)
+    @property
+    def stochastic(self) -> bool:
+        """Whether two calls on the same scan can differ (fresh purification noise)."""
+        return self.settings.mode != "off"
+
+    def threshold(self) -> float | None:
+        """The score above which a scan is flagged (for the rank rule: the clean calibration
+        scores' (1 - kappa) quantile, the same share of clean scans); None without a detector."""
+        s = self.settings
+        if s.mode == "off":
+            return None
+        if s.rule == "threshold":
+            return float(s.tau)
+        return float(torch.quantile(self.calibration_scores.double(), 1 - s.kappa))
+
+    def decide(self, images: torch.Tensor, scores: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores (differentiable), flags and depths t* (discrete decisions taken from them)."""
+        if scores is None:
+            scores = (torch.zeros(images.shape[0], device=images.device) if self.settings.mode == "off"
+                      else self.detector(images))
         flags = self.flags_for(scores)
-        t_star = self.depths_for(scores, flags)
-        t1 = time.perf_counter()
+        return scores, flags, self.depths_for(scores, flags)
+
+    def purify(self, images: torch.Tensor, t_star: torch.Tensor) -> torch.Tensor:
+        """One draw: scans with t* > 0 purified with fresh noise, the others as they are."""
         todo = t_star > 0
-        purified = images
-        if bool(todo.any()):
-            cleaned = self.diffusion.purify(images[todo], t_star[todo], self.settings.sampler,
-                                            self.settings.steps, self.generator)
-            purified = images.clone()
-            purified[todo] = cleaned
+        if not bool(todo.any()):
+            return images
+        cleaned = self.diffusion.purify(images[todo], t_star[todo], self.settings.sampler, self.settings.steps,
+                                        self.generator)
+        if bool(todo.all()):
+            return cleaned
+        purified = images.clone()
+        purified[todo] = cleaned
+        return purified
+
+    def classify(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of the (vote over the) purified views: log of the mean class probability."""
+        if len(views) == 1:
+            return self.classifier(views[0])
+        log_probs = torch.stack([torch.log_softmax(self.classifier(v), dim=1) for v in views])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(views))
+
+    def purify_draws(self, images: torch.Tensor, draws: int, scores: torch.Tensor | None = None
+                     ) -> list[list[torch.Tensor]]:
+        """`draws` independent defended inputs, each a list of `votes` purified views."""
+        _, _, t_star = self.decide(images, scores)
+        return [[self.purify(images, t_star) for _ in range(self.settings.votes)] for _ in range(draws)]
+
+    def sample_logits(self, images: torch.Tensor, draws: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(draws, B, C): the defended logits of `draws` independent calls. The detector is
+        deterministic, so it runs once for all of them (or takes `scores` already computed)."""
+        return torch.stack([self.classify(views) for views in self.purify_draws(images, draws, scores)])
+
+    def details(self, images: torch.Tensor) -> DefenseOutput:
+        t0 = time.perf_counter()
+        scores, flags, t_star = self.decide(images)
+        t1 = time.perf_counter()
+        views = [self.purify(images, t_star) for _ in range(self.settings.votes)]
         t2 = time.perf_counter()
-        logits = self.classifier(purified)
+        logits = self.classify(views)
         t3 = time.perf_counter()
         n = max(images.shape[0], 1)
         timings = {"score_ms": 1e3 * (t1 - t0) / n, "purify_ms": 1e3 * (t2 - t1) / n,
                    "classify_ms": 1e3 * (t3 - t2) / n}
-        return DefenseOutput(logits, scores, flags, t_star, purified, timings)
+        return DefenseOutput(logits, scores, flags, t_star, views[0], timings)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.details(images).logits
+
+
+class RandomDepthPurified(nn.Module):
+    """The classifier behind one purification at a depth drawn per scan from [t_min, t_max],
+    with fresh noise on every call: the defended classifier's path from input to logits with
+    the detector's choice of depth replaced by a draw. Adversarial training crafts its attacks
+    through it (gradients flow through the purifier), so the experts learn the purified
+    versions of attacks that knew the purifier."""
+
+    def __init__(self, classifier: nn.Module, diffusion: GaussianDiffusion, t_min: int, t_max: int,
+                 sampler: str = "ddim", steps: int = 1, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.classifier, self.diffusion = classifier, diffusion
+        self.t_min, self.t_max, self.sampler, self.steps, self.generator = t_min, t_max, sampler, steps, generator
+
+    def purify(self, images: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(self.t_min, self.t_max + 1, (images.shape[0],), generator=self.generator)
+        return self.diffusion.purify(images, t.to(images.device), self.sampler, self.steps, self.generator)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purify(images))

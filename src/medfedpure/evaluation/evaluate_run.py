@@ -7,17 +7,21 @@ stronger attack (`attack.steps=50`) is tried on a trained run without retraining
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig, apply_overrides
 from medfedpure.data import load_dataset, make_loader
-from medfedpure.defense import DefenseSettings
+from medfedpure.defense import DefendedClassifier, DefenseSettings
+from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
-from medfedpure.evaluation.defense_eval import evaluate_defense
+from medfedpure.evaluation.defense_eval import build_detector, evaluate_defense
 from medfedpure.evaluation.metrics import evaluate_accuracy
 from medfedpure.federation import task
 from medfedpure.reporting.results import defense_rows, weighted_mean
@@ -76,10 +80,43 @@ def load_client_model(run: Path, cfg: ExperimentConfig, client: int, n_classes: 
 OWN_TEST_OVERRIDES = ("attack.", "defense.")
 
 
-def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
-                 overrides: list[str] | None = None, out: Path | str | None = None, progress: bool = True) -> dict:
-    """`data=None`: every client on its own test split, the scans of the run's final evaluation
-    (all of them attacked, whatever the run's `attack.max_eval_per_client`)."""
+@dataclass
+class RunUnderTest:
+    """A trained run, ready to evaluate: its config (with the overrides), every chosen client's
+    scans, and the models the clients share."""
+
+    run: Path
+    cfg: ExperimentConfig
+    classes: list[str]
+    loaders: dict[int, DataLoader]
+    n_images: int
+    own_test: bool
+    experts: dict[str, torch.Tensor]
+    mae: nn.Module | None
+    diffusion: nn.Module | None
+
+    @property
+    def defended(self) -> bool:
+        return self.mae is not None
+
+    @property
+    def data_label(self) -> str:
+        return "each client's own test split" if self.own_test else str(self.cfg.data.root)
+
+    def model(self, client: int) -> nn.Module:
+        return load_client_model(self.run, self.cfg, client, len(self.classes), self.experts)
+
+    def defended_model(self, client: int, model: nn.Module) -> DefendedClassifier:
+        return defended_classifier(self.run, self.cfg, client, model, self.mae, self.diffusion)
+
+    def default_out(self, suffix: str = "") -> Path:
+        name = "own-test" if self.own_test else Path(self.cfg.data.root).name
+        return self.run / "evaluations" / f"{name}{suffix}"
+
+
+def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
+             overrides: list[str] | None = None) -> RunUnderTest:
+    """`data=None`: every client on its own test split, the scans of the run's final evaluation."""
     run = Path(run)
     cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
     own_test = data is None
@@ -88,7 +125,7 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
         if changed:
             raise ValueError(f"evaluating on the run's own test splits keeps its data and model: only attack.* "
                              f"and defense.* overrides apply, not {changed}")
-    cfg = apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or []).validate()
     classes = json.loads(_need(run / "partition.json", "partition record").read_text())["classes"]
     ids = range(cfg.data.num_clients) if clients == "all" else [int(clients)]
     if own_test:
@@ -107,28 +144,55 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
     defended = cfg.defense.enabled and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file()
     mae = load_pretrained("mae", cfg, run / "mae.safetensors") if defended else None
     diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors") if defended else None
+    return RunUnderTest(run, cfg, classes, loaders, n_images, own_test, experts, mae, diffusion)
+
+
+def defended_classifier(run: Path, cfg: ExperimentConfig, client: int, model: nn.Module, mae, diffusion
+                        ) -> DefendedClassifier:
+    """Client `client`'s defended classifier as configured (`defense.detector`, `mode`, ...), with
+    the threshold calibrated on its own clean validation scores and its own purifier noise seed."""
+    d = cfg.defense
+    calibration = load_tensors(_need(run / "clients" / f"client_{client:02d}" / "detector_calibration.safetensors",
+                                     f"client {client}'s calibration"))
+    if d.detector not in calibration:
+        raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
+    seed = task.client_seed(cfg, client, 10_000)
+    scores = calibration[d.detector]
+    settings = DefenseSettings.from_config(d, tau=calibrate_threshold(scores, d.target_fpr))
+    defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
+                                  settings, scores).eval()
+    defended.generator = torch.Generator().manual_seed(seed)
+    return defended
+
+
+def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
+                 overrides: list[str] | None = None, out: Path | str | None = None, progress: bool = True) -> dict:
+    """Paper protocol: PGD on each client's bare classifier, then every configured detector and
+    mode. `data=None`: each client's own test split (all of its scans attacked, whatever the
+    run's `attack.max_eval_per_client`)."""
+    r = open_run(run, data, clients, overrides)
+    cfg = r.cfg
     metrics, plain = [], []
-    for i in tqdm(ids, desc="evaluating clients", unit="client", disable=not progress):
-        loader = loaders[i]
-        folder = run / "clients" / f"client_{i:02d}"
-        model = load_client_model(run, cfg, i, len(classes), experts)
+    for i in tqdm(list(r.loaders), desc="evaluating clients", unit="client", disable=not progress):
+        loader = r.loaders[i]
+        model = r.model(i)
         attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, i, 20_000))
-        if defended:
+        if r.defended:
+            folder = r.run / "clients" / f"client_{i:02d}"
             calibration = load_tensors(_need(folder / "detector_calibration.safetensors", f"client {i}'s calibration"))
             d = cfg.defense
             detectors = [name for name in d.eval_detectors if name in calibration]
             base = DefenseSettings.from_config(d)
-            m, _, _ = evaluate_defense(model, mae, diffusion, calibration, loader, attack, base, d.target_fpr,
+            m, _, _ = evaluate_defense(model, r.mae, r.diffusion, calibration, loader, attack, base, d.target_fpr,
                                        detectors, list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
             cfg.defense.eval_detectors = detectors
             metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
         else:
             plain.append({"client": i, **evaluate_accuracy(model, loader, attack)})
-    target = Path(out) if out else run / "evaluations" / ("own-test" if own_test else Path(data).name)
-    result = {"run": str(run), "data": "each client's own test split" if own_test else str(data),
-              "n_images": n_images, "attack": asdict(cfg.attack),
-              "protocol": "PGD on each client's classifier, then its defense", "clients": list(ids)}
-    if defended:
+    target = Path(out) if out else r.default_out()
+    result = {"run": str(r.run), "data": r.data_label, "n_images": r.n_images, "attack": asdict(cfg.attack),
+              "protocol": "PGD on each client's classifier, then its defense", "clients": list(r.loaders)}
+    if r.defended:
         rows = defense_rows(metrics, cfg)
         result["rows"] = rows
         write_csv(target / "evaluation.csv", rows)
@@ -136,7 +200,7 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
         result["rows"] = plain + [_weighted_mean(plain)]
         write_csv(target / "evaluation.csv", result["rows"])
     write_json(target / "evaluation.json", result)
-    atomic_write_text(target / "evaluation.md", _markdown(result, defended))
+    atomic_write_text(target / "evaluation.md", _markdown(result, r.defended))
     result["out"] = str(target)
     return result
 

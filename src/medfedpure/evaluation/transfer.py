@@ -24,15 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.defense.pipeline import DefendedClassifier, DefenseSettings
-from medfedpure.defense.rules import calibrate_threshold
+from medfedpure.defense.pipeline import DefendedClassifier
 from medfedpure.defense.trainer import load_pretrained
-from medfedpure.evaluation.defense_eval import batched_accuracy, build_detector
-from medfedpure.evaluation.evaluate_run import RunFolderError, load_client_model
+from medfedpure.evaluation.defense_eval import batched_accuracy
+from medfedpure.evaluation.evaluate_run import RunFolderError, defended_classifier, load_client_model
 from medfedpure.evaluation.metrics import attacked_index, attacked_positions
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint
-from medfedpure.storage import load_tensors, write_csv, write_json
+from medfedpure.storage import write_csv, write_json
 
 
 def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
@@ -52,20 +51,6 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
             adv.append(attack(xa, ya))
             ys.append(ya)
     return torch.cat(clean), torch.cat(adv), torch.cat(ys)
-
-
-def _defended(run: Path, cfg: ExperimentConfig, client: int, model, mae, diffusion) -> DefendedClassifier:
-    d = cfg.defense
-    calibration = load_tensors(run / "clients" / f"client_{client:02d}" / "detector_calibration.safetensors")
-    if d.detector not in calibration:
-        raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
-    seed = task.client_seed(cfg, client, 10_000)
-    scores = calibration[d.detector]
-    settings = DefenseSettings.from_config(d, tau=calibrate_threshold(scores, d.target_fpr))
-    defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
-                                  settings, scores).eval()
-    defended.generator = torch.Generator().manual_seed(seed)
-    return defended
 
 
 def _summary(matrix: np.ndarray, prefix: str = "") -> dict[str, float]:
@@ -91,7 +76,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     if defended:
         mae = load_pretrained("mae", cfg, run / "mae.safetensors")
         diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors")
-        victims["defended"] = [_defended(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
+        victims["defended"] = [defended_classifier(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
     matrices = {kind: np.zeros((n, n)) for kind in victims}
     clean = {kind: np.zeros((n, n)) for kind in victims}
     sizes = []

@@ -23,11 +23,16 @@ class ResumeError(ValueError):
 
 
 # defense fields that only change the evaluation after training, not any phase's weights
-_EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled")
+_EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled",
+                    "votes")
+# attack fields that only the adaptive evaluation after training reads
+_ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
+                           "suite_max_per_client")
 
 
 # fields added after run folders existed, and their defaults: left out of the fingerprint at the default
-_ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None}
+_ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
+                 ("defense", "adv_share"): 0.0}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
@@ -37,6 +42,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     raw.pop("federation", None)
     raw.pop("name", None)
     method = raw.pop("method", {})
+    for name in _ATTACK_EVALUATION_ONLY:
+        raw["attack"].pop(name, None)
     for (section, field), default in _ADDED_FIELDS.items():  # runs made before them still match
         part_of = method if section == "method" else raw[section]
         if part_of.get(field, default) == default:

@@ -173,12 +173,14 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     if cfg.method.name != "medfedpure":  # the baselines have no defense
         cfg.defense.enabled = False
         cfg.defense.purify_training = False
+        cfg.defense.adv_share = 0.0
     defense_paths = _defense_paths(cfg, Path(out_dir).resolve())
     if cfg.defense.purify_training and "diffusion-path" not in defense_paths:
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
                     "(run `medfedpure pretrain-diffusion` with the same --out first)",
                     Path(out_dir) / CHECKPOINTS["diffusion"])
         cfg.defense.purify_training = False
+        cfg.defense.adv_share = 0.0
     out = prepare_run(cfg, out_dir)
     t0 = time.time()
 
@@ -299,6 +301,7 @@ def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
     if method != "medfedpure":
         mcfg.defense.enabled = False
         mcfg.defense.purify_training = False
+        mcfg.defense.adv_share = 0.0
     return mcfg.validate()
 
 
@@ -308,9 +311,11 @@ def method_dir(out: Path, method: str) -> Path:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
                    flower_log_level: int = logging.ERROR, methods: list[str] | None = None,
-                   transfer: bool = True) -> dict:
-    """Every phase each method needs, the internal-evasion matrix, then the report; finished
-    phases (and rounds) are not redone. MedFedPure runs in `out`, a baseline in `out/baselines/<name>`."""
+                   transfer: bool = True, suite: bool = True) -> dict:
+    """Every phase each method needs, the internal-evasion matrix, the attack suite (`attack.suite`
+    on each client's own test split), then the report; finished phases (and rounds, and
+    evaluations) are not redone. MedFedPure runs in `out`, a baseline in `out/baselines/<name>`."""
+    from medfedpure.evaluation.attack_suite import default_suite_dir, evaluate_suite, suite_done, suite_request
     from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 
     out = Path(out_dir).resolve()
@@ -336,6 +341,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             transfer_matrix(folder, progress=progress)
             timings[f"transfer:{method}"] = round(time.time() - t0, 1)
             write_json(out / "timings.json", timings)
+        if suite and mcfg.attack.suite:
+            request = suite_request(folder, None, mcfg.attack.suite, max_per_client=mcfg.attack.suite_max_per_client)
+            if not suite_done(default_suite_dir(folder), request):
+                t0 = time.time()
+                evaluate_suite(folder, None, mcfg.attack.suite, max_per_client=mcfg.attack.suite_max_per_client,
+                               out=default_suite_dir(folder), progress=progress)
+                timings[f"suite:{method}"] = round(time.time() - t0, 1)
+                write_json(out / "timings.json", timings)
     from medfedpure.reporting.tables import write_report
 
     return write_report(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from medfedpure.attacks import PGD
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ClientSplit, ImageSet, load_dataset, make_client_splits, make_loader
+from medfedpure.defense.pipeline import RandomDepthPurified
 from medfedpure.evaluation import evaluate_accuracy
 from medfedpure.methods import build_classifier
 from medfedpure.models import LearnerMixture, PersonalizedMoE
@@ -89,9 +91,19 @@ def make_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> 
 def purify_batch(diffusion, x: torch.Tensor, cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
     """Algorithm 3's optional step: scans purified at a depth drawn from [t_min, t_max]."""
     d = cfg.defense
-    t = torch.randint(d.t_min, d.t_max + 1, (x.shape[0],), generator=gen)
     with torch.no_grad():
-        return diffusion.purify(x, t, d.sampler, d.sampler_steps, gen)
+        return RandomDepthPurified(None, diffusion, d.t_min, d.t_max, d.sampler, d.sampler_steps, gen).purify(x)
+
+
+def defended_training_batch(x: torch.Tensor, y: torch.Tensor, purifier, attack: PGD | None, share: float,
+                            cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
+    """What the experts see of a batch when they train for the defense: the first `share` of it
+    attacked through the purifier (if `attack`), those and half the rest purified, the other half clean."""
+    k = min(len(x), math.ceil(share * len(x))) if attack is not None else 0
+    attacked = attack(x[:k], y[:k]) if k else x[:0]
+    half = (len(x) - k) // 2
+    purified = purify_batch(purifier, torch.cat([attacked, x[k:k + half]]), cfg, gen)
+    return torch.cat([purified, x[k + half:]])
 
 
 def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig,
@@ -99,10 +111,19 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
     """E local epochs on the mixture loss (Eq. 9); returns the mean loss of the last epoch.
 
     With a `purifier` (a GaussianDiffusion), half of each batch is replaced by its purified
-    version, so the experts know both clean and purified scans.
+    version, so the experts know both clean and purified scans. With `defense.adv_share` > 0 as
+    well, that share of each batch is first replaced by PGD crafted on the model behind the
+    purifier (a fresh depth and noise at every step), then purified: adversarial training with
+    the purifier in the loop.
     """
     optimizer = make_optimizer(model, cfg, round_lr(cfg, server_round))
     gen = torch.Generator().manual_seed(cfg.seed + server_round)
+    attack = None
+    if purifier is not None and cfg.defense.adv_share > 0:
+        d, a = cfg.defense, cfg.adversarial_training_attack()
+        target = RandomDepthPurified(model, purifier, d.t_min, d.t_max, d.sampler, d.sampler_steps, gen)
+        attack = PGD(target, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=a.random_start,
+                     seed=cfg.seed * 1_000 + server_round)
     model.train()
     stats: dict[str, float] = {}
     for _ in range(cfg.train.local_epochs):
@@ -111,8 +132,7 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
         for x, y in loader:
             x, y = x.to(cfg.device), y.to(cfg.device)
             if purifier is not None:
-                half = len(x) // 2
-                x = torch.cat([purify_batch(purifier, x[:half], cfg, gen), x[half:]])
+                x = defended_training_batch(x, y, purifier, attack, cfg.defense.adv_share, cfg, gen)
             loss, parts = model.loss(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,7 +140,8 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
             total += loss.item() * len(y)
             entropy += parts["gate_entropy"] * len(y)
             n += len(y)
-        stats = {"train_loss": total / max(n, 1), "gate_entropy": entropy / max(n, 1)}
+        stats = {"train_loss": total / max(n, 1), "gate_entropy": entropy / max(n, 1),
+                 "adv_share": cfg.defense.adv_share if attack is not None else 0.0}
     return stats
 
 

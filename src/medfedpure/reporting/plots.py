@@ -120,3 +120,48 @@ def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> No
     ax.legend(fontsize=7, ncol=4, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def plot_suite(result: dict, path: Path | str) -> None:
+    """Accuracy under each attack of the suite: first draw with its 95% interval, majority and
+    worst of N beside it."""
+    names = list(result["suite"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(names)), 3.8), dpi=110)
+    w = 0.26
+    for k, (verdict, color) in enumerate((("first", "tab:blue"), ("majority", "tab:green"), ("worst", "tab:red"))):
+        vals = [100 * (result["suite"][n][verdict] or 0.0) for n in names]
+        xs = [i + (k - 1) * w for i in range(len(names))]
+        err = None
+        if verdict == "first":
+            cis = [result["suite"][n]["first_ci"] for n in names]
+            err = [[v - 100 * lo for v, (lo, _) in zip(vals, cis)], [100 * hi - v for v, (_, hi) in zip(vals, cis)]]
+        ax.bar(xs, vals, w, yerr=err, capsize=3, color=color, alpha=0.85,
+               label={"first": "first draw (95% CI)", "majority": "majority", "worst": "worst of N"}[verdict])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    h = result["headline"]
+    ax.set_title(f"{Path(result['run']).name}: headline {100 * h['first']:.1f}% under {h['attack']} "
+                 f"({h['n']} scans)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_frontier(rows: list[dict], path: Path | str) -> None:
+    """Clean against robust accuracy per defense candidate, with 95% intervals on both."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    for k, r in enumerate(rows):
+        x, y = 100 * r["robust"], 100 * r["clean"]
+        xerr = [[x - 100 * r["robust_ci"][0]], [100 * r["robust_ci"][1] - x]]
+        yerr = [[y - 100 * r["clean_ci"][0]], [100 * r["clean_ci"][1] - y]]
+        color = plt.cm.tab10(k % 10)
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3, label=r["name"])
+    ax.set_xlabel("robust accuracy % (strongest attack, first draw)")
+    ax.set_ylabel("clean accuracy % (first draw)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("defense candidates: clean against robust", fontsize=9)
+    _save(fig, path)

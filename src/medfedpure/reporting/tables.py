@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from medfedpure.config import ExperimentConfig
+from medfedpure.evaluation.attack_suite import budget_label, default_suite_dir
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, write_csv, write_json
 
@@ -71,7 +72,7 @@ def build_tables(run: Path) -> dict:
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
                "clients": cfg.data.num_clients, "attack": attack}
     paper = PAPER.get((table, cfg.data.dataset), {})
-    rows, detection, transfer, wall = [], [], [], {}
+    rows, detection, transfer, wall, suites = [], [], [], {}, []
     for name, info in METHODS.items():
         label = info.label
         paper_clean, paper_adv = paper.get(label, (None, None))
@@ -96,9 +97,13 @@ def build_tables(run: Path) -> dict:
                      if name == "pfeddef" else f"{mcfg.method.adv_share:g} of each batch")
             adv_train = f"; trained on PGD {t.norm} eps={t.eps:g} steps={t.steps}, {share}"
         bare_label = "MoE, no defense (ours)" if name == "medfedpure" else label
+        suite = _suite(folder)
+        if suite is not None:
+            suites.append({"method": label, **suite})
         rows.append({**setting, "model": model, "method": bare_label,
                      "protocol": "white-box PGD on the classifier" + adv_train, "clean": _pct(final["clean_acc"]),
                      "adv": _pct(final.get("adv_acc")),
+                     **_adaptive(suite if name != "medfedpure" else None),
                      "paper_clean": None if name == "medfedpure" else paper_clean,
                      "paper_adv": None if name == "medfedpure" else paper_adv})
         if name == "medfedpure":
@@ -107,9 +112,10 @@ def build_tables(run: Path) -> dict:
             if headline is not None:
                 rows.append({**setting, "model": model,
                              "method": f"MedFedPure ({mcfg.defense.mode}, {mcfg.defense.detector} detector)",
-                             "protocol": "paper: PGD on the classifier, then the defense",
+                             "protocol": "adv: paper protocol (PGD on the classifier, then the defense); "
+                                         "adaptive: the defense attacked as a whole",
                              "clean": _pct(headline["clean_acc"]), "adv": _pct(headline["adv_acc"]),
-                             "paper_clean": paper_clean, "paper_adv": paper_adv})
+                             **_adaptive(suite), "paper_clean": paper_clean, "paper_adv": paper_adv})
             detection = [{"detector": r["detector"], "mode": r["mode"], "rule": r["rule"],
                           "auroc": round(r["auroc"], 4), "tpr_at_tau": round(r["tpr_at_tau"], 4),
                           "fpr_at_tau": round(r["fpr_at_tau"], 4), "clean": _pct(r["clean_acc"]),
@@ -128,25 +134,65 @@ def build_tables(run: Path) -> dict:
                                      "clean_off_diagonal": _pct(t[kind].get("clean_off_diagonal_mean")),
                                      "n_adv_per_attacker": sum(t["n_adv_per_attacker"]) / len(t["n_adv_per_attacker"])})
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
+            "suites": suites,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get("medfedpure"), "wall_time_s_by_method": wall}
+
+
+def _suite(folder: Path) -> dict | None:
+    """A method's attack suite on its own test splits (what `experiment` ran), if there is one."""
+    path = default_suite_dir(folder) / "evaluation.json"
+    if not path.is_file():
+        return None
+    ev = json.loads(path.read_text())
+    return {"headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"], "scans": ev["headline"]["n"]}
+
+
+def _adaptive(suite: dict | None) -> dict:
+    """The adaptive column: the lowest first-draw accuracy over the attacks that know the defense."""
+    if suite is None:
+        return {"adaptive": None, "adaptive_ci": None, "adaptive_attack": None}
+    h = suite["headline"]
+    return {"adaptive": _pct(h["first"]), "adaptive_ci": [_pct(v) for v in h["first_ci"]],
+            "adaptive_attack": f"{h['attack']} ({budget_label(h['settings'])}), {h['n']} scans"}
 
 
 def _markdown(tables: dict) -> str:
     def cell(v):
         return "" if v is None else str(v)
 
+    def adaptive(r):
+        if r.get("adaptive") is None:
+            return ""
+        lo, hi = r["adaptive_ci"]
+        return f"**{r['adaptive']}** [{lo}, {hi}] {r['adaptive_attack']}"
+
     lines = [f"# Results: {tables['run']}", "",
              f"## Table {tables['table']} rows (ours beside the paper's; accuracy %)", "",
-             "| data | px | model | attack | method | protocol | clean | adv | paper clean | paper adv |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "adaptive: the lowest first-draw accuracy over the attack suite that knows the defense (95% "
+             "Clopper-Pearson interval, its attack and budget); for an undefended model these attacks are "
+             "white-box PGD and Square. This is a defended method's headline; adv is the paper's protocol.", "",
+             "| data | px | model | attack | method | protocol | clean | adv | adaptive | paper clean | paper adv |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in tables["rows"]:
         lines.append("| " + " | ".join(cell(r[k]) for k in ("data", "resolution", "model", "attack", "method",
-                                                             "protocol", "clean", "adv", "paper_clean",
-                                                             "paper_adv")) + " |")
+                                                             "protocol", "clean", "adv")) + f" | {adaptive(r)} | "
+                     + " | ".join(cell(r[k]) for k in ("paper_clean", "paper_adv")) + " |")
     if tables["note"]:
         lines += ["", tables["note"]]
+    for m in tables.get("suites", []):
+        d = m["defense"]
+        where = (f"behind its defense ({d['mode']}, {d['detector']} detector, t* in [{d['t_min']}, {d['t_max']}], "
+                 f"{d['votes']} purification(s))" if d else "no defense")
+        lines += ["", f"## Attack suite: {m['method']}, {where}, each client's own test split", "",
+                  "| attack | budget | scans | first draw [95% CI] | majority | worst of N | flagged |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, p in m["suite"].items():
+            flagged = "" if p.get("flagged") is None else f"{100 * p['flagged']:.1f}"
+            lines.append(f"| {name} | {budget_label(p['settings'])} | {p['n']} | {100 * p['first']:.1f} "
+                         f"[{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}] | "
+                         f"{100 * p['majority']:.1f} | {100 * p['worst']:.1f} | {flagged} |")
     if tables["detection"]:
         lines += ["", "## Detection and purification (test-size-weighted mean over clients)", "",
                   "| detector | mode | rule | AUROC | TPR at tau | FPR at tau | clean % | adv % | purified clean % "

@@ -1,0 +1,120 @@
+"""`medfedpure compare-defenses SPEC.yaml`: defense candidates under the same attacks, on the same scans.
+
+A spec names the attacks, the scans (`max_per_client` of each client's own test split) and
+the common overrides once, then each candidate as a trained run plus its own `defense.*`
+overrides (an undefended baseline is a run without overrides). Each candidate's suite lands in
+`<out>/<candidate>/` and is not redone when the request is unchanged, so an interrupted
+comparison resumes; `candidates.md/.json/.png` put clean accuracy, the strongest attack's
+accuracy and latency side by side (the frontier).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from medfedpure.attacks import parse_attacks
+from medfedpure.config import ConfigError
+from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, suite_done, suite_request
+from medfedpure.reporting.plots import plot_frontier
+from medfedpure.storage import atomic_write_text, write_json
+
+SPEC_FIELDS = {"attacks", "max_per_client", "overrides", "candidates"}
+CANDIDATE_FIELDS = {"name", "run", "overrides", "note"}
+
+
+def load_spec(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"candidate spec '{path}' does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"candidate spec '{path}' is not valid YAML ({err})") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("candidates"), list) or not spec["candidates"]:
+        raise ConfigError(f"candidate spec '{path}': needs a non-empty list 'candidates'")
+    unknown = set(spec) - SPEC_FIELDS
+    if unknown:
+        raise ConfigError(f"candidate spec '{path}': unknown field(s) {sorted(unknown)}")
+    names = []
+    for i, c in enumerate(spec["candidates"]):
+        if not isinstance(c, dict) or not {"name", "run"} <= set(c) or set(c) - CANDIDATE_FIELDS:
+            raise ConfigError(f"candidate spec '{path}': candidate {i + 1} needs 'name' and 'run' "
+                              f"(and optionally {sorted(CANDIDATE_FIELDS - {'name', 'run'})})")
+        names.append(c["name"])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidate spec '{path}': candidate names repeat")
+    spec["attacks"] = parse_attacks(",".join(spec.get("attacks") or ["adaptive"]) if isinstance(
+        spec.get("attacks"), list) else str(spec.get("attacks", "adaptive")))
+    return spec
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = True) -> dict:
+    spec = load_spec(Path(spec_path))
+    out = Path(out)
+    for c in spec["candidates"]:  # fail before hours of attacks, not after
+        if not (Path(c["run"]) / "config.json").is_file():
+            raise FileNotFoundError(f"candidate '{c['name']}': run folder '{c['run']}' has no config.json")
+    rows = []
+    for c in spec["candidates"]:
+        folder = out / slug(c["name"])
+        overrides = [*spec.get("overrides", []), *c.get("overrides", [])]
+        request = suite_request(c["run"], None, spec["attacks"], "all", overrides, spec.get("max_per_client"))
+        if not suite_done(folder, request):
+            if progress:
+                print(f"candidate {c['name']}: {c['run']} {' '.join(overrides)}", flush=True)
+            evaluate_suite(c["run"], None, spec["attacks"], overrides=overrides, out=folder,
+                           max_per_client=spec.get("max_per_client"), progress=progress)
+        rows.append(_row(c, json.loads((folder / "evaluation.json").read_text())))
+    result = {"spec": str(spec_path), "attacks": spec["attacks"], "max_per_client": spec.get("max_per_client"),
+              "overrides": spec.get("overrides", []), "rows": rows}
+    write_json(out / "candidates.json", result)
+    atomic_write_text(out / "candidates.md", candidates_markdown(result))
+    plot_frontier(rows, out / "candidates.png")
+    return result
+
+
+def _row(candidate: dict, ev: dict) -> dict:
+    suite = ev["suite"]
+    clean = suite.get("clean (whole split)", suite["clean"])
+    h = ev["headline"]
+    return {"name": candidate["name"], "run": candidate["run"], "overrides": candidate.get("overrides", []),
+            "note": candidate.get("note", ""), "defense": ev["defense"],
+            "clean": clean["first"], "clean_ci": clean["first_ci"], "clean_n": clean["n"],
+            "robust": h["first"], "robust_ci": h["first_ci"], "robust_n": h["n"], "strongest": h["attack"],
+            "budget": budget_label(h["settings"]),
+            "robust_majority": suite[h["attack"]]["majority"], "robust_worst": suite[h["attack"]]["worst"],
+            "per_attack": {a: suite[a]["first"] for a in ev["attacks"]},
+            "latency_ms": suite["clean"].get("latency_ms")}
+
+
+def candidates_markdown(result: dict) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    attacks = result["attacks"]
+    lines = [f"# Defense candidates ({result['spec']})", "",
+             f"Attacks: {', '.join(attacks)}; at most {result['max_per_client'] or 'all'} scans per client of its "
+             f"own test split; common overrides: {' '.join(result['overrides']) or 'none'}. Robust = the lowest "
+             "first-draw accuracy over these attacks (95% Clopper-Pearson interval); clean = first draw on "
+             "every scan of the test splits.", "",
+             "| candidate | clean % [CI] | robust % [CI] | strongest attack | majority | worst of N | "
+             + " | ".join(attacks) + " | ms / scan |",
+             "|---|---|---|---|---|---|" + "---|" * len(attacks) + "---|"]
+    for r in result["rows"]:
+        latency = "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
+        lines.append(f"| {r['name']} | {pct(r['clean'])} [{pct(r['clean_ci'][0])}, {pct(r['clean_ci'][1])}] | "
+                     f"{pct(r['robust'])} [{pct(r['robust_ci'][0])}, {pct(r['robust_ci'][1])}] | "
+                     f"{r['strongest']} ({r['budget']}) | {pct(r['robust_majority'])} | {pct(r['robust_worst'])} | "
+                     + " | ".join(pct(r["per_attack"].get(a)) for a in attacks)
+                     + f" | {latency} |")
+    lines += ["", "Candidates:", ""]
+    lines += [f"- **{r['name']}**: `{r['run']}` {' '.join(r['overrides'])}" + (f" ({r['note']})" if r["note"] else "")
+              for r in result["rows"]]
+    return "\n".join(lines) + "\n"

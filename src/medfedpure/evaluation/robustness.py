@@ -1,0 +1,130 @@
+"""Robust accuracy under the attack suite, scored as a stochastic defense must be (SPEC §6c).
+
+Every attacked scan is answered `draws` times by the model, each time with fresh
+purification noise. Per scan that gives three verdicts:
+- first draw: what one submission sees;
+- majority: the vote of the draws (a defense that answers by vote);
+- worst of N: correct on every draw (an attacker who may resubmit N times, DiffHammer).
+A deterministic model answers once, and the three agree. Counts are pooled over clients and
+every rate carries its 95% Clopper-Pearson interval.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from scipy.stats import beta
+from torch import nn
+
+from medfedpure.attacks import build_attack
+
+VERDICTS = ("first", "majority", "worst")
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval for k successes in n trials."""
+    if n <= 0:
+        raise ValueError("a rate needs at least one trial")
+    tail = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return lo, hi
+
+
+@dataclass
+class Tally:
+    """Correct answers per verdict among n scans."""
+
+    n: int = 0
+    first: int = 0
+    majority: int = 0
+    worst: int = 0
+
+    @classmethod
+    def from_draws(cls, correct: torch.Tensor) -> "Tally":
+        """`correct`: (draws, n) booleans, one row per answer of the model."""
+        votes = correct.float().mean(dim=0)
+        return cls(correct.shape[1], int(correct[0].sum()), int((votes > 0.5).sum()), int(correct.all(dim=0).sum()))
+
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def rates(self) -> dict:
+        """Accuracy and interval per verdict; None where nothing was counted."""
+        out: dict = {"n": self.n}
+        for verdict in VERDICTS:
+            k = getattr(self, verdict)
+            out[verdict] = k / self.n if self.n else None
+            out[f"{verdict}_ci"] = list(clopper_pearson(k, self.n)) if self.n else None
+        return out
+
+
+@torch.no_grad()
+def answer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch: int = 64) -> torch.Tensor:
+    """(draws, n) correctness of `draws` independent answers per scan (one for a deterministic model)."""
+    draws = draws if getattr(model, "stochastic", False) else 1
+    rows = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        logits = model.sample_logits(xb, draws) if draws > 1 else model(xb)[None]
+        rows.append(logits.argmax(-1) == y[i:i + batch])
+    return torch.cat(rows, dim=1)
+
+
+@torch.no_grad()
+def flagged(model: nn.Module, x: torch.Tensor, batch: int = 64) -> float | None:
+    """Share of scans the detector flags (None for a model without one)."""
+    if not getattr(model, "stochastic", False):
+        return None
+    return float(torch.cat([model.decide(x[i:i + batch])[1] for i in range(0, len(x), batch)]).float().mean())
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, batch: int = 64) -> float:
+    """Milliseconds per scan of one answer (one call of the model, in batches)."""
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch):
+        model(x[i:i + batch])
+    return 1e3 * (time.perf_counter() - t0) / max(len(x), 1)
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Fix the purification noise stream (a defended model), so each cell of the evaluation is
+    reproducible and does not depend on what ran before it."""
+    if getattr(model, "generator", None) is not None:
+        model.generator.manual_seed(seed)
+
+
+def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
+              batch: int = 16, on_batch=None) -> dict[str, dict]:
+    """Clean and every named attack on one client's scans: tallies, share flagged, the bare
+    classifier's accuracy on the same inputs, the attack's settings and its time per scan.
+    `cfg` is the attack config; `on_batch(n)` is called after every attacked batch."""
+    bare = getattr(model, "classifier", model)
+    results: dict[str, dict] = {}
+    for k, name in enumerate(["clean", *attacks]):
+        t0 = time.perf_counter()
+        if name == "clean":
+            x_adv, described = x, {"attack": "none"}
+        else:
+            attack = build_attack(name, model, cfg, seed + 1_000 * k)
+            reseed(model, seed + 1_000 * k + 1)
+            parts = []
+            for i in range(0, len(x), batch):
+                parts.append(attack(x[i:i + batch], y[i:i + batch]))
+                if on_batch is not None:
+                    on_batch(len(parts[-1]))
+            x_adv, described = torch.cat(parts), attack.describe()
+        seconds = time.perf_counter() - t0
+        latency = latency_ms(model, x_adv) if name == "clean" else None
+        reseed(model, seed + 1_000 * k + 2)  # the answers' noise: independent of the attack's
+        correct = answer(model, x_adv, y, cfg.draws)
+        with torch.no_grad():
+            bare_correct = int((torch.cat([bare(x_adv[i:i + 64]) for i in range(0, len(x), 64)]).argmax(1) == y).sum())
+        results[name] = {"tally": Tally.from_draws(correct), "draws": int(correct.shape[0]),
+                         "flagged": flagged(model, x_adv), "bare_correct": bare_correct, "settings": described,
+                         "seconds_per_scan": seconds / max(len(x), 1), "latency_ms": latency,
+                         "linf": float((x_adv - x).abs().max()) if len(x) else 0.0}
+    return results

@@ -1,0 +1,225 @@
+"""The attack suite against a tiny defended classifier: the sanity checks an adaptive
+evaluation must pass before its numbers mean anything, and the scoring of a stochastic defense."""
+
+import pytest
+import torch
+from torch import nn
+
+from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, Square, attack_loss, build_attack,
+                                parse_attacks)
+from medfedpure.config import AttackConfig, load_preset
+from medfedpure.defense import DefendedClassifier, DefenseSettings, DisagreementDetector, build_diffusion
+from medfedpure.defense.rules import calibrate_threshold
+from medfedpure.defense.trainer import PHASES, train_epochs
+from medfedpure.evaluation.robustness import Tally, answer, clopper_pearson, run_suite
+from medfedpure.federation import task
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A small MoE and diffusion model trained on the built-in data, and 32 test scans."""
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 1
+    cfg.data.val_fraction = 0.2
+    cfg.data.synthetic_per_class = 300
+    torch.manual_seed(0)
+    train, test, n_classes = task.client_loaders(cfg, 0, batch_size=32)
+    diffusion = build_diffusion(cfg)
+    train_epochs(PHASES["diffusion"], diffusion, train, 3, 2e-3)
+    classifier = task.new_model(cfg, n_classes, 0)
+    cfg.train.local_epochs = 6
+    task.train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
+    xs, ys = zip(*test)
+    x, y = torch.cat(xs)[::3][:32], torch.cat(ys)[::3][:32]
+    val = torch.cat([b[0] for b in task.validation_loader(cfg, 0)])
+    return {"classifier": classifier.eval(), "diffusion": diffusion.eval(), "x": x, "y": y, "val": val}
+
+
+def defended(parts, mode="graded", votes=1, seed=0):
+    detector = DisagreementDetector(parts["diffusion"], parts["classifier"])
+    with torch.no_grad():
+        calib = detector(parts["val"])
+    settings = DefenseSettings(mode=mode, tau=calibrate_threshold(calib, 0.05), t_min=20, t_max=60, votes=votes)
+    model = DefendedClassifier(parts["classifier"], detector, parts["diffusion"], settings, calib).eval()
+    model.generator = torch.Generator().manual_seed(seed)
+    return model
+
+
+def first_draw_accuracy(model, x, y, seed=123):
+    model.generator.manual_seed(seed) if getattr(model, "generator", None) is not None else None
+    return answer(model, x, y, 1)[0].float().mean().item()
+
+
+def test_the_tiny_defense_works_before_it_is_attacked(parts):
+    model = defended(parts)
+    assert first_draw_accuracy(parts["classifier"], parts["x"], parts["y"]) >= 0.8
+    assert first_draw_accuracy(model, parts["x"], parts["y"]) >= 0.7
+
+
+def test_eot_pgd_on_the_bare_classifier_equals_pgd(parts):
+    x, y, model = parts["x"], parts["y"], parts["classifier"]
+    plain = PGD(model, eps=0.03, alpha=0.01, steps=5, seed=3)(x, y)
+    eot = PGD(model, eps=0.03, alpha=0.01, steps=5, seed=3, eot=4)(x, y)
+    assert torch.equal(plain, eot)
+    cfg = AttackConfig(eps=0.03, alpha=0.01, adaptive_steps=5, eot=4)
+    suite = build_attack("eot-pgd", model, cfg, seed=3)
+    best = PGD(model, eps=0.03, alpha=0.01, steps=5, seed=3, keep_best=True)(x, y)
+    assert suite.eot == 1 and torch.equal(suite(x, y), best)  # a deterministic model gets one pass per step
+    with torch.no_grad():  # the kept iterate is never worse than the last one
+        assert (attack_loss(model(best), y) >= attack_loss(model(plain), y) - 1e-6).all()
+
+
+def test_unbounded_eps_drives_the_defended_accuracy_to_zero(parts):
+    model = defended(parts)
+    x, y = parts["x"], parts["y"]
+    adv = PGD(model, eps=1.0, alpha=0.1, steps=20, eot=2, seed=0)(x, y)
+    assert first_draw_accuracy(model, adv, y) <= 0.05
+
+
+def _success(attack, model, x, y, seeds=(11, 12)):
+    """Attack success rate (first draw), averaged over two answer seeds."""
+    adv = attack(x, y)
+    return 1 - sum(first_draw_accuracy(model, adv, y, s) for s in seeds) / len(seeds)
+
+
+def test_more_steps_or_more_draws_never_help_the_defense_beyond_noise(parts):
+    model = defended(parts)
+    x, y = parts["x"], parts["y"]
+    budget = {"eps": 0.06, "alpha": 0.015, "seed": 5}
+    weak = _success(PGD(model, steps=3, eot=1, **budget), model, x, y)
+    more_steps = _success(PGD(model, steps=12, eot=1, **budget), model, x, y)
+    more_draws = _success(PGD(model, steps=3, eot=4, **budget), model, x, y)
+    noise = 2 * (0.25 / len(y)) ** 0.5  # two standard errors of a rate near one half
+    assert 0.0 < weak < 1.0, weak  # the budget leaves room both ways
+    assert more_steps >= weak - noise and more_draws >= weak - noise, (weak, more_steps, more_draws)
+
+
+def test_every_gradient_attack_stays_in_the_ball_and_hurts_the_defense(parts):
+    model = defended(parts)
+    x, y = parts["x"], parts["y"]
+    clean = first_draw_accuracy(model, x, y)
+    for cls in (PGD, BPDA, DetectorAwarePGD):
+        adv = cls(model, eps=0.06, alpha=0.015, steps=8, eot=2, seed=1)(x, y)
+        assert (adv - x).abs().max() <= 0.06 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        assert first_draw_accuracy(model, adv, y) < clean - 0.2, cls.name
+
+
+def test_bpda_without_a_purifier_is_pgd_and_its_backward_is_the_identity(parts):
+    x, y, model = parts["x"][:8], parts["y"][:8], parts["classifier"]
+    assert torch.equal(BPDA(model, eps=0.03, alpha=0.01, steps=3, seed=2)(x, y),
+                       PGD(model, eps=0.03, alpha=0.01, steps=3, seed=2)(x, y))
+    d = defended(parts)
+    attack = BPDA(d, eps=0.03, alpha=0.01, steps=1, seed=2)
+    # identity backward through purification: the gradient of the classifier at the purified scans
+    d.generator.manual_seed(7)
+    g = attack.gradient(x, y)
+    d.generator.manual_seed(7)
+    with torch.no_grad():
+        views = d.purify_draws(x, 1)[0]
+    p = views[0].clone().requires_grad_(True)
+    expected, = torch.autograd.grad(attack_loss(parts["classifier"](p), y).sum(), p)
+    assert torch.allclose(g, expected, atol=1e-6)
+
+
+def test_detector_aware_attack_keeps_the_score_lower(parts):
+    model = defended(parts, mode="selective")
+    x, y = parts["x"], parts["y"]
+    kwargs = {"eps": 0.06, "alpha": 0.015, "steps": 10, "eot": 1, "seed": 4}
+    plain = PGD(model, keep_best=True, **kwargs)(x, y)
+    quiet = DetectorAwarePGD(model, weight=10.0, keep_best=True, **kwargs)(x, y)
+    with torch.no_grad():
+        s_plain, s_quiet = model.detector(plain), model.detector(quiet)
+    tau = model.threshold()
+    assert (s_quiet > tau).float().mean() < (s_plain > tau).float().mean()
+    assert s_quiet.mean() < s_plain.mean()
+
+
+class _Quantized(nn.Module):
+    """A classifier behind a step function: its gradient is zero everywhere (masked)."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.round(x * 8) / 8)
+
+
+def test_square_finds_what_masked_gradients_hide(parts):
+    x, y = parts["x"], parts["y"]
+    masked = _Quantized(parts["classifier"]).eval()
+    eps = 0.25
+    pgd = PGD(masked, eps=eps, alpha=0.05, steps=10, random_start=False)(x, y)
+    square = Square(masked, eps=eps, n_queries=150, p_init=0.3, seed=0)(x, y)
+    assert (square - x).abs().max() <= eps + 1e-6 and square.min() >= 0 and square.max() <= 1
+    with torch.no_grad():
+        acc_pgd = (masked(pgd).argmax(1) == y).float().mean()
+        acc_square = (masked(square).argmax(1) == y).float().mean()
+    assert torch.equal(pgd, x)  # zero gradient: PGD never moved
+    assert acc_square < acc_pgd - 0.3, (acc_pgd, acc_square)
+
+
+def test_square_agrees_with_torchattacks_on_the_bare_classifier(parts):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y, model = parts["x"], parts["y"], parts["classifier"]
+    eps = 0.1
+    ours = Square(model, eps=eps, n_queries=200, p_init=0.3, seed=0)(x, y)
+    theirs = torchattacks.Square(model, eps=eps, n_queries=200, p_init=0.3, loss="margin", seed=0)(x, y)
+    with torch.no_grad():
+        a_ours = (model(ours).argmax(1) == y).float().mean().item()
+        a_theirs = (model(theirs).argmax(1) == y).float().mean().item()
+    assert abs(a_ours - a_theirs) <= 0.25, (a_ours, a_theirs)
+    assert a_ours < first_draw_accuracy(model, x, y) - 0.3
+
+
+def test_votes_average_the_probabilities_of_independent_purifications(parts):
+    x = parts["x"][:6]
+    one, three = defended(parts, votes=1, seed=9), defended(parts, votes=3, seed=9)
+    with torch.no_grad():
+        views = three.purify_draws(x, 1)[0]
+        assert len(views) == 3 and not torch.equal(views[0], views[1])
+        expected = torch.stack([torch.softmax(parts["classifier"](v), 1) for v in views]).mean(0).log()
+        assert torch.allclose(three.classify(views), expected, atol=1e-5)
+        assert one.sample_logits(x, 4).shape == (4, 6, 2)
+
+
+def test_clopper_pearson_matches_known_intervals():
+    lo, hi = clopper_pearson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.3085, abs=1e-4)
+    lo, hi = clopper_pearson(5, 10)
+    assert lo == pytest.approx(0.1871, abs=1e-4) and hi == pytest.approx(0.8129, abs=1e-4)
+    assert clopper_pearson(10, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        clopper_pearson(0, 0)
+
+
+def test_first_majority_and_worst_of_n():
+    correct = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)  # 3 draws x 4 scans
+    t = Tally.from_draws(correct)
+    assert (t.n, t.first, t.majority, t.worst) == (4, 3, 3, 1)
+    r = (t + t).rates()
+    assert r["n"] == 8 and r["first"] == 0.75 and r["worst"] == 0.25
+    assert r["first_ci"][0] < 0.75 < r["first_ci"][1]
+    assert Tally().rates()["first"] is None  # a rate over nothing is not 0%
+
+
+def test_run_suite_scores_every_attack_on_the_same_scans(parts):
+    model = defended(parts)
+    x, y = parts["x"][:8], parts["y"][:8]
+    cfg = AttackConfig(eps=0.03, alpha=0.01, steps=2, adaptive_steps=2, eot=2, square_queries=5, draws=3)
+    results = run_suite(model, x, y, list(SUITE), cfg, seed=0)
+    assert list(results) == ["clean", *SUITE]
+    for name, r in results.items():
+        assert r["tally"].n == 8 and r["draws"] == 3
+        assert 0 <= r["flagged"] <= 1 and r["linf"] <= 0.03 + 1e-6
+    assert results["eot-pgd"]["settings"]["eot"] == 2 and results["square"]["settings"]["queries"] == 5
+    again = run_suite(defended(parts), x, y, ["eot-pgd"], cfg, seed=0)
+    assert again["eot-pgd"]["tally"] == results["eot-pgd"]["tally"]  # reproducible from the seed
+
+
+def test_parse_attacks():
+    assert parse_attacks("adaptive") == ["eot-pgd", "bpda", "detector-aware", "square"]
+    assert parse_attacks("square, pgd") == ["pgd", "square"]
+    assert parse_attacks("all") == list(SUITE)
+    with pytest.raises(ValueError, match="unknown attack"):
+        parse_attacks("cw")
