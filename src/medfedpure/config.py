@@ -78,6 +78,7 @@ class AttackConfig:
     detector_weight: float = 1.0  # detector-aware: weight of max(0, score / tau - 0.8)
     square_queries: int = 500  # Square: queries per scan (each one a defended forward pass, ~45 ms on 2 CPU cores)
     draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
+    batch_size: int = 16  # scans attacked together by the suite (larger on a GPU)
     # what `experiment` runs on every method's own test splits after training (empty: nothing)
     suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "bpda", "detector-aware", "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
@@ -87,6 +88,7 @@ class AttackConfig:
 class FederationConfig:
     backend: str = "ray"
     num_cpus_per_client: int = 2
+    num_gpus_per_client: float = 0.0  # with device: cuda, e.g. 1.0 (Ray hides the GPU from clients without it)
     num_threads: int = 2  # torch intra-op threads inside a ClientApp
 
 
@@ -245,6 +247,7 @@ class ExperimentConfig:
             (self.attack.detector_weight >= 0, "attack.detector_weight", ">= 0"),
             (self.attack.square_queries >= 1, "attack.square_queries", ">= 1"),
             (self.attack.draws >= 1, "attack.draws", ">= 1"),
+            (self.attack.batch_size >= 1, "attack.batch_size", ">= 1"),
             (set(self.attack.suite) <= set(SUITE_NAMES), "attack.suite", "a list of " + ", ".join(SUITE_NAMES)),
             (self.attack.suite_max_per_client is None or self.attack.suite_max_per_client >= 1,
              "attack.suite_max_per_client", ">= 1 or null (every scan)"),

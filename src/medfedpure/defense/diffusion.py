@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's own device, then moved: the same draws on CPU and GPU."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, device=where, generator=generator).to(device)
+
+
 class GaussianDiffusion(nn.Module):
     def __init__(self, model: nn.Module, timesteps: int = 1000, beta_start: float = 1e-4,
                  beta_end: float = 2e-2, train_t_max: int | None = None) -> None:
@@ -44,8 +50,9 @@ class GaussianDiffusion(nn.Module):
     def loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Eq. 16 on [0,1] images, t ~ U{1..train_t_max}."""
         x0 = images * 2 - 1
-        t = torch.randint(1, self.train_t_max + 1, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        where = generator.device if generator is not None else x0.device
+        t = torch.randint(1, self.train_t_max + 1, (x0.shape[0],), device=where, generator=generator).to(x0.device)
+        noise = _randn(x0.shape, generator, x0.device)
         return F.mse_loss(self.model(self.q_sample(x0, t, noise), t), noise)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +78,7 @@ class GaussianDiffusion(nn.Module):
             if step > 1:
                 abar_prev = self.alphas_cumprod[step - 2]
                 var = beta * (1 - abar_prev) / (1 - abar)  # posterior variance
-                noise = torch.randn(x.shape, device=x.device, generator=generator)
+                noise = _randn(x.shape, generator, x.device)
                 mean = mean + var.sqrt() * noise
             x = torch.where(self._b(active), mean, x)
         return x
@@ -95,7 +102,7 @@ class GaussianDiffusion(nn.Module):
         """Noise [0,1] images to t* (per image; 0 leaves an image untouched) and denoise back."""
         t_star = t_star.to(images.device).long().clamp(0, self.timesteps)
         x0 = images * 2 - 1
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        noise = _randn(x0.shape, generator, x0.device)
         x_t = self.q_sample(x0, t_star, noise)
         if sampler == "ddpm":
             out = self.ddpm_reverse(x_t, t_star, generator)

@@ -74,17 +74,19 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
     total = sum(len(s[1]) for s in scans.values()) * len(attacks)
     bar = tqdm(total=total, desc="attack suite", unit="scan", disable=not progress)
     per_client: list[dict] = []
+    device = torch.device(cfg.device)
     try:
         for i, (x, y, n_split) in scans.items():
             bar.set_postfix(client=i)
             model = r.model(i)
             target = r.defended_model(i, model) if r.defended else model
             seed = task.client_seed(cfg, i, 30_000)
-            results = run_suite(target, x, y, attacks, cfg.attack, seed, on_batch=bar.update)
+            results = run_suite(target, x.to(device), y.to(device), attacks, cfg.attack, seed,
+                                batch=cfg.attack.batch_size, on_batch=bar.update)
             if len(y) < n_split:  # clean answers on the whole split too
                 xs, ys = zip(*r.loaders[i])
-                results["clean (whole split)"] = {"tally": Tally.from_draws(answer(target, torch.cat(xs), torch.cat(ys),
-                                                                                   cfg.attack.draws))}
+                correct = answer(target, torch.cat(xs).to(device), torch.cat(ys).to(device), cfg.attack.draws)
+                results["clean (whole split)"] = {"tally": Tally.from_draws(correct.cpu())}
             per_client.append({"client": i, "results": results})
     finally:
         bar.close()
@@ -126,8 +128,11 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                 "seconds_per_scan": seconds / tally.n if "seconds_per_scan" in first else None,
                 "latency_ms": latency / tally.n if first.get("latency_ms") is not None else None}
         rows.append(mean)
+        knows = KNOWS_THE_DEFENSE.get(name.split(" ")[0], "")
+        if first.get("same_as"):
+            knows = f"= {first['same_as']} (no defense to know)"
         pooled[name] = {**mean, "settings": first.get("settings"), "draws": first.get("draws"), "max_linf": linf,
-                        "knows_the_defense": KNOWS_THE_DEFENSE.get(name.split(" ")[0], "")}
+                        "knows_the_defense": knows}
     adaptive = [a for a in attacks if a in ADAPTIVE] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
     d = cfg.defense

@@ -71,9 +71,10 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
     """
     for m in (classifier, mae, diffusion):
         m.eval()
-    x, y = _collect(test_loader)
+    device = next(classifier.parameters()).device
+    x, y = (t.to(device) for t in _collect(test_loader))
     saved = val if isinstance(val, dict) else None
-    x_val = None if saved is not None else _collect(val)[0]
+    x_val = None if saved is not None else _collect(val)[0].to(device)
     x_adv = torch.cat([attack(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
     out: dict[str, float] = {"bare.clean_acc": batched_accuracy(classifier, x, y), "bare.adv_acc": batched_accuracy(classifier, x_adv, y),
                              "n_test": float(len(y))}
@@ -81,11 +82,11 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
     calibration: dict[str, torch.Tensor] = {}
     for name in detectors:
         detector = build_detector(name, mae, diffusion, classifier, seed)
-        s_val = saved[name] if saved is not None else _scores(detector, x_val)
+        s_val = saved[name].to(device) if saved is not None else _scores(detector, x_val)
         s_clean, s_adv = _scores(detector, x), _scores(detector, x_adv)
         tau = calibrate_threshold(s_val, target_fpr)
         calibration[name] = s_val
-        out[f"{name}.auroc"] = auroc(s_clean.numpy(), s_adv.numpy())
+        out[f"{name}.auroc"] = auroc(s_clean.cpu().numpy(), s_adv.cpu().numpy())
         out[f"{name}.tau"] = tau
         out[f"{name}.tpr_at_tau"] = float((s_adv > tau).float().mean())
         out[f"{name}.fpr_at_tau"] = float((s_clean > tau).float().mean())
@@ -109,4 +110,4 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
                                 "labels": y[:4]}
     with torch.no_grad():
         examples["mae_error"] = mae.error_map(examples["attacked"]) if examples else torch.empty(0)
-    return out, examples, calibration
+    return out, {k: v.cpu() for k, v in examples.items()}, calibration

@@ -188,7 +188,7 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
             cfg.defense.eval_detectors = detectors
             metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
         else:
-            plain.append({"client": i, **evaluate_accuracy(model, loader, attack)})
+            plain.append({"client": i, **evaluate_accuracy(model, loader, attack, device=cfg.device)})
     target = Path(out) if out else r.default_out()
     result = {"run": str(r.run), "data": r.data_label, "n_images": r.n_images, "attack": asdict(cfg.attack),
               "protocol": "PGD on each client's classifier, then its defense", "clients": list(r.loaders)}

@@ -43,6 +43,7 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
     positions = attacked_positions(len(test_loader.dataset), cfg.attack.max_eval_per_client)
     clean, adv, ys, offset = [], [], [], 0
     for x, y in test_loader:
+        x, y = x.to(cfg.device), y.to(cfg.device)
         idx = attacked_index(offset, len(y), positions)
         xa, ya = x[idx], y[idx]
         offset += len(y)

@@ -27,7 +27,7 @@ _EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_mod
                     "votes")
 # attack fields that only the adaptive evaluation after training reads
 _ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
-                           "suite_max_per_client")
+                           "suite_max_per_client", "batch_size")
 
 
 # fields added after run folders existed, and their defaults: left out of the fingerprint at the default

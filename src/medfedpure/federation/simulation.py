@@ -79,7 +79,8 @@ def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level:
     """A Flower simulation on the Ray backend, one ClientApp at a time on this machine's cores."""
     from flwr.simulation import run_simulation
 
-    backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client, "num_gpus": 0.0},
+    backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client,
+                                          "num_gpus": cfg.federation.num_gpus_per_client},
                       "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client),
                                     "include_dashboard": False}}
     flwr_logger = logging.getLogger("flwr")
