@@ -116,21 +116,28 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err
 
-    # defense candidates under the same attacks on the same scans; a rerun redoes nothing
+    # defense candidates under the same attacks on the same scans; a rerun redoes nothing; the suite
+    # above stands in for a candidate because it ran the same attack on the same scans with the same budget
     spec = tmp_path.parent / "candidates.yaml"
-    spec.write_text(f"attacks: [eot-pgd]\nmax_per_client: 2\noverrides: [attack.adaptive_steps=1, attack.eot=1, "
-                    f"attack.draws=1]\ncandidates:\n  - {{name: graded, run: {tmp_path}}}\n"
+    budget = "[attack.adaptive_steps=2, attack.eot=2, attack.square_queries=4, attack.draws=3]"
+    spec.write_text(f"attacks: [eot-pgd]\nmax_per_client: 3\noverrides: {budget}\ncandidates:\n"
+                    f"  - {{name: graded, run: {tmp_path}}}\n"
                     f"  - {{name: selective votes 3, run: {tmp_path}, overrides: [defense.mode=selective, "
-                    f"defense.votes=3]}}\n")
+                    f"defense.votes=3]}}\n"
+                    f"  - {{name: the suite above, run: {tmp_path}, from: {suite_dir}}}\n")
     frontier = tmp_path.parent / "frontier"
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
     table = json.loads((frontier / "candidates.json").read_text())
-    assert [r["name"] for r in table["rows"]] == ["graded", "selective votes 3"]
-    assert table["rows"][1]["defense"]["votes"] == 3 and table["rows"][1]["robust_n"] == 4
-    assert (frontier / "candidates.png").is_file()
+    assert [r["name"] for r in table["rows"]] == ["graded", "selective votes 3", "the suite above"]
+    assert table["rows"][1]["defense"]["votes"] == 3 and table["rows"][1]["robust_n"] == 6
+    assert table["rows"][2]["robust"] == suite["suite"]["eot-pgd"]["first"]
+    assert (frontier / "candidates.png").is_file() and not (frontier / "the-suite-above").exists()
     stamp = (frontier / "graded" / "evaluation.json").stat().st_mtime_ns
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
     assert (frontier / "graded" / "evaluation.json").stat().st_mtime_ns == stamp
+    spec.write_text(spec.read_text().replace("attack.eot=2", "attack.eot=3"))
+    assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
+    assert "not comparable" in capsys.readouterr().err  # the stand-in ran another budget
     spec.write_text("candidates:\n  - {name: x, run: /nonexistent}\n")
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "/nonexistent" in capsys.readouterr().err

@@ -4,8 +4,10 @@ A spec names the attacks, the scans (`max_per_client` of each client's own test 
 the common overrides once, then each candidate as a trained run plus its own `defense.*`
 overrides (an undefended baseline is a run without overrides). Each candidate's suite lands in
 `<out>/<candidate>/` and is not redone when the request is unchanged, so an interrupted
-comparison resumes; `candidates.md/.json/.png` put clean accuracy, the strongest attack's
-accuracy and latency side by side (the frontier).
+comparison resumes. A candidate may instead name a suite evaluation already made (`from:`, e.g.
+the one `experiment` wrote): it is used only if it ran every attack of the spec on the same
+scans with the same budget. `candidates.md/.json/.png` put clean accuracy, the strongest
+attack's accuracy and latency side by side (the frontier).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 import yaml
 
 from medfedpure.attacks import parse_attacks
-from medfedpure.config import ConfigError
+from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
 from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, suite_done, suite_request
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, write_json
 
 SPEC_FIELDS = {"attacks", "max_per_client", "overrides", "candidates"}
-CANDIDATE_FIELDS = {"name", "run", "overrides", "note"}
+CANDIDATE_FIELDS = {"name", "run", "overrides", "note", "from"}
+# what must agree for an earlier suite evaluation to stand in for a candidate's
+BUDGET_FIELDS = ("norm", "eps", "alpha", "steps", "adaptive_steps", "eot", "loss", "detector_weight", "square_queries",
+                 "draws", "random_start")
 
 
 def load_spec(path: Path) -> dict:
@@ -43,6 +48,8 @@ def load_spec(path: Path) -> dict:
         if not isinstance(c, dict) or not {"name", "run"} <= set(c) or set(c) - CANDIDATE_FIELDS:
             raise ConfigError(f"candidate spec '{path}': candidate {i + 1} needs 'name' and 'run' "
                               f"(and optionally {sorted(CANDIDATE_FIELDS - {'name', 'run'})})")
+        if "from" in c and c.get("overrides"):
+            raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}' takes 'from' or 'overrides', not both")
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate spec '{path}': candidate names repeat")
@@ -59,10 +66,15 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
     spec = load_spec(Path(spec_path))
     out = Path(out)
     for c in spec["candidates"]:  # fail before hours of attacks, not after
-        if not (Path(c["run"]) / "config.json").is_file():
+        if "from" in c:
+            _reuse(c, spec)
+        elif not (Path(c["run"]) / "config.json").is_file():
             raise FileNotFoundError(f"candidate '{c['name']}': run folder '{c['run']}' has no config.json")
     rows = []
     for c in spec["candidates"]:
+        if "from" in c:
+            rows.append(_row(c, _reuse(c, spec)))
+            continue
         folder = out / slug(c["name"])
         overrides = [*spec.get("overrides", []), *c.get("overrides", [])]
         request = suite_request(c["run"], None, spec["attacks"], "all", overrides, spec.get("max_per_client"))
@@ -78,6 +90,29 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
     atomic_write_text(out / "candidates.md", candidates_markdown(result))
     plot_frontier(rows, out / "candidates.png")
     return result
+
+
+def _reuse(candidate: dict, spec: dict) -> dict:
+    """An earlier suite evaluation of this candidate, checked to be comparable with the others."""
+    path = Path(candidate["from"]) / "evaluation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"candidate '{candidate['name']}': no suite evaluation at '{path}'")
+    ev = json.loads(path.read_text())
+    config = Path(candidate["run"]) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"candidate '{candidate['name']}': run folder '{candidate['run']}' has no config.json")
+    probe = apply_overrides(ExperimentConfig.from_dict(json.loads(config.read_text())),
+                            [o for o in spec.get("overrides", []) if o.startswith("attack.")])
+    problems = [f"{k} {ev['attack_config'].get(k)} (spec: {getattr(probe.attack, k)})" for k in BUDGET_FIELDS
+                if ev["attack_config"].get(k) != getattr(probe.attack, k)]
+    missing = [a for a in spec["attacks"] if a not in ev["suite"]]
+    if ev.get("max_per_client") != spec.get("max_per_client"):
+        problems.append(f"max_per_client {ev.get('max_per_client')} (spec: {spec.get('max_per_client')})")
+    if missing or problems or not ev["data"].startswith("each client's own test split"):
+        raise ConfigError(f"candidate '{candidate['name']}': '{path}' is not comparable with the spec "
+                          f"(missing attacks {missing}; differs in {problems or 'nothing else'}; data {ev['data']})")
+    ev["attacks"] = spec["attacks"]
+    return ev
 
 
 def _row(candidate: dict, ev: dict) -> dict:
