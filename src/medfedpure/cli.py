@@ -19,6 +19,10 @@ from medfedpure.data import DataError
 def _config(args: argparse.Namespace):
     cfg = apply_overrides(load_preset(args.preset), args.overrides)
     if args.data:
+        if cfg.data.dataset == "synthetic":
+            raise ConfigError(f"preset '{args.preset}' trains on the built-in synthetic scans (data.dataset="
+                              f"synthetic), so --data '{args.data}' would be ignored: add data.dataset=folder "
+                              "(one sub-folder per class), br35h or cifar10, or use a preset for real data")
         cfg.data.root = args.data
     if args.seed is not None:
         cfg.seed = args.seed
@@ -37,7 +41,7 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from medfedpure.federation.simulation import attack_label, run_federated
+    from medfedpure.federation.simulation import attack_label, failures, run_federated
 
     cfg = _config(args)
     out = _out(args, cfg)
@@ -51,9 +55,16 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  defended ({row['mode']}, {row['detector']} detector, {row['rule']} rule): "
               f"clean {100 * row['clean_acc']:.2f}% (bare {100 * row['bare_clean_acc']:.2f}%), "
               f"PGD {100 * row['adv_acc']:.2f}% (bare {100 * row['bare_adv_acc']:.2f}%), AUROC {row['auroc']:.3f}")
+    _print_failures(failures(result.history))
     print(f"results: {out}/summary.json, metrics.csv, accuracy_per_round.png"
           + (", defense.csv, defense_examples.png" if result.defense else ""))
     return 0
+
+
+def _print_failures(failed: list[dict]) -> None:
+    for f in failed:
+        who = f"client {f['client']}" if f.get("client") is not None else f"node {f['node']}"
+        print(f"  round {f['round']}: {who} failed ({f['phase']}) and was left out of that round: {f['error']}")
 
 
 def _pretrain(phase: str):
@@ -272,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
     if getattr(args, "no_progress", False):
         os.environ["MEDFEDPURE_NO_PROGRESS"] = "1"  # for bars without a progress argument (image decoding)
+    from medfedpure.federation.strategy import FederationError
+
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:  # incl. ReportError, ResumeError
+    except (ConfigError, DataError, FileNotFoundError, ValueError, FederationError) as err:  # incl. Report/ResumeError
         if args.verbose:
             raise
         print(f"medfedpure: error: {err}", file=sys.stderr)

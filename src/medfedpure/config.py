@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -90,6 +91,9 @@ class FederationConfig:
     num_cpus_per_client: int = 2
     num_gpus_per_client: float = 0.0  # with device: cuda, e.g. 1.0 (Ray hides the GPU from clients without it)
     num_threads: int = 2  # torch intra-op threads inside a ClientApp
+    # a round goes on when at least this share of the clients answered (the failed ones are logged
+    # and left out of the average); below it the run stops, keeping the last finished round
+    min_fit_fraction: float = 0.5
 
 
 @dataclass
@@ -220,12 +224,18 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         checks = [
+            (bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)), "name",
+             "letters, digits, '.', '_' and '-' (it names the run folder: no '/' or '..')"),
+            (self.seed >= 0, "seed", ">= 0"),
             (self.data.dataset in {"synthetic", "br35h", "cifar10", "folder"}, "data.dataset",
              "one of synthetic, br35h, cifar10, folder"),
             (self.data.dataset == "synthetic" or self.data.root, "data.root",
              f"a folder for dataset '{self.data.dataset}' (pass --data DIR)"),
             (self.data.image_size >= 8, "data.image_size", ">= 8"),
+            (self.data.max_per_class is None or self.data.max_per_class >= 1, "data.max_per_class",
+             ">= 1 or null (every image)"),
             (self.data.num_clients >= 1, "data.num_clients", ">= 1"),
+            (0 < self.federation.min_fit_fraction <= 1, "federation.min_fit_fraction", "in (0, 1]"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),
@@ -236,11 +246,16 @@ class ExperimentConfig:
             (self.model.num_experts >= 1, "model.num_experts", ">= 1"),
             (self.train.rounds >= 1, "train.rounds", ">= 1"),
             (self.train.local_epochs >= 1, "train.local_epochs", ">= 1"),
+            (self.train.batch_size >= 1, "train.batch_size", ">= 1"),
+            (self.train.lr > 0, "train.lr", "> 0"),
+            (self.train.weight_decay >= 0 and self.train.momentum >= 0, "train.weight_decay/momentum", ">= 0"),
             (self.train.optimizer in {"sgd", "adam"}, "train.optimizer", "sgd or adam"),
             (0 < self.train.lr_decay <= 1, "train.lr_decay", "in (0, 1]"),
             (self.attack.norm in {"linf", "l2"}, "attack.norm", "linf or l2"),
             (self.attack.eps >= 0 and self.attack.alpha >= 0, "attack.eps/alpha", ">= 0"),
             (self.attack.steps >= 0, "attack.steps", ">= 0"),
+            (self.attack.max_eval_per_client is None or self.attack.max_eval_per_client >= 1,
+             "attack.max_eval_per_client", ">= 1 or null (every test scan)"),
             (self.attack.adaptive_steps >= 0, "attack.adaptive_steps", ">= 0"),
             (self.attack.eot >= 1, "attack.eot", ">= 1"),
             (self.attack.loss in {"ce", "margin"}, "attack.loss", "ce or margin"),

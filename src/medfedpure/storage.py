@@ -49,6 +49,17 @@ def write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: Path | str) -> Any:
+    """A JSON file the project wrote; a missing or damaged one is named."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"'{path}' does not exist") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"'{path}' is not valid JSON ({err}); it may have been edited or damaged") from err
+
+
 def write_csv(path: Path | str, rows: Iterable[dict[str, Any]]) -> None:
     rows = list(rows)
     fields: list[str] = []

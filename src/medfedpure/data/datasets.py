@@ -98,8 +98,26 @@ def cap_per_class(data: ImageSet, max_per_class: int, seed: int) -> ImageSet:
 
 
 # --------------------------------------------------------------------------- folders
+def _images_below(folder: Path) -> list[Path]:
+    """Image files in a class folder and its sub-folders (hidden ones skipped), sorted; a broken
+    link or a link loop is named."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                path.stat()
+            except OSError as err:
+                raise DataError(f"image file '{path}' cannot be opened ({err.strerror or err})") from err
+            found.append(path)
+    return sorted(found)
+
+
 def list_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> dict[str, list[Path]]:
-    """Image files per class folder; fails on a missing or empty class folder."""
+    """Image files per class folder (sub-folders included); fails on a missing or empty class folder."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist or is not a folder")
@@ -113,7 +131,7 @@ def list_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> di
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"class folder '{folder}' is missing (expected classes: {', '.join(classes)})")
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = _images_below(folder)
         if not found:
             raise DataError(f"class folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files[name] = found
@@ -147,6 +165,21 @@ def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None) -> I
                     CIFAR10_CLASSES, str(root), tuple(path for p in parts for path in p.paths or ()))
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches (a dict of bytes, lists and one uint8 array) and nothing
+    else: any other object in the file is refused before it is built, so a crafted batch file
+    cannot run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing '{module}.{name}': not part of a CIFAR-10 batch")
+
+
 def _load_cifar_batches(folder: Path, image_size: int) -> ImageSet:
     images, labels = [], []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -155,7 +188,8 @@ def _load_cifar_batches(folder: Path, image_size: int) -> ImageSet:
             raise DataError(f"CIFAR-10 batch file '{path}' is missing")
         try:
             with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
+                batch = _BatchUnpickler(fh, encoding="latin1").load()
+            batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
         except Exception as err:  # noqa: BLE001 - any failure here means a bad file
@@ -167,8 +201,24 @@ def _load_cifar_batches(folder: Path, image_size: int) -> ImageSet:
 
 
 # --------------------------------------------------------------------------- decoding
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """Images of more than 8 bits per pixel (16-bit scanner PNGs, 32-bit integer or float TIFFs)
+    scaled to 8 bits by their own bit depth (12-bit data by 4095, not clipped at 255); float or
+    signed data by its own range."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if img.mode == "F" or lo < 0:
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    else:
+        depth = max(8, int(np.ceil(np.log2(hi + 1)))) if hi > 0 else 8
+        scaled = arr / (2 ** depth - 1)
+    return Image.fromarray(np.round(scaled * 255).clip(0, 255).astype(np.uint8), "L")
+
+
 def _resize(img: Image.Image, size: int) -> np.ndarray:
-    img = img.convert("RGB")
+    img = _to_8_bit(img).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
@@ -180,6 +230,8 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return _resize(img, size)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image file '{path}' is too large to decode safely ({err})") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"image file '{path}' cannot be read as an image ({err})") from err
 

@@ -9,7 +9,6 @@ class-folder layout that `medfedpure evaluate` accepts for any run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import uuid
@@ -20,7 +19,7 @@ import numpy as np
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.data.datasets import DataError, files_digest, load_dataset
-from medfedpure.storage import write_json
+from medfedpure.storage import read_json, write_json
 
 
 def export_holdout(run: Path, data: Path, out: Path, per_class: int | None = None, copy: bool = False) -> dict:
@@ -78,8 +77,8 @@ def _read_run(run: Path) -> tuple[ExperimentConfig, dict]:
     for name in ("config.json", "partition.json"):
         if not (run / name).is_file():
             raise DataError(f"run folder '{run}' lacks {name} (written by `medfedpure train` or `experiment`)")
-    cfg = ExperimentConfig.from_dict(json.loads((run / "config.json").read_text()))
-    return cfg, json.loads((run / "partition.json").read_text())
+    cfg = ExperimentConfig.from_dict(read_json(run / "config.json"))
+    return cfg, read_json(run / "partition.json")
 
 
 def _check_out(out: Path, data: Path) -> None:

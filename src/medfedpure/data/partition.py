@@ -86,6 +86,13 @@ def make_client_splits(labels: np.ndarray, num_clients: int, scheme: str, alpha:
     for i, p in enumerate(parts):
         train, val, test = train_test_split(p, labels, test_fraction, seed * 7919 + i, val_fraction)
         splits.append(ClientSplit(i, train, test, val))
+    short = [s for s in splits if s.n_train < 2 or s.n_test < 1 or (val_fraction > 0 and s.n_val < 1)]
+    if short:  # a figure computed on nothing would read as 0%, a training set of one scan as a model
+        sizes = ", ".join(f"client {s.client_id}: {s.n_train} train / {s.n_val} validation / {s.n_test} test"
+                          for s in short[:5])
+        raise DataError(f"{len(short)} of {num_clients} clients would get too few scans ({sizes}); every client "
+                        "needs at least 2 training scans, 1 test scan (and 1 validation scan when "
+                        "data.val_fraction > 0): use fewer clients or more data")
     return splits
 
 

@@ -10,7 +10,6 @@ accuracy over the attacks that know the defense.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from medfedpure.evaluation.metrics import attacked_positions
 from medfedpure.evaluation.robustness import Tally, answer, run_suite
 from medfedpure.federation import task
 from medfedpure.reporting.plots import plot_suite
-from medfedpure.storage import atomic_write_text, write_csv, write_json
+from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
 KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes", "bpda": "yes",
                      "detector-aware": "yes", "square": "yes (queries)"}
@@ -57,7 +56,7 @@ def suite_done(out: Path | str, request: dict) -> bool:
     """Whether `out` holds a finished suite evaluation of exactly this request."""
     out = Path(out)
     saved = out / "request.json"
-    return (out / "evaluation.json").is_file() and saved.is_file() and json.loads(saved.read_text()) == request
+    return (out / "evaluation.json").is_file() and saved.is_file() and read_json(saved) == request
 
 
 def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str], clients: str = "all",

@@ -12,7 +12,6 @@ attack's accuracy and latency side by side (the frontier).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
 from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, suite_done, suite_request
 from medfedpure.reporting.plots import plot_frontier
-from medfedpure.storage import atomic_write_text, write_json
+from medfedpure.storage import atomic_write_text, read_json, write_json
 
 SPEC_FIELDS = {"attacks", "max_per_client", "overrides", "candidates"}
 CANDIDATE_FIELDS = {"name", "run", "overrides", "note", "from"}
@@ -83,7 +82,7 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
                 print(f"candidate {c['name']}: {c['run']} {' '.join(overrides)}", flush=True)
             evaluate_suite(c["run"], None, spec["attacks"], overrides=overrides, out=folder,
                            max_per_client=spec.get("max_per_client"), progress=progress)
-        rows.append(_row(c, json.loads((folder / "evaluation.json").read_text())))
+        rows.append(_row(c, read_json(folder / "evaluation.json")))
     result = {"spec": str(spec_path), "attacks": spec["attacks"], "max_per_client": spec.get("max_per_client"),
               "overrides": spec.get("overrides", []), "rows": rows}
     write_json(out / "candidates.json", result)
@@ -97,11 +96,11 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     path = Path(candidate["from"]) / "evaluation.json"
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no suite evaluation at '{path}'")
-    ev = json.loads(path.read_text())
+    ev = read_json(path)
     config = Path(candidate["run"]) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': run folder '{candidate['run']}' has no config.json")
-    probe = apply_overrides(ExperimentConfig.from_dict(json.loads(config.read_text())),
+    probe = apply_overrides(ExperimentConfig.from_dict(read_json(config)),
                             [o for o in spec.get("overrides", []) if o.startswith("attack.")])
     problems = [f"{k} {ev['attack_config'].get(k)} (spec: {getattr(probe.attack, k)})" for k in BUDGET_FIELDS
                 if ev["attack_config"].get(k) != getattr(probe.attack, k)]

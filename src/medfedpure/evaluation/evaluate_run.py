@@ -25,7 +25,7 @@ from medfedpure.evaluation.defense_eval import build_detector, evaluate_defense
 from medfedpure.evaluation.metrics import evaluate_accuracy
 from medfedpure.federation import task
 from medfedpure.reporting.results import defense_rows, weighted_mean
-from medfedpure.storage import atomic_write_text, load_tensors, write_csv, write_json
+from medfedpure.storage import atomic_write_text, load_tensors, read_json, write_csv, write_json
 
 
 class RunFolderError(FileNotFoundError):
@@ -72,8 +72,9 @@ def load_client_model(run: Path, cfg: ExperimentConfig, client: int, n_classes: 
     try:
         model.load_experts(experts)
         model.load_gate(load_tensors(_need(folder / "gate.safetensors", f"client {client}'s gate")))
-    except KeyError as err:
-        raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {err}") from err
+    except (KeyError, RuntimeError) as err:  # other arrays, or other shapes (an edited model section)
+        reason = str(err).strip().splitlines()[0][:300]
+        raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {reason}") from err
     return model.eval()
 
 
@@ -118,7 +119,8 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
              overrides: list[str] | None = None) -> RunUnderTest:
     """`data=None`: every client on its own test split, the scans of the run's final evaluation."""
     run = Path(run)
-    cfg = ExperimentConfig.from_dict(json.loads(_need(run / "config.json", "config").read_text()))
+    config = _need(run / "config.json", "config")
+    cfg = ExperimentConfig.from_dict(read_json(config), source=str(config))
     own_test = data is None
     if own_test:
         changed = [o for o in overrides or [] if not o.startswith(OWN_TEST_OVERRIDES)]
@@ -126,7 +128,10 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
             raise ValueError(f"evaluating on the run's own test splits keeps its data and model: only attack.* "
                              f"and defense.* overrides apply, not {changed}")
     cfg = apply_overrides(cfg, overrides or []).validate()
-    classes = json.loads(_need(run / "partition.json", "partition record").read_text())["classes"]
+    classes = read_json(_need(run / "partition.json", "partition record"))["classes"]
+    if clients != "all" and not (clients.isdigit() and int(clients) < cfg.data.num_clients):
+        raise ValueError(f"--client must be 'all' or a client index 0-{cfg.data.num_clients - 1} "
+                         f"(the run has {cfg.data.num_clients} clients), not '{clients}'")
     ids = range(cfg.data.num_clients) if clients == "all" else [int(clients)]
     if own_test:
         loaders = {i: task.client_loaders(cfg, i, cfg.train.rounds)[1] for i in ids}

@@ -57,8 +57,10 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader,
             total += len(y)
     finally:
         model.train(was_training)
-    out = {"clean_acc": correct / max(total, 1), "test_loss": loss_sum / max(total, 1), "n_test": total}
+    # a figure over no scans is None (n/a), never 0%
+    out = {"clean_acc": correct / total if total else None, "test_loss": loss_sum / total if total else None,
+           "n_test": total}
     if attack is not None:
-        out.update(adv_acc=adv_correct / max(adv_total, 1), n_adv=adv_total,
-                   clean_acc_attacked=adv_clean_correct / max(adv_total, 1))
+        out.update(adv_acc=adv_correct / adv_total if adv_total else None, n_adv=adv_total,
+                   clean_acc_attacked=adv_clean_correct / adv_total if adv_total else None)
     return out

@@ -16,7 +16,6 @@ to the attacked off-diagonal is the transferred attack's doing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from medfedpure.evaluation.evaluate_run import RunFolderError, defended_classifi
 from medfedpure.evaluation.metrics import attacked_index, attacked_positions
 from medfedpure.federation import task
 from medfedpure.federation.checkpoint import config_fingerprint
-from medfedpure.storage import write_csv, write_json
+from medfedpure.storage import read_json, write_csv, write_json
 
 
 def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
@@ -67,7 +66,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     config_path = run / "config.json"
     if not config_path.is_file():
         raise RunFolderError(f"run folder '{run}' has no config.json")
-    cfg = ExperimentConfig.from_dict(json.loads(config_path.read_text()))
+    cfg = ExperimentConfig.from_dict(read_json(config_path))
     n = cfg.data.num_clients
     n_classes = task.num_classes(cfg)
     models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
@@ -115,6 +114,6 @@ def transfer_done(run: Path, cfg: ExperimentConfig) -> bool:
     path = Path(run) / "transfer.json"
     if not path.is_file():
         return False
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     return (saved.get("fingerprint") == config_fingerprint(cfg, "train")
             and "clean_matrix" in saved.get("bare", {}))

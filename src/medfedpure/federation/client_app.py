@@ -6,8 +6,8 @@ in the simulation and on a real SuperNode.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.federation import task
 from medfedpure.methods import baselines
 from medfedpure.models import PersonalizedMoE
-from medfedpure.storage import load_tensors, save_tensors, write_json
+from medfedpure.storage import load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _restore_gate(folder: Path | None, rnd: int) -> dict[str, torch.Tensor]:
                 if int((fh.metadata() or {}).get("round", -1)) == rnd:
                     history = folder / "history.json"
                     if history.exists():  # forget the rounds the interrupted run did not finish
-                        write_json(history, [h for h in json.loads(history.read_text()) if h["round"] <= rnd])
+                        write_json(history, [h for h in read_json(history) if h["round"] <= rnd])
                     return load_tensors(path)
     raise FileNotFoundError(f"cannot resume: no gate from round {rnd} in '{folder}'")
 
@@ -89,14 +89,23 @@ def _append_history(folder: Path | None, entry: dict) -> None:
         return
     path = folder / "history.json"
     fresh = entry["phase"] == "train" and entry["round"] == 1
-    history = json.loads(path.read_text()) if path.exists() and not fresh else []
+    history = read_json(path) if path.exists() and not fresh else []
     history.append(entry)
     write_json(path, history)
+
+
+def _rehearsed_failure(partition: int, server_round: int) -> None:
+    """`MEDFEDPURE_FAIL_CLIENT=<client>@<round>[,...]` makes that client fail that round's training,
+    to rehearse how the federation copes with a hospital that drops out (a test hook, off by default)."""
+    for item in os.environ.get("MEDFEDPURE_FAIL_CLIENT", "").split(","):
+        if item.strip() == f"{partition}@{server_round}":
+            raise RuntimeError(f"client {partition} failed on purpose in round {server_round} (MEDFEDPURE_FAIL_CLIENT)")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, out_dir = _setup(msg, context)
+    _rehearsed_failure(partition, server_round)
     task.set_seed(task.client_seed(cfg, partition, server_round))
     model = _personal_model(cfg, partition, msg, context, out_dir)
     gate_in = task.state_digest(model.gate_state())

@@ -3,6 +3,7 @@ plain FedAvg of a whole defense model (phases 1-2)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -10,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.federation.strategy import ExpertFedAvg, FederationError
+from medfedpure.federation.strategy import ExpertFedAvg, FederationError, accept_replies
 
 
 def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir: str,
@@ -32,21 +33,34 @@ def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir
         on_done(final)
         if defense_paths and on_defense is not None:
             config["resume-round"] = cfg.train.rounds  # a client restarted since round 1 restores its gate
-            on_defense(_defended_evaluation(grid, final, config))
+            on_defense(_defended_evaluation(grid, final, config, cfg.data.num_clients,
+                                            cfg.federation.min_fit_fraction, strategy.clients_of))
 
     return app
 
 
-def _defended_evaluation(grid: Grid, experts: ArrayRecord, config: ConfigRecord) -> list[dict]:
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0) -> list[int]:
+    """The ids of `count` connected clients, waiting for them to connect (a resumed run reaches its
+    first query before the simulation's clients have registered)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = list(grid.get_node_ids())
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(ids)} of {count} clients connected within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _defended_evaluation(grid: Grid, experts: ArrayRecord, config: ConfigRecord, num_clients: int,
+                         min_fraction: float = 1.0, clients_of: dict[int, int] | None = None) -> list[dict]:
     """One query to every client: evaluate the final experts with its own gate and defense."""
     ExpertFedAvg._check_keys(experts.keys(), "server -> client defense query")
     messages = [Message(content=RecordDict({"arrays": experts, "config": config}), message_type=MessageType.QUERY,
-                        dst_node_id=node) for node in grid.get_node_ids()]
+                        dst_node_id=node) for node in wait_for_nodes(grid, num_clients)]
     replies = list(grid.send_and_receive(messages, timeout=3600 * 6))
-    failed = [m for m in replies if m.has_error()]
-    if failed:
-        raise FederationError(f"{len(failed)} client(s) failed the defended evaluation: {failed[0].error.reason}")
-    return [dict(m.content["metrics"]) for m in replies]
+    valid, _ = accept_replies(replies, num_clients, min_fraction, "defended evaluation", clients_of or {})
+    return [dict(m.content["metrics"]) for m in valid]
 
 
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,
@@ -54,6 +68,7 @@ def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: 
     n = cfg.data.num_clients
     return ExpertFedAvg(num_rounds=cfg.train.rounds, on_round_end=on_round_end,
                         keep_client_arrays=keep_client_arrays, round_offset=round_offset, history=history,
+                        num_clients=n, min_fit_fraction=cfg.federation.min_fit_fraction,
                         fraction_train=1.0, fraction_evaluate=1.0,
                         min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
 
@@ -61,9 +76,11 @@ def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: 
 class PretrainFedAvg(FedAvg):
     """Plain FedAvg of a whole MAE / U-Net, reporting each round's weighted losses."""
 
-    def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0) -> None:
+    def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
+                 min_fit_fraction: float = 1.0) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_clients,
                          min_evaluate_nodes=num_clients, min_available_nodes=num_clients)
+        self.num_clients, self.min_fit_fraction = num_clients, min_fit_fraction
         self.on_round_end = on_round_end
         self.round_offset = round_offset
         self.rows: dict[int, dict] = {}
@@ -77,10 +94,8 @@ class PretrainFedAvg(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         server_round += self.round_offset
-        replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        if failed:
-            raise FederationError(f"{len(failed)} client(s) failed in round {server_round}: {failed[0].error.reason}")
+        replies, _ = accept_replies(list(replies), self.num_clients, self.min_fit_fraction,
+                                    f"pretraining round {server_round}", {})
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.latest_arrays = arrays
         self.rows.setdefault(server_round, {"round": server_round})["train_loss"] = float(metrics["train_loss"])
@@ -88,6 +103,8 @@ class PretrainFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round, replies):
         server_round += self.round_offset
+        replies, _ = accept_replies(list(replies), self.num_clients, self.min_fit_fraction,
+                                    f"pretraining evaluation {server_round}", {})
         metrics = super().aggregate_evaluate(server_round, replies)
         row = self.rows.setdefault(server_round, {"round": server_round})
         row["test_loss"] = float(metrics["test_loss"]) if metrics is not None else None

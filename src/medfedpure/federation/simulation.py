@@ -8,7 +8,6 @@ holds the two defense checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,14 +24,15 @@ from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation import task
-from medfedpure.federation.checkpoint import config_fingerprint, load_round, save_round
+from medfedpure.federation.checkpoint import ResumeError, config_fingerprint, load_round, save_round
 from medfedpure.federation.client_app import app as client_app
 from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
 from medfedpure.federation.server_app import (PretrainFedAvg, make_pretrain_server_app, make_server_app,
                                               make_strategy)
+from medfedpure.federation.strategy import FederationError
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.storage import save_tensors, write_csv, write_json
+from medfedpure.storage import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,20 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "") -> Pa
     return out
 
 
+def ray_init_args(cfg: ExperimentConfig) -> dict:
+    """How the simulation starts Ray: its servers on the loopback interface only (the simulation
+    is one machine), no dashboard, every core."""
+    return {"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client)}
+
+
 def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level: int = logging.ERROR) -> None:
     """A Flower simulation on the Ray backend, one ClientApp at a time on this machine's cores."""
     from flwr.simulation import run_simulation
 
     backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client,
                                           "num_gpus": cfg.federation.num_gpus_per_client},
-                      "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client),
-                                    "include_dashboard": False}}
+                      "init_args": ray_init_args(cfg)}
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     flwr_logger.setLevel(flower_log_level)
@@ -100,12 +106,12 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
                     flower_log_level: int = logging.ERROR) -> dict:
     """Train the MAE or the diffusion U-Net on clean scans; writes `<phase>.safetensors` and its metrics."""
     phase = PHASES[phase_name]
+    resumed = load_round(Path(out_dir).resolve(), phase_name, cfg.validate())  # refuse before writing anything
     out = prepare_run(cfg, out_dir, tag=f"-{phase_name}")
     settings = phase.settings(cfg)
     t0 = time.time()
     task.set_seed(cfg.seed)
     model = phase.build(cfg).to(cfg.device)
-    resumed = load_round(out, phase_name, cfg)
     rows: list[dict] = list(resumed.state["rows"]) if resumed else []
     if resumed is not None:
         model.load_state_dict(resumed.arrays)
@@ -130,7 +136,8 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
             bar.update(1)
 
         final: list[ArrayRecord] = []
-        strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows))
+        strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows),
+                                  min_fit_fraction=cfg.federation.min_fit_fraction)
         server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
                                               settings.rounds, final.append)
         try:
@@ -182,6 +189,7 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
                     Path(out_dir) / CHECKPOINTS["diffusion"])
         cfg.defense.purify_training = False
         cfg.defense.adv_share = 0.0
+    resumed = load_round(Path(out_dir).resolve(), "train", cfg.validate())  # refuse before writing anything
     out = prepare_run(cfg, out_dir)
     t0 = time.time()
 
@@ -190,7 +198,6 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     log.info("%s backbones start from %s", cfg.model.backbone,
              f"ImageNet weights ({cfg.model.pretrained_weights})" if cfg.model.pretrained_weights
              else "random init (no pretrained weights given)")
-    resumed = load_round(out, "train", cfg)
     if resumed is not None:
         model.load_experts(resumed.arrays)
         log.info("resuming after round %d of %d (checkpoints/train.json)", resumed.round, cfg.train.rounds)
@@ -202,7 +209,8 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
         save_round(out, "train", cfg, rnd, strategy.latest_arrays.to_torch_state_dict(),
                    {"history": history_to_json(strategy.history)})
         rows = round_rows(strategy.history)
-        write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows})
+        write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows,
+                                          "failures": failures(strategy.history)})
         write_csv(out / "metrics.csv", rows)
         ev = rec.get("evaluate", {})
         bar.set_postfix(clean=f"{ev.get('clean_acc', float('nan')):.3f}",
@@ -227,8 +235,10 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     finally:
         bar.close()
     if not final_arrays or len(strategy.history) < cfg.train.rounds:
-        raise RuntimeError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
-                           "see the Flower log above")
+        raise FederationError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
+                              "see the Flower log above")
+    if run_defense and not defense_results:  # never a summary without its defense
+        raise FederationError("the defended evaluation got no answer; see the Flower log above")
 
     model.load_experts(final_arrays[0].to_torch_state_dict())
     save_tensors(out / "global_experts.safetensors", model.expert_state(),
@@ -238,9 +248,9 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     wall = time.time() - t0
     final = dict(mean_rows(rows)[-1])
     final["wall_time_s"] = round(wall, 1)
-    write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows})
+    write_json(out / "metrics.json", {"attack": attack_label(cfg), "rows": rows, "failures": failures(strategy.history)})
     write_csv(out / "metrics.csv", rows)
-    summary = {"name": cfg.name, "attack": attack_label(cfg), "final": final,
+    summary = {"name": cfg.name, "attack": attack_label(cfg), "final": final, "failures": failures(strategy.history),
                "fingerprint": config_fingerprint(cfg, "train"),
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
     if defense_results:
@@ -254,6 +264,11 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
                      f"{cfg.name}: {cfg.data.dataset} {cfg.data.image_size}px, {cfg.data.num_clients} clients, "
                      f"K={cfg.model.num_experts} {cfg.model.backbone}", attack_label(cfg))
     return RunResult(out, rows, final, wall, strategy.history, summary.get("defense", []))
+
+
+def failures(history: dict[int, dict]) -> list[dict]:
+    """Every client that failed a round: round, phase, client (or node) and the last line of its error."""
+    return [{"round": rnd, **f} for rnd in sorted(history) for f in history[rnd].get("failed", [])]
 
 
 def history_to_json(history: dict[int, dict]) -> dict:
@@ -285,12 +300,16 @@ def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
         path = out / CHECKPOINTS[phase]
         if not path.is_file():
             return False
-        with safe_open(str(path), "pt") as fh:
-            return (fh.metadata() or {}).get("fingerprint") == config_fingerprint(cfg, phase)
+        try:
+            with safe_open(str(path), "pt") as fh:
+                return (fh.metadata() or {}).get("fingerprint") == config_fingerprint(cfg, phase)
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise ResumeError(f"checkpoint '{path}' is unreadable ({err}); delete it to train that phase "
+                              "again") from err
     path = out / "summary.json"
     if not path.is_file():
         return False
-    summary = json.loads(path.read_text())
+    summary = read_json(path)
     return (summary.get("fingerprint") == config_fingerprint(cfg, "train")
             and (not cfg.defense.enabled or "defense" in summary))
 
@@ -321,7 +340,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+    timings = read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
     for method in methods or [cfg.method.name]:
         mcfg = method_config(cfg, method)
         folder = method_dir(out, method)

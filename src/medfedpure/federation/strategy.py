@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -11,9 +13,37 @@ from flwr.serverapp.strategy import FedAvg
 
 SHARED_PREFIX = "experts."
 
+log = logging.getLogger(__name__)
+
 
 class FederationError(RuntimeError):
-    """A client failed, or a message carried something it must not."""
+    """Too few clients answered, or a message carried something it must not."""
+
+
+def accept_replies(replies: list[Message], expected: int, min_fraction: float, where: str,
+                   clients_of: dict[int, int]) -> tuple[list[Message], list[dict]]:
+    """The replies without errors, and a record of every failure (logged by client, with the first
+    line of its error). A round goes on when at least `min_fraction` of the `expected` clients
+    answered; below that, one FederationError says who failed and why."""
+    valid = [m for m in replies if not m.has_error()]
+    failed = []
+    for m in replies:
+        if m.has_error():
+            node = int(m.metadata.src_node_id)
+            reason = (m.error.reason or "no reason given").strip().splitlines()
+            failed.append({"node": node, "client": clients_of.get(node), "error": reason[-1] if reason else ""})
+    missing = expected - len(replies)  # no reply at all (timed out)
+    for f in failed:
+        who = f"client {f['client']}" if f["client"] is not None else f"node {f['node']}"
+        log.warning("%s: %s failed: %s", where, who, f["error"])
+    if missing > 0:
+        log.warning("%s: %d client(s) did not answer in time", where, missing)
+    needed = max(1, math.ceil(min_fraction * expected))
+    if len(valid) < needed:
+        first = f"; first failure: {failed[0]['error']}" if failed else ""
+        raise FederationError(f"{where}: only {len(valid)} of {expected} clients answered, {needed} needed "
+                              f"(federation.min_fit_fraction={min_fraction:g}){first}")
+    return valid, failed
 
 
 class ExpertFedAvg(FedAvg):
@@ -26,7 +56,8 @@ class ExpertFedAvg(FedAvg):
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
                  keep_client_arrays: bool = False, round_offset: int = 0,
-                 history: dict[int, dict] | None = None, **kwargs) -> None:
+                 history: dict[int, dict] | None = None, num_clients: int = 1, min_fit_fraction: float = 1.0,
+                 **kwargs) -> None:
         kwargs.setdefault("min_train_nodes", 1)
         kwargs.setdefault("min_evaluate_nodes", 1)
         kwargs.setdefault("min_available_nodes", 1)
@@ -37,6 +68,16 @@ class ExpertFedAvg(FedAvg):
         self.round_offset = round_offset
         self.history: dict[int, dict] = dict(history or {})
         self.latest_arrays: ArrayRecord | None = None
+        self.num_clients, self.min_fit_fraction = num_clients, min_fit_fraction
+        self.clients_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+
+    def _accept(self, replies: list[Message], where: str, rec: dict, phase: str) -> list[Message]:
+        valid, failed = accept_replies(replies, self.num_clients, self.min_fit_fraction, where, self.clients_of)
+        for msg in valid:
+            self.clients_of[int(msg.metadata.src_node_id)] = int(msg.content["metrics"]["partition-id"])
+        if failed:
+            rec.setdefault("failed", []).extend({"phase": phase, **f} for f in failed)
+        return valid
 
     def _round(self, server_round: int) -> dict:
         return self.history.setdefault(server_round, {"round": server_round, "clients": {}})
@@ -65,18 +106,11 @@ class ExpertFedAvg(FedAvg):
         config["final"] = server_round == self.num_rounds
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def _raise_on_errors(self, replies: list[Message], phase: str) -> None:
-        failed = [m for m in replies if m.has_error()]
-        if failed:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed[:3])
-            raise FederationError(f"{len(failed)} client(s) failed during {phase}: {reasons}")
-
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        replies = list(replies)
-        self._raise_on_errors(replies, f"training round {server_round}")
         rec = self._round(server_round)
+        replies = self._accept(list(replies), f"training round {server_round}", rec, "train")
         dtypes = {}
         for msg in replies:
             arrays = msg.content["arrays"]
@@ -103,9 +137,8 @@ class ExpertFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        replies = list(replies)
-        self._raise_on_errors(replies, f"evaluation round {server_round}")
         rec = self._round(server_round)
+        replies = self._accept(list(replies), f"evaluation round {server_round}", rec, "evaluate")
         for msg in replies:
             metrics = dict(msg.content["metrics"])
             client = int(metrics["partition-id"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.attack_suite import budget_label, default_suite_dir
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
-from medfedpure.storage import atomic_write_text, write_csv, write_json
+from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
 # SPEC §6: what the paper reports (clean %, adversarial %).
 PAPER = {
@@ -30,7 +30,7 @@ def _load(run: Path, name: str) -> dict:
     path = run / name
     if not path.is_file():
         raise ReportError(f"run folder '{run}' has no {name}: run `medfedpure experiment` or `train` there first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _table_id(cfg: ExperimentConfig) -> str:
@@ -125,7 +125,7 @@ def build_tables(run: Path) -> dict:
                           "classify_ms": round(r["adv_classify_ms"], 2)}
                          for r in summary.get("defense", [])]
         if (folder / "transfer.json").is_file():
-            t = json.loads((folder / "transfer.json").read_text())
+            t = read_json(folder / "transfer.json")
             for kind in ("bare", "defended"):
                 if kind in t:
                     transfer.append({"method": label + (" + defense" if kind == "defended" else ""),
@@ -145,7 +145,7 @@ def _suite(folder: Path) -> dict | None:
     path = default_suite_dir(folder) / "evaluation.json"
     if not path.is_file():
         return None
-    ev = json.loads(path.read_text())
+    ev = read_json(path)
     return {"headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"], "scans": ev["headline"]["n"]}
 
 

@@ -1,0 +1,225 @@
+"""Bad input, as a careless or hostile user gives it: each case is one clear error naming the
+file or field (never a traceback, never a silent wrong figure), and nothing already written
+is lost. One test per case of issue 13; the end-to-end failure cases are in test_resilience."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfedpure.cli import main
+from medfedpure.config import ConfigError, load_preset
+from medfedpure.data import DataError, load_dataset, make_client_splits
+from medfedpure.data.datasets import decode_image, load_class_folders
+from medfedpure.evaluation import evaluate_accuracy
+from medfedpure.storage import read_json
+
+from conftest import write_images
+
+
+# ---------------------------------------------------------------- images
+def test_16_bit_grayscale_keeps_its_range(tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (64, 1))  # a 12-bit scanner ramp
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I")
+    x = decode_image(tmp_path / "ramp.png", 64)
+    assert x.dtype == np.uint8 and x.shape == (3, 64, 64)
+    assert (x == 255).mean() < 0.05  # was 92% white: clipped at 255 of 4095
+    row = x[0, 0].astype(float)
+    assert row[0] == 0 and row[-1] == 255 and np.all(np.diff(row) >= 0)  # the ramp survives, monotone
+    assert abs(row[32] - 128) <= 3  # 12 bits scaled by their depth, not by 16
+
+
+def test_decompression_bomb_is_named(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels > 2x the limit: refused like 20000^2
+    with pytest.raises(DataError, match="big.png"):
+        decode_image(tmp_path / "big.png", 32)
+
+
+def test_symlink_loop_in_a_class_folder_is_named(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "a", 3)
+    write_images(root / "b", 3)
+    os.symlink(root / "b" / "loop.jpg", root / "b" / "loop.jpg")  # points at itself
+    with pytest.raises(DataError, match="loop.jpg"):
+        load_class_folders(root, 16)
+
+
+def test_images_in_sub_folders_of_a_class_are_used(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "a", 2)
+    write_images(root / "a" / "2019", 3, seed=4)  # a class folder with a sub-folder per year
+    write_images(root / "b", 2, seed=5)
+    write_images(root / "b" / ".ipynb_checkpoints", 2, seed=6)  # hidden: not data
+    data = load_class_folders(root, 16)
+    assert np.bincount(data.labels).tolist() == [5, 2]
+
+
+def _malicious_batch(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(path, "wb") as fh:
+        pickle.dump({"data": Payload(), "labels": [0]}, fh)
+
+
+def test_cifar_batches_never_run_code(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    _malicious_batch(folder / "data_batch_1", marker)
+    cfg = load_preset("demo").data
+    cfg.dataset, cfg.root = "cifar10", str(tmp_path)
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_dataset(cfg)
+    assert not marker.exists()
+
+
+def test_cifar_batches_still_load(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"batch_label": b"x", b"labels": list(rng.integers(0, 10, 4)),
+                         b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
+                         b"filenames": [b"a.png"] * 4}, fh, protocol=2)
+    cfg = load_preset("demo").data
+    cfg.dataset, cfg.root, cfg.image_size = "cifar10", str(tmp_path), 32
+    assert len(load_dataset(cfg)) == 24
+
+
+# ---------------------------------------------------------------- config and CLI
+@pytest.mark.parametrize("override, field", [
+    ("name=../../../x", "name"), ("train.batch_size=0", "train.batch_size"), ("train.lr=-0.1", "train.lr"),
+    ("attack.max_eval_per_client=0", "attack.max_eval_per_client"), ("data.max_per_class=-5", "data.max_per_class"),
+])
+def test_bad_values_name_the_field(override, field, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), override]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_negative_seed_and_a_folder_as_preset(tmp_path, capsys):
+    assert main(["train", "--seed", "-1", "--out", str(tmp_path / "run")]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert main(["train", "--preset", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "Traceback" not in err
+
+
+def test_data_given_to_a_synthetic_preset_is_refused(tmp_path, capsys):
+    assert main(["train", "--data", "/nonexistent", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic" in err and "data.dataset" in err
+
+
+def test_bad_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        read_json(tmp_path / "config.json")
+
+
+# ---------------------------------------------------------------- figures computed on nothing
+def test_a_client_without_test_scans_is_refused_at_partition_time():
+    labels = np.repeat([0, 1], 5)
+    with pytest.raises(DataError, match="0 test"):
+        make_client_splits(labels, 8, "iid", 0.5, 0.2, 0)
+
+
+def test_accuracy_on_nothing_is_not_zero():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    loader = [(torch.rand(0, 3, 4, 4), torch.zeros(0, dtype=torch.long))]
+
+    class Empty(list):
+        dataset = []
+
+    out = evaluate_accuracy(model, Empty(loader), attack=lambda x, y: x, max_items=None)
+    assert out["clean_acc"] is None and out["adv_acc"] is None and out["n_test"] == 0
+
+
+def test_preset_file_with_bad_json_config_in_a_run_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{oops")
+    assert main(["evaluate", "--run", str(run), "--own-test"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "Traceback" not in err
+    assert json.loads  # the file is left as it was
+    assert (run / "config.json").read_text() == "{oops"
+
+
+def test_config_errors_are_config_errors():
+    cfg = load_preset("demo")
+    cfg.name = "a/b"
+    with pytest.raises(ConfigError, match="name"):
+        cfg.validate()
+
+
+# ---------------------------------------------------------------- run folders
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny defended experiment, trained once for the run-folder cases."""
+    from medfedpure.federation import simulation
+    from test_experiment import tiny
+
+    out = tmp_path_factory.mktemp("finished")
+    cfg = tiny()
+    cfg.attack.suite = []
+    simulation.run_experiment(cfg, out, progress=False, transfer=False)
+    return out, cfg
+
+
+def test_a_refused_resume_writes_nothing(finished_run, capsys):
+    out, _ = finished_run
+    before = {name: (out / name).read_bytes() for name in ("config.json", "partition.json", "environment.json")}
+    assert main(["train", "--out", str(out), "--seed", "5", "--no-progress", "data.num_clients=2",
+                 "data.synthetic_per_class=120", "train.rounds=2"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_kill_before_the_summary_is_repaired_by_the_rerun(finished_run):
+    """Killed after the last round, before summary.json: the rerun must do the defended evaluation."""
+    from medfedpure.federation import simulation
+
+    out, cfg = finished_run
+    defense = read_json(out / "defense.json")
+    (out / "summary.json").unlink()
+    (out / "defense.json").unlink()
+    simulation.run_experiment(cfg, out, progress=False, transfer=False)
+    assert read_json(out / "defense.json")["rows"] == defense["rows"]
+    assert "defense" in read_json(out / "summary.json")
+
+
+def test_client_out_of_range_and_an_edited_model_section_are_named(finished_run, capsys, tmp_path):
+    out, _ = finished_run
+    assert main(["evaluate", "--run", str(out), "--own-test", "--client", "7"]) == 2
+    assert "client index 0-1" in capsys.readouterr().err
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = read_json(copy / "config.json")
+    config["model"]["head_hidden"] = 128
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", "--run", str(copy), "--own-test", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "do not match its config.json" in err and "Traceback" not in err
+
+
+def test_a_truncated_checkpoint_under_experiment_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diffusion.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a")  # cut short
+    assert main(["experiment", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.safetensors" in err and "Traceback" not in err

@@ -1,0 +1,140 @@
+"""A hospital that fails mid-run: the federation goes on without it when enough others answer,
+says who failed and why, and stops with one clear line (keeping its last finished round) when
+too few answer."""
+
+import pytest
+
+from medfedpure.cli import main
+from medfedpure.storage import read_json
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.synthetic_per_class=90", "train.rounds=3", "train.local_epochs=1", "attack.max_eval_per_client=4",
+        "defense.enabled=false"]
+
+
+def test_one_failing_hospital_of_three_is_left_out_of_its_round(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDFEDPURE_FAIL_CLIENT", "1@2")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "round 2: client 1 failed (train)" in printed and "on purpose" in printed
+    summary = read_json(out / "summary.json")
+    assert [(f["round"], f["phase"], f["client"]) for f in summary["failures"]] == [(2, "train", 1)]
+    rows = read_json(out / "metrics.json")["rows"]
+    assert sorted(r["client"] for r in rows if r["round"] == 2 and r["client"] != "mean" and r["n_train"]) == [0, 2]
+    assert {r["client"] for r in rows if r["round"] == 3} == {0, 1, 2, "mean"}  # it is back in round 3
+    assert summary["final"]["round"] == 3
+
+
+def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDFEDPURE_FAIL_CLIENT", "0@2,1@2")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped after 1 of 3 rounds" in err and "Traceback" not in err.split("medfedpure: error:")[-1]
+    assert read_json(out / "checkpoints" / "train.json")["round"] == 1
+    monkeypatch.delenv("MEDFEDPURE_FAIL_CLIENT")
+    assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 0  # resumes
+    assert read_json(out / "summary.json")["final"]["round"] == 3
+
+
+def test_ray_listens_on_the_loopback_interface_only():
+    ray = pytest.importorskip("ray")
+    import psutil
+    from medfedpure.config import load_preset
+    from medfedpure.federation.simulation import ray_init_args
+
+    ray.init(**ray_init_args(load_preset("demo")))
+    try:
+        ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+        listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        assert listening, "Ray started no server?"
+        assert {c.laddr.ip for c in listening} <= {"127.0.0.1", "::1"}, listening
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- kill -9 at five points, then the same command
+KILL_POINTS = {  # what the folder shows when the process is killed
+    "phase 1 (diffusion), after its first round": lambda out: (out / "checkpoints" / "diffusion.json").is_file(),
+    "phase 2 (MAE), after its first round": lambda out: (out / "checkpoints" / "mae.json").is_file(),
+    "phase 3, in the middle of round 2": lambda out: _train_round(out) == 1 and _history_rounds(out) >= 2,
+    "the defended evaluation": lambda out: _train_round(out) == 2 and not (out / "summary.json").is_file(),
+    "the attack suite and the tables": lambda out: (out / "summary.json").is_file()
+    and not (out / "tables.md").is_file(),
+}
+
+
+def _train_round(out):
+    path = out / "checkpoints" / "train.json"
+    try:
+        return read_json(path)["round"] if path.is_file() else 0
+    except ValueError:  # caught mid-write
+        return 0
+
+
+def _history_rounds(out):
+    path = out / "clients" / "client_00" / "history.json"
+    try:
+        return max((h["round"] for h in read_json(path)), default=0) if path.is_file() else 0
+    except ValueError:
+        return 0
+
+
+def _experiment(out):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "medfedpure.cli", "experiment", "--out", str(out), "--no-progress",
+            "--no-transfer", "data.num_clients=2", "data.synthetic_per_class=120", "train.rounds=2",
+            "train.local_epochs=1", "attack.max_eval_per_client=8", "defense.mae.train.rounds=2",
+            "defense.diffusion.train.rounds=2", "attack.suite=[eot-pgd]", "attack.suite_max_per_client=4",
+            "attack.adaptive_steps=20", "attack.eot=2"]
+    return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "MEDFEDPURE_NO_PROGRESS": "1"})
+
+
+def _kill_when(proc, out, point, timeout=600):
+    """SIGKILL the command and everything it started (its Ray processes) once `point` holds."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if KILL_POINTS[point](out):
+                return True
+            if proc.poll() is not None:
+                return False  # finished before the point was seen
+            time.sleep(0.05)
+        raise AssertionError(f"never reached: {point}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _results(out):
+    """Every accuracy and detection figure of the tables (not the timings)."""
+    tables = read_json(out / "tables.json")
+    rows = [{k: r[k] for k in ("method", "clean", "adv", "adaptive")} for r in tables["rows"]]
+    detection = [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in tables["detection"]]
+    return rows, detection
+
+
+def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tmp_path):
+    straight = tmp_path / "straight"
+    proc = _experiment(straight)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    killed = tmp_path / "killed"
+    reached = []
+    for point in KILL_POINTS:
+        if _kill_when(_experiment(killed), killed, point):
+            reached.append(point)
+    assert len(reached) >= 4, reached  # the last point is a narrow window on a fast machine
+    proc = _experiment(killed)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    assert _results(killed) == _results(straight)
