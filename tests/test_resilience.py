@@ -17,8 +17,10 @@ def test_one_failing_hospital_of_three_is_left_out_of_its_round(tmp_path, monkey
     monkeypatch.setenv("MEDFEDPURE_FAIL_CLIENT", "1@2")
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--no-progress", *TINY]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "round 2: client 1 failed (train)" in printed and "on purpose" in printed
+    assert "Traceback" not in captured.err
     summary = read_json(out / "summary.json")
     assert [(f["round"], f["phase"], f["client"]) for f in summary["failures"]] == [(2, "train", 1)]
     rows = read_json(out / "metrics.json")["rows"]
@@ -32,27 +34,12 @@ def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 2
     err = capsys.readouterr().err
-    assert "stopped after 1 of 3 rounds" in err and "Traceback" not in err.split("medfedpure: error:")[-1]
+    assert "training round 2: only 0 of 2 clients answered, 1 needed" in err and "on purpose" in err
+    assert "Traceback" not in err and len(err.splitlines()) < 10, err  # no Ray traceback, a line per failure
     assert read_json(out / "checkpoints" / "train.json")["round"] == 1
     monkeypatch.delenv("MEDFEDPURE_FAIL_CLIENT")
     assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 0  # resumes
     assert read_json(out / "summary.json")["final"]["round"] == 3
-
-
-def test_ray_listens_on_the_loopback_interface_only():
-    ray = pytest.importorskip("ray")
-    import psutil
-    from medfedpure.config import load_preset
-    from medfedpure.federation.simulation import ray_init_args
-
-    ray.init(**ray_init_args(load_preset("demo")))
-    try:
-        ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
-        listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
-        assert listening, "Ray started no server?"
-        assert {c.laddr.ip for c in listening} <= {"127.0.0.1", "::1"}, listening
-    finally:
-        ray.shutdown()
 
 
 # ---------------------------------------------------------------- kill -9 at five points, then the same command

@@ -75,11 +75,14 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "") -> Pa
     return out
 
 
-def ray_init_args(cfg: ExperimentConfig) -> dict:
-    """How the simulation starts Ray: its servers on the loopback interface only (the simulation
-    is one machine), no dashboard, every core."""
-    return {"_node_ip_address": "127.0.0.1", "include_dashboard": False,
-            "num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client)}
+class _ClientFailuresInOneLine(logging.Filter):
+    """Flower logs a client's exception with the Ray traceback around it (hundreds of lines); the
+    strategy already reports each failed client in one line, so these records are dropped unless
+    the log level asks for everything (-v)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("ClientAppException" in text or "processing a message by RayBackend" in text)
 
 
 def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level: int = logging.ERROR) -> None:
@@ -88,10 +91,14 @@ def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level:
 
     backend_config = {"client_resources": {"num_cpus": cfg.federation.num_cpus_per_client,
                                           "num_gpus": cfg.federation.num_gpus_per_client},
-                      "init_args": ray_init_args(cfg)}
+                      "init_args": {"num_cpus": max(os.cpu_count() or 1, cfg.federation.num_cpus_per_client),
+                                    "include_dashboard": False}}
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     flwr_logger.setLevel(flower_log_level)
+    quiet = _ClientFailuresInOneLine()
+    if flower_log_level > logging.INFO:
+        flwr_logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_simulation's deprecation notice
@@ -99,6 +106,7 @@ def run_flower(server_app, client_app_, cfg: ExperimentConfig, flower_log_level:
                            backend_name=cfg.federation.backend, backend_config=backend_config)
     finally:
         flwr_logger.setLevel(old_level)
+        flwr_logger.removeFilter(quiet)
 
 
 # --------------------------------------------------------------------------- phases 1-2

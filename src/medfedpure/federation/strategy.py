@@ -31,7 +31,9 @@ def accept_replies(replies: list[Message], expected: int, min_fraction: float, w
         if m.has_error():
             node = int(m.metadata.src_node_id)
             reason = (m.error.reason or "no reason given").strip().splitlines()
-            failed.append({"node": node, "client": clients_of.get(node), "error": reason[-1] if reason else ""})
+            last = reason[-1] if reason else ""
+            last = last.split("occurred. Message: ", 1)[-1]  # Flower's wrapper around the client's own error
+            failed.append({"node": node, "client": clients_of.get(node), "error": last})
     missing = expected - len(replies)  # no reply at all (timed out)
     for f in failed:
         who = f"client {f['client']}" if f["client"] is not None else f"node {f['node']}"
