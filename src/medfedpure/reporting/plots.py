@@ -104,12 +104,14 @@ def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> No
     rows = [r for r in rows if r.get("clean") is not None or r.get("paper_clean") is not None]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.0), dpi=110)
     xs = range(len(rows))
-    w = 0.2
-    series = [("clean", "ours clean", "tab:blue", None), ("adv", "ours PGD", "tab:red", None),
-              ("paper_clean", "paper clean", "tab:blue", "//"), ("paper_adv", "paper PGD", "tab:red", "//")]
+    series = [("clean", "ours clean", "tab:blue", None), ("adv", "ours PGD (paper protocol)", "tab:red", None)]
+    if any(r.get("adaptive") is not None for r in rows):
+        series.append(("adaptive", "ours, attack that knows the defense", "tab:purple", None))
+    series += [("paper_clean", "paper clean", "tab:blue", "//"), ("paper_adv", "paper PGD", "tab:red", "//")]
+    w = 0.8 / len(series)
     for k, (key, label, color, hatch) in enumerate(series):
         vals = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
-        ax.bar([x + (k - 1.5) * w for x in xs], vals, w, label=label, color=color,
+        ax.bar([x + (k - (len(series) - 1) / 2) * w for x in xs], vals, w, label=label, color=color,
                alpha=0.35 if hatch else 0.9, hatch=hatch, edgecolor=color)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
@@ -117,7 +119,7 @@ def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> No
     ax.set_ylim(0, 118)  # room for the legend above the 100% bars
     ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
