@@ -73,6 +73,13 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     (tmp_path / "tables.json").unlink()
     write_report(tmp_path)
     assert _snapshot(tmp_path) == before
+    changed = tiny()
+    changed.defense.mode = "graded"  # evaluation only: no retraining, but the suite follows it
+    simulation.run_experiment(changed, tmp_path, progress=False)
+    after = _snapshot(tmp_path)
+    assert after["global_experts.safetensors"] == before["global_experts.safetensors"]
+    suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
+    assert suite["defense"]["mode"] == "graded"
 
     # evaluate the trained federation on scans no client saw
     scans = _write_scans(tmp_path.parent / "unseen")

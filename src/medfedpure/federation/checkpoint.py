@@ -23,10 +23,10 @@ class ResumeError(ValueError):
 
 
 # defense fields that only change the evaluation after training, not any phase's weights
-_EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled",
+EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled",
                     "votes")
 # attack fields that only the adaptive evaluation after training reads
-_ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
+ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
                            "suite_max_per_client", "batch_size")
 
 
@@ -42,7 +42,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     raw.pop("federation", None)
     raw.pop("name", None)
     method = raw.pop("method", {})
-    for name in _ATTACK_EVALUATION_ONLY:
+    for name in ATTACK_EVALUATION_ONLY:
         raw["attack"].pop(name, None)
     for (section, field), default in _ADDED_FIELDS.items():  # runs made before them still match
         part_of = method if section == "method" else raw[section]
@@ -54,7 +54,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     else:
         part = raw
         part["defense"] = {k: v for k, v in raw["defense"].items()
-                           if k not in _EVALUATION_ONLY + ("mae", "training")}
+                           if k not in EVALUATION_ONLY + ("mae", "training")}
         if method.get("name", "medfedpure") != "medfedpure":  # a baseline: no defense, its own settings
             part.pop("defense")
             part["method"] = method

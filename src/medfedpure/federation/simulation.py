@@ -8,6 +8,8 @@ holds the two defense checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -24,7 +26,8 @@ from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation import task
-from medfedpure.federation.checkpoint import ResumeError, config_fingerprint, load_round, save_round
+from medfedpure.federation.checkpoint import (EVALUATION_ONLY, ResumeError, config_fingerprint, load_round,
+                                              save_round)
 from medfedpure.federation.client_app import app as client_app
 from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
 from medfedpure.federation.server_app import (PretrainFedAvg, make_pretrain_server_app, make_server_app,
@@ -333,6 +336,16 @@ def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
     return mcfg.validate()
 
 
+def evaluation_overrides(cfg: ExperimentConfig, trained: ExperimentConfig) -> list[str]:
+    """`attack.*` and evaluation-only `defense.*` fields where this command's config differs from the
+    one the run was trained with (they change no weights, so training is not redone, but the
+    evaluations must follow them)."""
+    fields = [("attack", f.name) for f in dataclasses.fields(cfg.attack)]
+    fields += [("defense", name) for name in EVALUATION_ONLY if name != "enabled"]
+    return [f"{section}.{name}={json.dumps(getattr(getattr(cfg, section), name))}" for section, name in fields
+            if getattr(getattr(cfg, section), name) != getattr(getattr(trained, section), name)]
+
+
 def method_dir(out: Path, method: str) -> Path:
     return out if method == "medfedpure" else out / "baselines" / method
 
@@ -370,11 +383,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             timings[f"transfer:{method}"] = round(time.time() - t0, 1)
             write_json(out / "timings.json", timings)
         if suite and mcfg.attack.suite:
-            request = suite_request(folder, None, mcfg.attack.suite, max_per_client=mcfg.attack.suite_max_per_client)
+            changed = evaluation_overrides(mcfg, ExperimentConfig.from_dict(read_json(folder / "config.json")))
+            request = suite_request(folder, None, mcfg.attack.suite, overrides=changed,
+                                    max_per_client=mcfg.attack.suite_max_per_client)
             if not suite_done(default_suite_dir(folder), request):
                 t0 = time.time()
-                evaluate_suite(folder, None, mcfg.attack.suite, max_per_client=mcfg.attack.suite_max_per_client,
-                               out=default_suite_dir(folder), progress=progress)
+                evaluate_suite(folder, None, mcfg.attack.suite, overrides=changed,
+                               max_per_client=mcfg.attack.suite_max_per_client, out=default_suite_dir(folder),
+                               progress=progress)
                 timings[f"suite:{method}"] = round(time.time() - t0, 1)
                 write_json(out / "timings.json", timings)
     from medfedpure.reporting.tables import write_report
