@@ -107,11 +107,14 @@ def build_tables(run: Path) -> dict:
                      "paper_clean": None if name == "medfedpure" else paper_clean,
                      "paper_adv": None if name == "medfedpure" else paper_adv})
         if name == "medfedpure":
+            # the defense the attack suite evaluated (the experiment's current one), else the trained config's
+            shown = suite["defense"] if suite and suite.get("defense") else {"detector": mcfg.defense.detector,
+                                                                             "mode": mcfg.defense.mode}
             headline = next((r for r in summary.get("defense", [])
-                             if r["detector"] == mcfg.defense.detector and r["mode"] == mcfg.defense.mode), None)
+                             if r["detector"] == shown["detector"] and r["mode"] == shown["mode"]), None)
             if headline is not None:
                 rows.append({**setting, "model": model,
-                             "method": f"MedFedPure ({mcfg.defense.mode}, {mcfg.defense.detector} detector)",
+                             "method": f"MedFedPure ({shown['mode']}, {shown['detector']} detector)",
                              "protocol": "adv: paper protocol (PGD on the classifier, then the defense); "
                                          "adaptive: the defense attacked as a whole",
                              "clean": _pct(headline["clean_acc"]), "adv": _pct(headline["adv_acc"]),
