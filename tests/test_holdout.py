@@ -149,7 +149,7 @@ def test_clear_errors(tmp_path, capsys):
 
     synthetic = tmp_path / "synthetic-run"
     cfg = load_preset("demo")
-    cfg.data.synthetic_per_class = 10
+    cfg.data.synthetic_per_class = 30  # enough for 3 clients with a validation scan each
     prepare_run(cfg, synthetic)
     with pytest.raises(DataError, match="only image-file layouts"):
         export_holdout(synthetic, data, tmp_path / "o4")
