@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfedpure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--loopback-only", action="store_true",
+                        help="run in a network namespace of its own that has only the loopback interface, so "
+                             "the simulation's Ray servers (which listen on every interface) are reachable from "
+                             "this machine alone; needs `unshare` and `ip` and unprivileged user namespaces")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -276,10 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NETNS_MARK = "MEDFEDPURE_LOOPBACK_ONLY"
+
+
+def _rerun_loopback_only(argv: list[str]) -> int:
+    """Run this same command again inside a new user + network namespace with only `lo` up.
+
+    Ray 2.55 binds its gRPC servers to every interface and has no setting for it; in a namespace
+    of its own the only interface is loopback, so nothing it opens is reachable from outside."""
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"--loopback-only needs {' and '.join(missing)} (util-linux, iproute2) on the PATH")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise ConfigError("--loopback-only: this machine does not allow a network namespace of one's own "
+                          f"(unshare --user --net: {probe.stderr.strip() or probe.returncode}); run behind a firewall")
+    cmd = ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+           sys.executable, "-m", "medfedpure.cli", *argv]
+    return subprocess.call(cmd, env=dict(os.environ, **{_NETNS_MARK: "1"}))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.loopback_only and os.environ.get(_NETNS_MARK) != "1":
+        try:
+            return _rerun_loopback_only(argv)
+        except ConfigError as err:
+            print(f"medfedpure: error: {err}", file=sys.stderr)
+            return 2
+    if args.loopback_only:
+        names = sorted(name for _, name in socket.if_nameindex())
+        logging.getLogger("medfedpure").info("network: a namespace of its own, interfaces %s", ", ".join(names))
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
     if getattr(args, "no_progress", False):
         os.environ["MEDFEDPURE_NO_PROGRESS"] = "1"  # for bars without a progress argument (image decoding)
