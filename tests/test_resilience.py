@@ -2,12 +2,9 @@
 says who failed and why, and stops with one clear line (keeping its last finished round) when
 too few answer."""
 
-import shutil
-import subprocess
-
 import pytest
 
-from medfedpure.cli import main
+from medfedpure.cli import loopback_only_unavailable, main
 from medfedpure.storage import read_json
 
 pytestmark = pytest.mark.slow
@@ -133,10 +130,9 @@ def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tmp_p
 def test_loopback_only_runs_the_federation_where_loopback_is_the_only_interface(tmp_path, capfd):
     """Ray listens on every interface; --loopback-only runs the command in a network namespace of its
     own, where loopback is the only interface there is (issue 13, item 9)."""
-    if (shutil.which("unshare") is None or shutil.which("ip") is None
-            or subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"]).returncode != 0):
-        pytest.skip("this machine allows no network namespace of one's own (unshare or ip missing, "
-                    "or unprivileged user namespaces off)")
+    problem = loopback_only_unavailable()
+    if problem:
+        pytest.skip(f"this machine allows no network namespace of one's own: {problem}")
     out = tmp_path / "run"
     one_round = [a for a in TINY if not a.startswith("train.rounds")] + ["train.rounds=1"]
     assert main(["--loopback-only", "train", "--out", str(out), "--no-progress", *one_round]) == 0

@@ -286,18 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
 _NETNS_MARK = "MEDFEDPURE_LOOPBACK_ONLY"
 
 
+def loopback_only_unavailable() -> str | None:
+    """Why this machine cannot give a command a network namespace of its own, or None if it can."""
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    if missing:
+        return f"--loopback-only needs {' and '.join(missing)} (util-linux, iproute2) on the PATH"
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return ("--loopback-only: this machine does not allow a network namespace of one's own "
+                f"(unshare --user --net: {probe.stderr.strip() or probe.returncode}); run behind a firewall")
+    return None
+
+
 def _rerun_loopback_only(argv: list[str]) -> int:
     """Run this same command again inside a new user + network namespace with only `lo` up.
 
     Ray 2.55 binds its gRPC servers to every interface and has no setting for it; in a namespace
     of its own the only interface is loopback, so nothing it opens is reachable from outside."""
-    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
-    if missing:
-        raise ConfigError(f"--loopback-only needs {' and '.join(missing)} (util-linux, iproute2) on the PATH")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise ConfigError("--loopback-only: this machine does not allow a network namespace of one's own "
-                          f"(unshare --user --net: {probe.stderr.strip() or probe.returncode}); run behind a firewall")
+    problem = loopback_only_unavailable()
+    if problem:
+        raise ConfigError(problem)
     cmd = ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
            sys.executable, "-m", "medfedpure.cli", *argv]
     return subprocess.call(cmd, env=dict(os.environ, **{_NETNS_MARK: "1"}))
@@ -308,13 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.loopback_only and os.environ.get(_NETNS_MARK) != "1":
-        try:
-            return _rerun_loopback_only(argv)
-        except ConfigError as err:
-            print(f"medfedpure: error: {err}", file=sys.stderr)
-            return 2
-    if args.loopback_only:
+    rerun = args.loopback_only and os.environ.get(_NETNS_MARK) != "1"
+    if args.loopback_only and not rerun:
         names = sorted(name for _, name in socket.if_nameindex())
         logging.getLogger("medfedpure").info("network: a namespace of its own, interfaces %s", ", ".join(names))
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from medfedpure.federation.strategy import FederationError
 
     try:
-        return args.func(args)
+        return _rerun_loopback_only(argv) if rerun else args.func(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError, FederationError) as err:  # incl. Report/ResumeError
         if args.verbose:
             raise
