@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfedpure.config import DiffusionSettings
+
 
 def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Gaussian noise drawn on the generator's own device, then moved: the same draws on CPU and GPU."""
@@ -20,13 +22,15 @@ def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.d
 
 
 class GaussianDiffusion(nn.Module):
-    def __init__(self, model: nn.Module, timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 2e-2, train_t_max: int | None = None) -> None:
+    """The diffusion process a `defense.diffusion` section describes (timesteps, linear beta
+    schedule, training depth) around an epsilon-prediction network such as `UNet`."""
+
+    def __init__(self, model: nn.Module, settings: DiffusionSettings) -> None:
         super().__init__()
         self.model = model
-        self.timesteps = timesteps
-        self.train_t_max = min(train_t_max or timesteps, timesteps)
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        self.timesteps = settings.timesteps
+        self.train_t_max = min(settings.train_t_max or self.timesteps, self.timesteps)
+        betas = torch.linspace(settings.beta_start, settings.beta_end, self.timesteps, dtype=torch.float64)
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, dim=0)
         # index i holds the schedule at timestep t = i + 1; t = 0 is the clean image

@@ -8,33 +8,11 @@ complementary masks drawn once from a fixed seed make every patch masked in some
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-
-@dataclass
-class MAEConfig:
-    image_size: int = 32
-    patch_size: int = 4
-    in_chans: int = 3
-    embed_dim: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    decoder_embed_dim: int = 64
-    decoder_depth: int = 1
-    decoder_num_heads: int = 4
-    mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
-    score_seed: int = 0
-
-    @classmethod
-    def paper(cls, image_size: int) -> "MAEConfig":
-        """The paper's sizes: encoder 12x512 (8 heads), decoder 8x512 (8 heads)."""
-        return cls(image_size=image_size, patch_size=default_patch_size(image_size), embed_dim=512, depth=12,
-                   num_heads=8, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=8)
+from medfedpure.config import MAESettings
 
 
 def default_patch_size(image_size: int) -> int:
@@ -65,28 +43,34 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 class MaskedAutoencoder(nn.Module):
-    def __init__(self, cfg: MAEConfig) -> None:
-        super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"patch size {cfg.patch_size} does not divide image size {cfg.image_size}")
-        self.cfg = cfg
-        p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
-        self.num_patches = grid * grid
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(cfg.embed_dim, grid).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True)
-                                     for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.embed_dim)
+    """The MAE a `defense.mae` section describes, for `image_size`-px scans. `seed` fixes the
+    masks `score` uses (the experiment's seed)."""
 
-        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(cfg.decoder_embed_dim, grid).unsqueeze(0),
+    def __init__(self, settings: MAESettings, image_size: int, seed: int = 0, in_chans: int = 3,
+                 mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        p = settings.patch_size or default_patch_size(image_size)
+        if image_size % p:
+            raise ValueError(f"patch size {p} does not divide image size {image_size}")
+        self.settings, self.image_size, self.seed = settings, image_size, seed
+        self.patch_size, self.in_chans = p, in_chans
+        s, grid = settings, image_size // p
+        self.num_patches = grid * grid
+        self.patch_embed = nn.Conv2d(in_chans, s.embed_dim, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, s.embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(s.embed_dim, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList([Block(s.embed_dim, s.num_heads, mlp_ratio, qkv_bias=True)
+                                     for _ in range(s.depth)])
+        self.norm = nn.LayerNorm(s.embed_dim)
+
+        self.decoder_embed = nn.Linear(s.embed_dim, s.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, s.decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(s.decoder_embed_dim, grid).unsqueeze(0),
                              persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio,
-                                                   qkv_bias=True) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim)
-        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, p * p * cfg.in_chans)
+        self.decoder_blocks = nn.ModuleList([Block(s.decoder_embed_dim, s.decoder_num_heads, mlp_ratio,
+                                                   qkv_bias=True) for _ in range(s.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(s.decoder_embed_dim)
+        self.decoder_pred = nn.Linear(s.decoder_embed_dim, p * p * in_chans)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -106,13 +90,13 @@ class MaskedAutoencoder(nn.Module):
     # ---- patches
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, p*p*C)"""
-        p, c = self.cfg.patch_size, self.cfg.in_chans
+        p, c = self.patch_size, self.in_chans
         b, _, h, w = imgs.shape
         x = imgs.reshape(b, c, h // p, p, w // p, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, c = self.cfg.patch_size, self.cfg.in_chans
+        p, c = self.patch_size, self.in_chans
         g = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
@@ -121,15 +105,15 @@ class MaskedAutoencoder(nn.Module):
     def random_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None
                     ) -> torch.Tensor:
         """Indices of the visible patches, (B, L_keep), a fresh random set per image."""
-        keep = int(round(self.num_patches * (1 - self.cfg.mask_ratio)))
+        keep = int(round(self.num_patches * (1 - self.settings.mask_ratio)))
         noise = torch.rand(batch, self.num_patches, device=device, generator=generator)
         return noise.argsort(dim=1)[:, :keep]
 
     def complementary_keeps(self) -> list[torch.Tensor]:
         """Visible-patch sets from a fixed seed whose masks together cover every patch."""
-        gen = torch.Generator().manual_seed(self.cfg.score_seed)
+        gen = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(self.num_patches, generator=gen)
-        keep = max(1, int(round(self.num_patches * (1 - self.cfg.mask_ratio))))
+        keep = max(1, int(round(self.num_patches * (1 - self.settings.mask_ratio))))
         return [perm[i:i + keep] for i in range(0, self.num_patches, keep)]
 
     # ---- encoder / decoder

@@ -12,24 +12,17 @@ from torch.utils.data import DataLoader
 
 from medfedpure.config import ExperimentConfig, PretrainConfig
 from medfedpure.defense.diffusion import GaussianDiffusion
-from medfedpure.defense.mae import MAEConfig, MaskedAutoencoder, default_patch_size
-from medfedpure.defense.unet import UNet, UNetConfig
+from medfedpure.defense.mae import MaskedAutoencoder
+from medfedpure.defense.unet import UNet
 from medfedpure.storage import load_tensors
 
 
 def build_mae(cfg: ExperimentConfig) -> MaskedAutoencoder:
-    m = cfg.defense.mae
-    size = cfg.data.image_size
-    return MaskedAutoencoder(MAEConfig(
-        image_size=size, patch_size=m.patch_size or default_patch_size(size), embed_dim=m.embed_dim, depth=m.depth,
-        num_heads=m.num_heads, decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads, mask_ratio=m.mask_ratio, score_seed=cfg.seed))
+    return MaskedAutoencoder(cfg.defense.mae, cfg.data.image_size, seed=cfg.seed)
 
 
 def build_diffusion(cfg: ExperimentConfig) -> GaussianDiffusion:
-    d = cfg.defense.diffusion
-    net = UNet(UNetConfig(hidden=d.hidden, levels=d.levels, time_dim=d.time_dim))
-    return GaussianDiffusion(net, d.timesteps, d.beta_start, d.beta_end, d.train_t_max)
+    return GaussianDiffusion(UNet(cfg.defense.diffusion), cfg.defense.diffusion)
 
 
 def _mae_loss(model: MaskedAutoencoder, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:

@@ -4,23 +4,12 @@ sinusoidal time embedding -> Linear -> SiLU -> MLP (paper Eq. 11-12)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class UNetConfig:
-    in_chans: int = 3
-    hidden: int = 32  # the paper uses 256
-    levels: int = 4
-    time_dim: int = 64
-
-    @classmethod
-    def paper(cls) -> "UNetConfig":
-        return cls(hidden=256, levels=4, time_dim=256)
+from medfedpure.config import DiffusionSettings
 
 
 def sincos_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,22 +55,24 @@ class DoubleConv(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg: UNetConfig) -> None:
+    """The network a `defense.diffusion` section describes (hidden width, levels, time_dim)."""
+
+    def __init__(self, settings: DiffusionSettings, in_chans: int = 3) -> None:
         super().__init__()
-        self.cfg = cfg
-        c, temb = cfg.hidden, 4 * cfg.time_dim
-        self.time_embed = TimeEmbedding(cfg.time_dim)
-        self.inc = DoubleConv(cfg.in_chans, c, temb)
-        self.downs = nn.ModuleList([DoubleConv(c, c, temb) for _ in range(cfg.levels)])
-        self.ups = nn.ModuleList([DoubleConv(2 * c, c, temb) for _ in range(cfg.levels)])
-        self.out = nn.Conv2d(c, cfg.in_chans, 1)
+        self.levels = settings.levels
+        c, temb = settings.hidden, 4 * settings.time_dim
+        self.time_embed = TimeEmbedding(settings.time_dim)
+        self.inc = DoubleConv(in_chans, c, temb)
+        self.downs = nn.ModuleList([DoubleConv(c, c, temb) for _ in range(settings.levels)])
+        self.ups = nn.ModuleList([DoubleConv(2 * c, c, temb) for _ in range(settings.levels)])
+        self.out = nn.Conv2d(c, in_chans, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
-        if size % (2 ** self.cfg.levels):
-            raise ValueError(f"image size {size} must be divisible by 2^{self.cfg.levels} for this U-Net")
+        if size % (2 ** self.levels):
+            raise ValueError(f"image size {size} must be divisible by 2^{self.levels} for this U-Net")
         temb = self.time_embed(t)
         h = self.inc(x, temb)
         skips = []
