@@ -12,6 +12,7 @@ and peak RSS. Untrained weights: speed does not depend on them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from medfedpure.config import load_preset
-from medfedpure.defense import DefendedClassifier, DefenseSettings, MAEDetector, build_diffusion, build_mae
+from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.federation import task
 from medfedpure.storage import write_json
 
@@ -74,10 +75,9 @@ def bench_inference(cfg, device: str, n: int = 32) -> dict:
         bare = _timed(lambda: (classifier(x), _sync(device)))
         out["bare_ms_per_scan"] = round(1e3 * bare / n, 3)
         for label, tau in (("clean_unflagged", float("inf")), ("flagged", float("-inf"))):
-            defended = DefendedClassifier(classifier, MAEDetector(mae), diffusion,
-                                          DefenseSettings(mode="selective", tau=tau, t_min=60, t_max=120,
-                                                          sampler=cfg.defense.sampler,
-                                                          steps=cfg.defense.sampler_steps), calib)
+            defense = dataclasses.replace(cfg.defense, mode="selective", rule="threshold", t_min=60, t_max=120,
+                                          votes=1)
+            defended = DefendedClassifier(classifier, MAEDetector(mae), diffusion, defense, tau, calib)
             sec = _timed(lambda: (defended(x), _sync(device)))
             out[f"defended_{label}_ms_per_scan"] = round(1e3 * sec / n, 3)
             out[f"defended_{label}_over_bare"] = round(sec / bare, 2)

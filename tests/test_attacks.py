@@ -7,8 +7,8 @@ from torch import nn
 
 from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, Square, attack_loss, build_attack,
                                 parse_attacks)
-from medfedpure.config import AttackConfig, load_preset
-from medfedpure.defense import DefendedClassifier, DefenseSettings, DisagreementDetector, build_diffusion
+from medfedpure.config import AttackConfig, DefenseConfig, load_preset
+from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
 from medfedpure.evaluation.robustness import Tally, answer, clopper_pearson, run_suite
@@ -39,8 +39,9 @@ def defended(parts, mode="graded", votes=1, seed=0):
     detector = DisagreementDetector(parts["diffusion"], parts["classifier"])
     with torch.no_grad():
         calib = detector(parts["val"])
-    settings = DefenseSettings(mode=mode, tau=calibrate_threshold(calib, 0.05), t_min=20, t_max=60, votes=votes)
-    model = DefendedClassifier(parts["classifier"], detector, parts["diffusion"], settings, calib).eval()
+    defense = DefenseConfig(mode=mode, t_min=20, t_max=60, votes=votes)
+    model = DefendedClassifier(parts["classifier"], detector, parts["diffusion"], defense,
+                               calibrate_threshold(calib, 0.05), calib).eval()
     model.generator = torch.Generator().manual_seed(seed)
     return model
 

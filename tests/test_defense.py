@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from medfedpure.config import load_preset
-from medfedpure.defense import (PHASES, DefendedClassifier, DefenseSettings, DisagreementDetector, MAEDetector,
-                                ResidualDetector, build_diffusion, build_mae)
+from medfedpure.config import DefenseConfig, load_preset
+from medfedpure.defense import (PHASES, DefendedClassifier, DisagreementDetector, MAEDetector, ResidualDetector,
+                                build_diffusion, build_mae)
 from medfedpure.defense.rules import adaptive_depth, calibrate_threshold, rank_flags
 from medfedpure.defense.trainer import eval_loss, load_pretrained, train_epochs
 from medfedpure.evaluation.defense_eval import auroc, evaluate_defense
@@ -143,8 +143,20 @@ def _defended(trained, mode, rule="threshold", tau=None, detector="mae"):
     det = {"mae": MAEDetector(trained["mae"]), "residual": ResidualDetector(trained["diffusion"]),
            "disagreement": DisagreementDetector(trained["diffusion"], trained["classifier"])}[detector]
     calib = torch.rand(50)
-    settings = DefenseSettings(mode=mode, rule=rule, kappa=0.25, tau=tau, t_min=20, t_max=80)
-    return DefendedClassifier(trained["classifier"], det, trained["diffusion"], settings, calib)
+    defense = DefenseConfig(mode=mode, rule=rule, kappa=0.25, t_min=20, t_max=80)
+    return DefendedClassifier(trained["classifier"], det, trained["diffusion"], defense, tau, calib)
+
+
+def test_the_defended_classifier_checks_its_section_and_threshold():
+    parts = (torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
+    with pytest.raises(ValueError, match="needs a calibrated tau"):
+        DefendedClassifier(*parts, DefenseConfig(mode="selective", rule="threshold"), None, torch.rand(10))
+    with pytest.raises(ValueError, match="defense mode must be one of"):
+        DefendedClassifier(*parts, DefenseConfig(mode="always"), 0.5, torch.rand(10))
+    with pytest.raises(ValueError, match="t_min <= t_max"):
+        DefendedClassifier(*parts, DefenseConfig(t_min=50, t_max=20), 0.5, torch.rand(10))
+    for ok in (DefenseConfig(mode="off"), DefenseConfig(rule="rank")):  # no tau needed
+        assert DefendedClassifier(*parts, ok, None, torch.rand(10)).defense is ok
 
 
 def test_unflagged_scans_pass_bit_identical(trained, loaders):
@@ -189,7 +201,7 @@ def test_defense_evaluation_reports_everything(cfg, trained, loaders):
     classifier = trained["classifier"]
     metrics, examples, calibration = evaluate_defense(
         classifier, trained["mae"], trained["diffusion"], val, test, task.make_attack(classifier, cfg, 0),
-        DefenseSettings(t_min=20, t_max=80, tau=0.0), 0.05, ["mae", "residual"], ["selective", "graded"])
+        DefenseConfig(t_min=20, t_max=80, target_fpr=0.05), ["mae", "residual"], ["selective", "graded"])
     assert metrics["bare.clean_acc"] > 0.8 and metrics["bare.adv_acc"] < metrics["bare.clean_acc"] - 0.2
     for det in ("mae", "residual"):
         assert 0 <= metrics[f"{det}.auroc"] <= 1

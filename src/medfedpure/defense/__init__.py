@@ -3,10 +3,10 @@
 from medfedpure.defense.detectors import DisagreementDetector, MAEDetector, ResidualDetector
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
-from medfedpure.defense.pipeline import DefendedClassifier, DefenseOutput, DefenseSettings
+from medfedpure.defense.pipeline import DefendedClassifier, DefenseOutput
 from medfedpure.defense.trainer import PHASES, build_diffusion, build_mae
 from medfedpure.defense.unet import UNet
 
-__all__ = ["DefendedClassifier", "DefenseOutput", "DefenseSettings", "DisagreementDetector", "GaussianDiffusion",
+__all__ = ["DefendedClassifier", "DefenseOutput", "DisagreementDetector", "GaussianDiffusion",
            "MAEDetector", "MaskedAutoencoder", "PHASES", "ResidualDetector", "UNet",
            "build_diffusion", "build_mae"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medfedpure.config import DefenseConfig
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.rules import adaptive_depth, rank_flags, threshold_flags
 
@@ -31,36 +32,18 @@ MODES = ("selective", "graded", "off")
 RULES = ("rank", "threshold")
 
 
-@dataclass
-class DefenseSettings:
-    mode: str = "selective"
-    rule: str = "threshold"
-    kappa: float = 0.18  # rank rule: share of a batch flagged
-    tau: float | None = None  # threshold rule: calibrated on clean validation scores
-    t_min: int = 20
-    t_max: int = 100
-    sampler: str = "ddim"
-    steps: int = 1
-    votes: int = 1  # purifications averaged per scan
-
-    @classmethod
-    def from_config(cls, defense, tau: float | None = 0.0) -> "DefenseSettings":
-        """The settings an experiment's `defense` section (a DefenseConfig) names."""
-        return cls(mode=defense.mode, rule=defense.rule, kappa=defense.kappa, tau=tau, t_min=defense.t_min,
-                   t_max=defense.t_max, sampler=defense.sampler, steps=defense.sampler_steps, votes=defense.votes)
-
-    def validate(self) -> "DefenseSettings":
-        if self.mode not in MODES:
-            raise ValueError(f"defense mode must be one of {MODES}, not '{self.mode}'")
-        if self.rule not in RULES:
-            raise ValueError(f"decision rule must be one of {RULES}, not '{self.rule}'")
-        if self.rule == "threshold" and self.tau is None and self.mode != "off":
-            raise ValueError("the threshold rule needs a calibrated tau (calibrate on clean validation scans)")
-        if not 0 <= self.t_min <= self.t_max:
-            raise ValueError("need 0 <= t_min <= t_max")
-        if self.votes < 1:
-            raise ValueError("votes (purifications per scan) must be >= 1")
-        return self
+def _check_defense(defense: DefenseConfig, tau: float | None) -> None:
+    """What a defended classifier needs of its `defense` section and threshold."""
+    if defense.mode not in MODES:
+        raise ValueError(f"defense mode must be one of {MODES}, not '{defense.mode}'")
+    if defense.rule not in RULES:
+        raise ValueError(f"decision rule must be one of {RULES}, not '{defense.rule}'")
+    if defense.rule == "threshold" and tau is None and defense.mode != "off":
+        raise ValueError("the threshold rule needs a calibrated tau (calibrate on clean validation scans)")
+    if not 0 <= defense.t_min <= defense.t_max:
+        raise ValueError("need 0 <= t_min <= t_max")
+    if defense.votes < 1:
+        raise ValueError("votes (purifications per scan) must be >= 1")
 
 
 @dataclass
@@ -74,51 +57,57 @@ class DefenseOutput:
 
 
 class DefendedClassifier(nn.Module):
+    """`defense` is the experiment's defense section (mode, rule, kappa, t_min/t_max, sampler,
+    sampler_steps, votes); `tau` the threshold calibrated on `calibration_scores`, the detector's
+    clean validation scores (None where the rule needs none: rank, or mode off). The detector
+    module itself is given, whatever `defense.detector` names."""
+
     def __init__(self, classifier: nn.Module, detector: nn.Module, diffusion: GaussianDiffusion,
-                 settings: DefenseSettings, calibration_scores: torch.Tensor) -> None:
+                 defense: DefenseConfig, tau: float | None, calibration_scores: torch.Tensor) -> None:
         super().__init__()
+        _check_defense(defense, tau)
         self.classifier = classifier
         self.detector = detector
         self.diffusion = diffusion
-        self.settings = settings.validate()
+        self.defense, self.tau = defense, tau
         self.register_buffer("calibration_scores", calibration_scores.detach().flatten().float(), persistent=False)
         self.generator: torch.Generator | None = None  # set for reproducible purification noise
 
     def flags_for(self, scores: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        if s.mode == "off":
+        d = self.defense
+        if d.mode == "off":
             return torch.zeros_like(scores, dtype=torch.bool)
-        if s.rule == "rank":
-            return rank_flags(scores, s.kappa)
-        return threshold_flags(scores, float(s.tau))
+        if d.rule == "rank":
+            return rank_flags(scores, d.kappa)
+        return threshold_flags(scores, float(self.tau))
 
     def depths_for(self, scores: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        deep = adaptive_depth(scores, self.calibration_scores, s.t_min, s.t_max)
-        if s.mode == "graded":
-            return torch.where(flags, deep, torch.full_like(deep, s.t_min))
+        d = self.defense
+        deep = adaptive_depth(scores, self.calibration_scores, d.t_min, d.t_max)
+        if d.mode == "graded":
+            return torch.where(flags, deep, torch.full_like(deep, d.t_min))
         return torch.where(flags, deep, torch.zeros_like(deep))
 
     @property
     def stochastic(self) -> bool:
         """Whether two calls on the same scan can differ (fresh purification noise)."""
-        return self.settings.mode != "off"
+        return self.defense.mode != "off"
 
     def threshold(self) -> float | None:
         """The score above which a scan is flagged (for the rank rule: the clean calibration
         scores' (1 - kappa) quantile, the same share of clean scans); None without a detector."""
-        s = self.settings
-        if s.mode == "off":
+        d = self.defense
+        if d.mode == "off":
             return None
-        if s.rule == "threshold":
-            return float(s.tau)
-        return float(torch.quantile(self.calibration_scores.double(), 1 - s.kappa))
+        if d.rule == "threshold":
+            return float(self.tau)
+        return float(torch.quantile(self.calibration_scores.double(), 1 - d.kappa))
 
     def decide(self, images: torch.Tensor, scores: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (differentiable), flags and depths t* (discrete decisions taken from them)."""
         if scores is None:
-            scores = (torch.zeros(images.shape[0], device=images.device) if self.settings.mode == "off"
+            scores = (torch.zeros(images.shape[0], device=images.device) if self.defense.mode == "off"
                       else self.detector(images))
         flags = self.flags_for(scores)
         return scores, flags, self.depths_for(scores, flags)
@@ -128,8 +117,8 @@ class DefendedClassifier(nn.Module):
         todo = t_star > 0
         if not bool(todo.any()):
             return images
-        cleaned = self.diffusion.purify(images[todo], t_star[todo], self.settings.sampler, self.settings.steps,
-                                        self.generator)
+        cleaned = self.diffusion.purify(images[todo], t_star[todo], self.defense.sampler,
+                                        self.defense.sampler_steps, self.generator)
         if bool(todo.all()):
             return cleaned
         purified = images.clone()
@@ -147,7 +136,7 @@ class DefendedClassifier(nn.Module):
                      ) -> list[list[torch.Tensor]]:
         """`draws` independent defended inputs, each a list of `votes` purified views."""
         _, _, t_star = self.decide(images, scores)
-        return [[self.purify(images, t_star) for _ in range(self.settings.votes)] for _ in range(draws)]
+        return [[self.purify(images, t_star) for _ in range(self.defense.votes)] for _ in range(draws)]
 
     def sample_logits(self, images: torch.Tensor, draws: int, scores: torch.Tensor | None = None) -> torch.Tensor:
         """(draws, B, C): the defended logits of `draws` independent calls. The detector is
@@ -158,7 +147,7 @@ class DefendedClassifier(nn.Module):
         t0 = time.perf_counter()
         scores, flags, t_star = self.decide(images)
         t1 = time.perf_counter()
-        views = [self.purify(images, t_star) for _ in range(self.settings.votes)]
+        views = [self.purify(images, t_star) for _ in range(self.defense.votes)]
         t2 = time.perf_counter()
         logits = self.classify(views)
         t3 = time.perf_counter()

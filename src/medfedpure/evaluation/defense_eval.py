@@ -8,16 +8,19 @@ latency per stage.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from medfedpure.attacks import PGD
+from medfedpure.config import DefenseConfig
 from medfedpure.defense.detectors import DisagreementDetector, MAEDetector, ResidualDetector
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
-from medfedpure.defense.pipeline import DefendedClassifier, DefenseSettings
+from medfedpure.defense.pipeline import DefendedClassifier
 from medfedpure.defense.rules import calibrate_threshold
 
 
@@ -60,14 +63,15 @@ def _collect(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: GaussianDiffusion,
                      val: DataLoader | dict[str, torch.Tensor], test_loader: DataLoader, attack: PGD,
-                     base: DefenseSettings,
-                     target_fpr: float, detectors: list[str], modes: list[str], seed: int = 0,
+                     defense: DefenseConfig, detectors: list[str], modes: list[str], seed: int = 0,
                      figure: tuple[str, str] | None = None
                      ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Metrics keyed `<mode>.<detector>.<metric>` (plus bare ones), example tensors for a figure,
     and each detector's clean validation scores (its calibration, to save with the models).
 
     `val` is the client's clean validation loader, or the calibration scores saved earlier.
+    Each detector's tau is its `defense.target_fpr` quantile of them; `defense` gives the rest
+    (rule, kappa, t_min/t_max, sampler), with one purification per scan whatever `defense.votes`.
     """
     for m in (classifier, mae, diffusion):
         m.eval()
@@ -84,16 +88,16 @@ def evaluate_defense(classifier: nn.Module, mae: MaskedAutoencoder, diffusion: G
         detector = build_detector(name, mae, diffusion, classifier, seed)
         s_val = saved[name].to(device) if saved is not None else _scores(detector, x_val)
         s_clean, s_adv = _scores(detector, x), _scores(detector, x_adv)
-        tau = calibrate_threshold(s_val, target_fpr)
+        tau = calibrate_threshold(s_val, defense.target_fpr)
         calibration[name] = s_val
         out[f"{name}.auroc"] = auroc(s_clean.cpu().numpy(), s_adv.cpu().numpy())
         out[f"{name}.tau"] = tau
         out[f"{name}.tpr_at_tau"] = float((s_adv > tau).float().mean())
         out[f"{name}.fpr_at_tau"] = float((s_clean > tau).float().mean())
         for mode in modes:
-            settings = DefenseSettings(mode=mode, rule=base.rule, kappa=base.kappa, tau=tau, t_min=base.t_min,
-                                       t_max=base.t_max, sampler=base.sampler, steps=base.steps)
-            defended = DefendedClassifier(classifier, detector, diffusion, settings, s_val)
+            # one purification per scan, as this protocol has always scored (votes: the attack suite)
+            setting = dataclasses.replace(defense, detector=name, mode=mode, votes=1)
+            defended = DefendedClassifier(classifier, detector, diffusion, setting, tau, s_val)
             defended.generator = torch.Generator().manual_seed(seed)
             for kind, inputs in (("clean", x), ("adv", x_adv)):
                 with torch.no_grad():

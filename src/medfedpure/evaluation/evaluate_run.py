@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from medfedpure.config import ExperimentConfig, apply_overrides
 from medfedpure.data import load_dataset, make_loader
-from medfedpure.defense import DefendedClassifier, DefenseSettings
+from medfedpure.defense import DefendedClassifier
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import build_detector, evaluate_defense
@@ -163,9 +163,8 @@ def defended_classifier(run: Path, cfg: ExperimentConfig, client: int, model: nn
         raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
     seed = task.client_seed(cfg, client, 10_000)
     scores = calibration[d.detector]
-    settings = DefenseSettings.from_config(d, tau=calibrate_threshold(scores, d.target_fpr))
     defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
-                                  settings, scores).eval()
+                                  d, calibrate_threshold(scores, d.target_fpr), scores).eval()
     defended.generator = torch.Generator().manual_seed(seed)
     return defended
 
@@ -187,9 +186,8 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
             calibration = load_tensors(_need(folder / "detector_calibration.safetensors", f"client {i}'s calibration"))
             d = cfg.defense
             detectors = [name for name in d.eval_detectors if name in calibration]
-            base = DefenseSettings.from_config(d)
-            m, _, _ = evaluate_defense(model, r.mae, r.diffusion, calibration, loader, attack, base, d.target_fpr,
-                                       detectors, list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
+            m, _, _ = evaluate_defense(model, r.mae, r.diffusion, calibration, loader, attack, d, detectors,
+                                       list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
             cfg.defense.eval_detectors = detectors
             metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
         else:

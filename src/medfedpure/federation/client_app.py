@@ -16,7 +16,6 @@ from flwr.clientapp import ClientApp
 from safetensors import safe_open
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.defense import DefenseSettings
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.evaluation.defense_eval import evaluate_defense
 from medfedpure.federation import task
@@ -213,9 +212,8 @@ def defend(msg: Message, context: Context) -> Message:
     _, test_loader, _ = task.client_loaders(cfg, partition)
     seed = task.client_seed(cfg, partition, 10_000)
     d = cfg.defense
-    base = DefenseSettings.from_config(d)
     metrics, examples, calibration = evaluate_defense(model, mae, diffusion, task.validation_loader(cfg, partition), test_loader,
-                                         task.make_attack(model, cfg, seed), base, d.target_fpr,
+                                         task.make_attack(model, cfg, seed), d,
                                          list(d.eval_detectors), list(d.eval_modes), seed,
                                          figure=(d.detector, d.mode if d.mode != "off" else "graded"))
     folder = _client_dir(out_dir, partition)
