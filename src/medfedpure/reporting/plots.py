@@ -13,6 +13,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medfedpure.storage import atomic_write_bytes  # noqa: E402
 
 
+def _save(fig, path: Path | str, bbox_inches: str | None = None) -> None:
+    """Write the figure as a PNG (atomically) and close it. Laid out with tight_layout, or,
+    with bbox_inches="tight", cropped to its contents instead (a colorbar shared by several
+    axes, which tight_layout does not handle)."""
+    if bbox_inches is None:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches=bbox_inches)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_convergence(rows: list[dict], path: Path | str, title: str, attack_label: str) -> None:
     """Weighted-mean clean and PGD accuracy per round, with each client faint behind."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -34,11 +46,7 @@ def plot_convergence(rows: list[dict], path: Path | str, title: str, attack_labe
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def plot_defense_examples(examples: dict, path: Path | str, title: str) -> None:
@@ -60,19 +68,7 @@ def plot_defense_examples(examples: dict, path: Path | str, title: str) -> None:
             if i == 0:
                 ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _save(fig, path: Path | str) -> None:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
@@ -93,10 +89,7 @@ def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
         ax.set_title(f"{kind} (victim accuracy %)", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     fig.suptitle(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path, bbox_inches="tight")
 
 
 def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> None:
