@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from medfedpure.attacks import make_pgd
 from medfedpure.config import load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
-from medfedpure.federation import task
+from medfedpure.methods import new_model, task
+from medfedpure.methods.medfedpure import train_local
 from medfedpure.storage import write_json
 
 
@@ -46,7 +48,7 @@ def _sync(device: str) -> None:
 
 
 def bench_training(cfg, device: str, batch: int = 32, steps: int = 5) -> dict:
-    model = task.new_model(cfg, 2, 0).to(device).train()
+    model = new_model(cfg, 2, 0).to(device).train()
     opt = task.make_optimizer(model, cfg, cfg.train.lr)
     x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
@@ -66,7 +68,7 @@ def bench_training(cfg, device: str, batch: int = 32, steps: int = 5) -> dict:
 
 def bench_inference(cfg, device: str, n: int = 32) -> dict:
     size = cfg.data.image_size
-    classifier = task.new_model(cfg, 2, 0).to(device).eval()
+    classifier = new_model(cfg, 2, 0).to(device).eval()
     mae, diffusion = build_mae(cfg).to(device).eval(), build_diffusion(cfg).to(device).eval()
     x = torch.rand(n, 3, size, size, device=device)
     calib = torch.linspace(0, 1, 100)
@@ -89,7 +91,7 @@ def bench_inference(cfg, device: str, n: int = 32) -> dict:
             name = f"{sampler}_{steps}step" if sampler == "ddim" else "ddpm_full_reverse_from_t60"
             purify[name] = round(1e3 * sec / k, 2)
         out["purify_ms_per_scan"] = purify
-    attack = task.make_attack(classifier, cfg, 0)
+    attack = make_pgd(classifier, cfg.attack, 0)
     y = torch.randint(0, 2, (n,), device=device)
     sec = _timed(lambda: (attack(x, y), _sync(device)), repeat=1)
     out["pgd_ms_per_scan"] = {"steps": cfg.attack.steps, "ms": round(1e3 * sec / n, 2)}
@@ -98,7 +100,7 @@ def bench_inference(cfg, device: str, n: int = 32) -> dict:
 
 def bench_flower_overhead() -> dict:
     """The demo's local work as a Flower simulation vs the same calls in one process."""
-    from medfedpure.federation.simulation import run_federated
+    from medfedpure.workflows.training import run_federated
 
     cfg = load_preset("demo")
     cfg.defense.enabled = False
@@ -106,13 +108,13 @@ def bench_flower_overhead() -> dict:
     cfg.attack.eval_every_round = False
 
     def direct():
-        experts = task.new_model(cfg, 2, cfg.seed).expert_state()
+        experts = new_model(cfg, 2, cfg.seed).expert_state()
         for rnd in range(1, cfg.train.rounds + 1):
             for client in range(cfg.data.num_clients):
-                model = task.new_model(cfg, 2, task.client_seed(cfg, client))
+                model = new_model(cfg, 2, task.client_seed(cfg, client))
                 model.load_experts(experts)
                 train, test, _ = task.client_loaders(cfg, client, rnd)
-                task.train_local(model, train, cfg, rnd)
+                train_local(model, train, cfg, rnd)
                 task.test_local(model, test, cfg, 0, with_attack=False)
 
     task.data_and_splits(cfg)  # data made once for both

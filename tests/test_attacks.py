@@ -5,14 +5,16 @@ import pytest
 import torch
 from torch import nn
 
+from medfedpure.metrics import clopper_pearson
 from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, Square, attack_loss, build_attack,
                                 parse_attacks)
 from medfedpure.config import AttackConfig, DefenseConfig, load_preset
 from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
-from medfedpure.evaluation.robustness import Tally, answer, clopper_pearson, run_suite
-from medfedpure.federation import task
+from medfedpure.evaluation.robustness import Tally, answer, run_suite
+from medfedpure.methods import new_model, task
+from medfedpure.methods.medfedpure import train_local
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,9 @@ def parts():
     train, test, n_classes = task.client_loaders(cfg, 0, batch_size=32)
     diffusion = build_diffusion(cfg)
     train_epochs(PHASES["diffusion"], diffusion, train, 3, 2e-3)
-    classifier = task.new_model(cfg, n_classes, 0)
+    classifier = new_model(cfg, n_classes, 0)
     cfg.train.local_epochs = 6
-    task.train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
+    train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
     xs, ys = zip(*test)
     x, y = torch.cat(xs)[::3][:32], torch.cat(ys)[::3][:32]
     val = torch.cat([b[0] for b in task.validation_loader(cfg, 0)])

@@ -14,7 +14,7 @@ from medfedpure.cli import main
 from medfedpure.config import ConfigError, load_preset
 from medfedpure.data import DataError, load_dataset, make_client_splits
 from medfedpure.data.datasets import decode_image, load_class_folders
-from medfedpure.evaluation import evaluate_accuracy
+from medfedpure.metrics import evaluate_accuracy
 from medfedpure.storage import read_json
 
 from conftest import write_images
@@ -168,13 +168,13 @@ def test_config_errors_are_config_errors():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A tiny defended experiment, trained once for the run-folder cases."""
-    from medfedpure.federation import simulation
+    from medfedpure.workflows import experiment
     from test_experiment import tiny
 
     out = tmp_path_factory.mktemp("finished")
     cfg = tiny()
     cfg.attack.suite = []
-    simulation.run_experiment(cfg, out, progress=False, transfer=False)
+    experiment.run_experiment(cfg, out, progress=False, transfer=False)
     return out, cfg
 
 
@@ -189,13 +189,13 @@ def test_a_refused_resume_writes_nothing(finished_run, capsys):
 
 def test_a_kill_before_the_summary_is_repaired_by_the_rerun(finished_run):
     """Killed after the last round, before summary.json: the rerun must do the defended evaluation."""
-    from medfedpure.federation import simulation
+    from medfedpure.workflows import experiment
 
     out, cfg = finished_run
     defense = read_json(out / "defense.json")
     (out / "summary.json").unlink()
     (out / "defense.json").unlink()
-    simulation.run_experiment(cfg, out, progress=False, transfer=False)
+    experiment.run_experiment(cfg, out, progress=False, transfer=False)
     def figures(rows):
         return [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in rows]  # not the timings
 

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -32,22 +33,20 @@ def test_pretrain_commands_share_the_clear_errors(tmp_path, capsys):
         assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
-def test_no_progress_reaches_the_decoding_bar(tmp_path, monkeypatch, capsys):
+def test_progress_argument_reaches_the_decoding_bar(tmp_path, capsys):
     from PIL import Image
 
-    from medfedpure.data.datasets import decode_cached
+    from medfedpure.config import DataConfig
+    from medfedpure.data import load_dataset
 
-    paths = []
-    for i in range(2):
-        paths.append(tmp_path / "scans" / "yes" / f"{i}.png")
-        paths[-1].parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(paths[-1])
-    monkeypatch.setenv("MEDFEDPURE_NO_PROGRESS", "0")  # restored after the test, unlike a bare delenv
-    decode_cached(paths, 8, cache_dir=str(tmp_path / "cache-a"))
+    for name in ("no", "yes"):
+        for i in range(2):
+            (tmp_path / "scans" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "scans" / name / f"{i}.png")
+    data = DataConfig(dataset="folder", root=str(tmp_path / "scans"), image_size=8)
+    load_dataset(dataclasses.replace(data, cache_dir=str(tmp_path / "cache-a")))
     assert "decoding" in capsys.readouterr().err
-    assert main(["train", "--preset", "br35h-cpu", "--data", str(tmp_path / "absent"), "--no-progress"]) == 2
-    capsys.readouterr()
-    decode_cached(paths, 8, cache_dir=str(tmp_path / "cache-b"))
+    load_dataset(dataclasses.replace(data, cache_dir=str(tmp_path / "cache-b")), progress=False)
     assert "decoding" not in capsys.readouterr().err
 
 

@@ -11,8 +11,11 @@ from medfedpure.defense import (PHASES, DefendedClassifier, DisagreementDetector
                                 build_diffusion, build_mae)
 from medfedpure.defense.rules import adaptive_depth, calibrate_threshold, rank_flags
 from medfedpure.defense.trainer import eval_loss, load_pretrained, train_epochs
-from medfedpure.evaluation.defense_eval import auroc, evaluate_defense
-from medfedpure.federation import task
+from medfedpure.defense.evaluation import evaluate_defense
+from medfedpure.metrics import auroc
+from medfedpure.attacks import make_pgd
+from medfedpure.methods import new_model, task
+from medfedpure.methods.medfedpure import train_local
 from medfedpure.storage import save_tensors
 
 
@@ -41,9 +44,9 @@ def trained(cfg, loaders):
     train_epochs(PHASES["mae"], mae, train, 3, 1e-3)
     train_epochs(PHASES["diffusion"], diffusion, train, 3, 2e-3)
     after = {"mae": eval_loss(PHASES["mae"], mae, test), "diffusion": eval_loss(PHASES["diffusion"], diffusion, test)}
-    classifier = task.new_model(cfg, n_classes, 0)
+    classifier = new_model(cfg, n_classes, 0)
     cfg.train.local_epochs = 6
-    task.train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
+    train_local(classifier, task.client_loaders(cfg, 0, batch_size=16)[0], cfg)
     return {"mae": mae.eval(), "diffusion": diffusion.eval(), "classifier": classifier.eval(),
             "before": before, "after": after}
 
@@ -200,7 +203,7 @@ def test_defense_evaluation_reports_everything(cfg, trained, loaders):
     _, test, val, _ = loaders
     classifier = trained["classifier"]
     metrics, examples, calibration = evaluate_defense(
-        classifier, trained["mae"], trained["diffusion"], val, test, task.make_attack(classifier, cfg, 0),
+        classifier, trained["mae"], trained["diffusion"], val, test, make_pgd(classifier, cfg.attack, 0),
         DefenseConfig(t_min=20, t_max=80, target_fpr=0.05), ["mae", "residual"], ["selective", "graded"])
     assert metrics["bare.clean_acc"] > 0.8 and metrics["bare.adv_acc"] < metrics["bare.clean_acc"] - 0.2
     for det in ("mae", "residual"):

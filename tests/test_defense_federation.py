@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from medfedpure.config import load_preset
-from medfedpure.federation.simulation import run_federated, run_pretraining
+from medfedpure.workflows.training import run_federated, run_pretraining
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,11 @@ import pytest
 
 from medfedpure.cli import main
 from medfedpure.config import load_preset
-from medfedpure.evaluation.evaluate_run import RunFolderError, evaluate_run
-from medfedpure.federation import simulation
-from medfedpure.federation.checkpoint import ResumeError
-from medfedpure.reporting.tables import ReportError, write_report
+from medfedpure.runfolder import ResumeError, RunFolderError
+from medfedpure.workflows import training
+from medfedpure.workflows.evaluate import evaluate_run
+from medfedpure.workflows.experiment import run_experiment
+from medfedpure.workflows.report import ReportError, write_report
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def _write_scans(folder, seed=99):
 
 
 def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, capsys, monkeypatch):
-    tables = simulation.run_experiment(tiny(), tmp_path, progress=False)
+    tables = run_experiment(tiny(), tmp_path, progress=False)
     assert tables["table"] == "II"
     methods = [r["method"] for r in tables["rows"]]
     assert methods[0].startswith("MoE, no defense") and methods[1].startswith("MedFedPure")
@@ -67,7 +68,7 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert [r["method"] for r in tables["transfer"]] == ["MedFedPure", "MedFedPure + defense"]
     assert all(r["clean_off_diagonal"] is not None for r in tables["transfer"])
     before = _snapshot(tmp_path)
-    simulation.run_experiment(tiny(), tmp_path, progress=False)  # every phase is done: nothing is redone
+    run_experiment(tiny(), tmp_path, progress=False)  # every phase is done: nothing is redone
     assert _snapshot(tmp_path) == before
     (tmp_path / "tables.md").unlink()
     (tmp_path / "tables.json").unlink()
@@ -75,7 +76,7 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert _snapshot(tmp_path) == before
     changed = tiny()
     changed.defense.mode = "graded"  # evaluation only: no retraining, but the suite follows it
-    simulation.run_experiment(changed, tmp_path, progress=False)
+    run_experiment(changed, tmp_path, progress=False)
     after = _snapshot(tmp_path)
     assert after["global_experts.safetensors"] == before["global_experts.safetensors"]
     suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
@@ -87,7 +88,6 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     means = [r for r in result["rows"] if r["client"] == "mean"]
     assert len(means) == 4 and all(r["n_test"] == 2 * 24 for r in means)  # 2 clients x 24 scans
     assert (tmp_path / "evaluations" / "unseen" / "evaluation.md").is_file()
-    monkeypatch.setenv("MEDFEDPURE_NO_PROGRESS", "0")  # main() sets it for --no-progress; restored after the test
     capsys.readouterr()
     assert main(["evaluate", "--run", str(tmp_path), "--data", str(scans), "--client", "1", "--no-progress",
                  "--out", str(tmp_path.parent / "e1"), "attack.eps=0.05"]) == 0
@@ -160,21 +160,21 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
-    straight = simulation.run_federated(tiny(defense=False), tmp_path / "straight", progress=False)
+    straight = training.run_federated(tiny(defense=False), tmp_path / "straight", progress=False)
 
-    real_save = simulation.save_round
+    real_save = training.save_round
 
     def save_then_die(out, phase, cfg, rnd, arrays, state):
         real_save(out, phase, cfg, rnd, arrays, state)
         if rnd == 1:
             raise RuntimeError("killed after round 1")
 
-    monkeypatch.setattr(simulation, "save_round", save_then_die)
+    monkeypatch.setattr(training, "save_round", save_then_die)
     with pytest.raises(BaseException):
-        simulation.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
+        training.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
     assert json.loads((tmp_path / "killed" / "checkpoints" / "train.json").read_text())["round"] == 1
-    monkeypatch.setattr(simulation, "save_round", real_save)
-    resumed = simulation.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
+    monkeypatch.setattr(training, "save_round", real_save)
+    resumed = training.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
     assert len(straight.rows) == len(resumed.rows)
     for a, b in zip(straight.rows, resumed.rows):
         assert a.keys() == b.keys()
@@ -195,11 +195,11 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_another_config(tmp_path):
-    simulation.run_federated(tiny(defense=False), tmp_path, progress=False)
+    training.run_federated(tiny(defense=False), tmp_path, progress=False)
     other = tiny(defense=False)
     other.train.lr = 0.5
     with pytest.raises(ResumeError, match="another config"):
-        simulation.run_federated(other, tmp_path, progress=False)
+        training.run_federated(other, tmp_path, progress=False)
 
 
 def test_report_needs_results(tmp_path):
@@ -209,7 +209,7 @@ def test_report_needs_results(tmp_path):
 
 def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
     """A Br35H run folder (results written by hand here) gets the paper's Table II row."""
-    from medfedpure.reporting.tables import build_tables
+    from medfedpure.workflows.report import build_tables
 
     cfg = load_preset("br35h-cpu")
     cfg.data.root = "/data/br35h"

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from medfedpure.config import load_preset
-from medfedpure.federation.simulation import run_federated
+from medfedpure.workflows.training import run_federated
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from medfedpure.config import DataConfig, ExperimentConfig, load_preset
 from medfedpure.data import CIFAR10_CLASSES, DataError, load_cifar10, load_dataset
 from medfedpure.data.datasets import cap_per_class
 from medfedpure.data.holdout import export_holdout
-from medfedpure.evaluation.evaluate_run import dataset_for_folder
-from medfedpure.federation.simulation import prepare_run
+from medfedpure.evaluation.runs import dataset_for_folder
+from medfedpure.workflows.training import prepare_run
 
 
 def folder_set(root, per_class=(10, 8)):

@@ -11,7 +11,7 @@ import torch
 from medfedpure.attacks import PGD
 from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig, load_preset
 from medfedpure.data import make_synthetic
-from medfedpure.methods import METHODS, build_classifier, parse_methods
+from medfedpure.methods import METHODS, parse_methods
 from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, adversarial_shares, e_step,
                                           make_adversarial_set, train_fedem)
 from medfedpure.models import LearnerMixture
@@ -53,13 +53,13 @@ def test_what_travels_and_what_stays_per_method():
     cfg = ExperimentConfig(model=SMALL)
     for name in ("fedavg", "fat", "fedem", "pfeddef"):
         cfg.method.name = name
-        model = build_classifier(cfg, 2)
+        model = METHODS[cfg.method.name].build(cfg, 2)
         assert model.expert_state() and all(k.startswith("experts.") for k in model.expert_state())
         assert set(model.gate_state()) == {"log_pi"}, name
         assert model.num_learners == (3 if name in {"fedem", "pfeddef"} else 1)
     for name in ("local", "local-adv"):
         cfg.method.name = name
-        model = build_classifier(cfg, 2)
+        model = METHODS[cfg.method.name].build(cfg, 2)
         assert model.expert_state() == {}  # nothing is ever sent
         assert set(model.gate_state()) == set(model.state_dict())
         model.load_gate({k: v.clone() for k, v in model.gate_state().items()})
@@ -191,7 +191,7 @@ BASELINES = ["fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from medfedpure.federation.simulation import method_config, run_federated
+    from medfedpure.workflows.training import run_federated
 
     cfg = load_preset("demo")
     cfg.data.num_clients = 2
@@ -205,7 +205,7 @@ def trained(tmp_path_factory):
     cfg.method.adv_steps = 2  # cheaper adversarial training; the evaluation attack keeps 7 steps
     cfg.method.adv_resources = [0.2, 1.0]  # pFedDef: client 0 can afford 20%, client 1 covers the rest of G
     root = tmp_path_factory.mktemp("methods")
-    return {m: run_federated(method_config(cfg, m), root / m, keep_client_arrays=(m == "fedem"), progress=False)
+    return {m: run_federated(METHODS[m].configure(cfg), root / m, keep_client_arrays=(m == "fedem"), progress=False)
             for m in BASELINES}
 
 
@@ -302,7 +302,7 @@ def test_transfer_matrix_shape_and_white_box_diagonal(trained):
 
 @pytest.mark.slow
 def test_experiment_compares_methods_and_resumes(tmp_path):
-    from medfedpure.federation.simulation import run_experiment
+    from medfedpure.workflows.experiment import run_experiment
 
     cfg = load_preset("demo")
     cfg.data.num_clients = 2

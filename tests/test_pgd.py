@@ -6,8 +6,9 @@ from torch import nn
 
 from medfedpure.attacks import PGD
 from medfedpure.config import ExperimentConfig
-from medfedpure.evaluation import evaluate_accuracy
-from medfedpure.federation import task
+from medfedpure.metrics import evaluate_accuracy
+from medfedpure.methods import new_model, task
+from medfedpure.methods.medfedpure import train_local
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,8 @@ def trained():
     cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size, cfg.train.local_epochs = "adam", 1e-3, 16, 6
     torch.manual_seed(0)
     train, test, n_classes = task.client_loaders(cfg, 0)
-    model = task.new_model(cfg, n_classes, 0)
-    task.train_local(model, train, cfg)
+    model = new_model(cfg, n_classes, 0)
+    train_local(model, train, cfg)
     return model.eval(), test
 
 

@@ -80,7 +80,7 @@ def _experiment(out):
             "defense.diffusion.train.rounds=2", "attack.suite=[eot-pgd]", "attack.suite_max_per_client=4",
             "attack.adaptive_steps=20", "attack.eot=2"]
     return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "MEDFEDPURE_NO_PROGRESS": "1"})
+                            env=os.environ)
 
 
 def _kill_when(proc, out, point, timeout=600):

@@ -44,7 +44,8 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from medfedpure.federation.simulation import attack_label, failures, run_federated
+    from medfedpure.attacks import pgd_label
+    from medfedpure.workflows.training import failures, run_federated
 
     cfg = _config(args)
     out = _out(args, cfg)
@@ -53,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     f = result.final
     print(f"\nfinished in {result.wall_time_s / 60:.1f} min; round {f['round']} weighted mean over "
           f"{cfg.data.num_clients} clients: clean acc {100 * f['clean_acc']:.2f}%"
-          + (f", {attack_label(cfg)} acc {100 * f['adv_acc']:.2f}%" if f.get("adv_acc") is not None else ""))
+          + (f", {pgd_label(cfg.attack)} acc {100 * f['adv_acc']:.2f}%" if f.get("adv_acc") is not None else ""))
     for row in result.defense:
         print(f"  defended ({row['mode']}, {row['detector']} detector, {row['rule']} rule): "
               f"clean {100 * row['clean_acc']:.2f}% (bare {100 * row['bare_clean_acc']:.2f}%), "
@@ -72,7 +73,7 @@ def _print_failures(failed: list[dict]) -> None:
 
 def _pretrain(phase: str):
     def run(args: argparse.Namespace) -> int:
-        from medfedpure.federation.simulation import run_pretraining
+        from medfedpure.workflows.training import run_pretraining
 
         cfg = _config(args)
         out = _out(args, cfg)
@@ -86,7 +87,7 @@ def _pretrain(phase: str):
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from medfedpure.federation.simulation import run_experiment
+    from medfedpure.workflows.experiment import run_experiment
     from medfedpure.methods import parse_methods
 
     cfg = _config(args)
@@ -111,7 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(open(Path(result["out"]) / "evaluation.md").read())
         print(f"written to {result['out']}/evaluation.json, evaluation.csv, evaluation.md, robustness.png")
         return 0
-    from medfedpure.evaluation.evaluate_run import evaluate_run
+    from medfedpure.workflows.evaluate import evaluate_run
 
     if args.max_per_client is not None:
         raise ValueError("--max-per-client goes with --attack (the paper-protocol evaluation attacks every scan)")
@@ -122,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare_defenses(args: argparse.Namespace) -> int:
-    from medfedpure.evaluation.candidates import compare_defenses
+    from medfedpure.workflows.compare import compare_defenses
 
     result = compare_defenses(args.spec, args.out, progress=not args.no_progress)
     print(open(Path(args.out) / "candidates.md").read())
@@ -158,7 +159,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from medfedpure.reporting.tables import write_report
+    from medfedpure.workflows.report import write_report
 
     tables = write_report(Path(args.run))
     _print_tables(tables, Path(args.run))
@@ -321,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         names = sorted(name for _, name in socket.if_nameindex())
         logging.getLogger("medfedpure").info("network: a namespace of its own, interfaces %s", ", ".join(names))
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory database set-up
-    if getattr(args, "no_progress", False):
-        os.environ["MEDFEDPURE_NO_PROGRESS"] = "1"  # for bars without a progress argument (image decoding)
     from medfedpure.federation.strategy import FederationError
 
     try:

@@ -178,14 +178,6 @@ class MethodConfig:
     adv_alpha: float | None = None
     adv_steps: int | None = None
 
-    @property
-    def adversarial(self) -> bool:
-        return self.name in {"fat", "local-adv", "pfeddef"}
-
-    @property
-    def communicates(self) -> bool:
-        return self.name not in {"local", "local-adv"}
-
 
 @dataclass
 class ExperimentConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 
@@ -84,5 +85,14 @@ def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     try:
         return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err})") from err
+
+
+def tensor_metadata(path: Path | str) -> dict[str, str]:
+    """The string metadata a safetensors file was saved with ({} for none); a damaged file is named."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return dict(fh.metadata() or {})
     except Exception as err:  # noqa: BLE001 - safetensors raises several types
         raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err})") from err

@@ -34,6 +34,18 @@ def parse_attacks(text: str) -> list[str]:
     return [n for n in SUITE if n in names]
 
 
+def make_pgd(model, cfg, seed: int, loss: str = "ce") -> PGD:
+    """PGD with the budget of `cfg` (an AttackConfig: norm, eps, alpha, steps, random start): the
+    paper's evaluation attack, and adversarial training's with its own budget."""
+    return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm, random_start=cfg.random_start,
+               seed=seed, loss=loss)
+
+
+def pgd_label(cfg) -> str:
+    """How tables and figures name the PGD of `cfg` (an AttackConfig)."""
+    return PGD.label_for(cfg.norm, cfg.eps, cfg.alpha, cfg.steps)
+
+
 def build_attack(name: str, model, cfg, seed: int) -> Attack:
     """Suite attack `name` against `model` with the budget of `cfg` (an AttackConfig)."""
     defended = hasattr(model, "purify_draws")
@@ -41,7 +53,7 @@ def build_attack(name: str, model, cfg, seed: int) -> Attack:
     common = {"eps": cfg.eps, "alpha": cfg.alpha, "norm": cfg.norm, "random_start": cfg.random_start,
               "seed": seed, "loss": cfg.loss}
     if name == "pgd":
-        return PGD(model.classifier if defended else model, steps=cfg.steps, **common)
+        return make_pgd(model.classifier if defended else model, cfg, seed, loss=cfg.loss)
     adaptive = {"steps": cfg.adaptive_steps, "eot": eot, "keep_best": True, **common}
     if name == "eot-pgd":
         return _named(PGD(model, **adaptive), "eot-pgd")
@@ -62,4 +74,4 @@ def _named(attack: Attack, name: str) -> Attack:
 
 
 __all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "PGD", "SUITE", "Square", "attack_loss", "build_attack",
-           "parse_attacks"]
+           "make_pgd", "parse_attacks", "pgd_label"]

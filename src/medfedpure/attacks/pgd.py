@@ -36,6 +36,14 @@ class PGD(Attack):
         self.eot, self.loss, self.keep_best = int(eot), loss, keep_best
         self._calls = 0  # varies the random start between batches, reproducibly
 
+    @staticmethod
+    def label_for(norm: str, eps: float, alpha: float, steps: int) -> str:
+        return f"PGD {norm} eps={eps:g} alpha={alpha:g} steps={steps}"
+
+    @property
+    def label(self) -> str:
+        return self.label_for(self.norm, self.eps, self.alpha, self.steps)
+
     def describe(self) -> dict:
         return {"attack": self.name, "norm": self.norm, "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
                 "eot": self.eot, "loss": self.loss, "random_start": self.random_start, "keep_best": self.keep_best}

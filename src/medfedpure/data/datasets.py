@@ -54,17 +54,18 @@ class ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source, paths)
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> ImageSet:
-    """The dataset a config names, at its resolution, optionally capped per class."""
+def load_dataset(cfg: DataConfig, seed: int = 0, progress: bool = True) -> ImageSet:
+    """The dataset a config names, at its resolution, optionally capped per class (`progress`: a bar
+    while images are decoded the first time)."""
     if cfg.dataset == "synthetic":
         data = make_synthetic(cfg.synthetic_per_class, cfg.image_size, seed=seed)
     elif cfg.dataset == "br35h":
         data = load_class_folders(_root(cfg), cfg.image_size, classes=BR35H_CLASSES,
-                                  cache_dir=cfg.cache_dir)
+                                  cache_dir=cfg.cache_dir, progress=progress)
     elif cfg.dataset == "cifar10":
-        data = load_cifar10(_root(cfg), cfg.image_size, cache_dir=cfg.cache_dir)
+        data = load_cifar10(_root(cfg), cfg.image_size, cache_dir=cfg.cache_dir, progress=progress)
     else:
-        data = load_class_folders(_root(cfg), cfg.image_size, cache_dir=cfg.cache_dir)
+        data = load_class_folders(_root(cfg), cfg.image_size, cache_dir=cfg.cache_dir, progress=progress)
     if cfg.max_per_class:
         data = cap_per_class(data, cfg.max_per_class, seed)
     return data
@@ -139,16 +140,16 @@ def list_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> di
 
 
 def load_class_folders(root: Path, image_size: int, classes: tuple[str, ...] | None = None,
-                       cache_dir: str | None = None) -> ImageSet:
+                       cache_dir: str | None = None, progress: bool = True) -> ImageSet:
     files = list_class_folders(Path(root), classes)
     names = tuple(files)
     paths = [p for name in names for p in files[name]]
     labels = np.array([i for i, name in enumerate(names) for _ in files[name]], dtype=np.int64)
-    images = decode_cached(paths, image_size, cache_dir)
+    images = decode_cached(paths, image_size, cache_dir, progress)
     return ImageSet(images, labels, names, str(root), tuple(str(p) for p in paths))
 
 
-def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None) -> ImageSet:
+def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None, progress: bool = True) -> ImageSet:
     """CIFAR-10 as torchvision's `cifar-10-batches-py` or as `{train,test}/<class>/*.jpg`.
 
     Train and test are pooled: clients make their own train/test splits.
@@ -160,7 +161,7 @@ def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None) -> I
     splits = [root / s for s in ("train", "test") if (root / s).is_dir()]
     if not splits:
         raise DataError(f"'{root}' holds neither cifar-10-batches-py nor train/ and test/ class folders")
-    parts = [load_class_folders(s, image_size, CIFAR10_CLASSES, cache_dir) for s in splits]
+    parts = [load_class_folders(s, image_size, CIFAR10_CLASSES, cache_dir, progress) for s in splits]
     return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                     CIFAR10_CLASSES, str(root), tuple(path for p in parts for path in p.paths or ()))
 
@@ -236,12 +237,6 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"image file '{path}' cannot be read as an image ({err})") from err
 
 
-def show_progress() -> bool:
-    """Bars deep in the library take no argument from the CLI: `--no-progress` sets this
-    variable, which the Ray workers inherit too."""
-    return os.environ.get("MEDFEDPURE_NO_PROGRESS", "") not in ("1", "true")
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDFEDPURE_CACHE", Path.home() / ".cache" / "medfedpure"))
 
@@ -254,7 +249,7 @@ def _cache_key(paths: list[Path], size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def decode_cached(paths: list[Path], size: int, cache_dir: str | None = None) -> np.ndarray:
+def decode_cached(paths: list[Path], size: int, cache_dir: str | None = None, progress: bool = True) -> np.ndarray:
     """Decode and resize images once; later runs read the cached array."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     cache = folder / f"images-{_cache_key(paths, size)}.npy"
@@ -267,7 +262,7 @@ def decode_cached(paths: list[Path], size: int, cache_dir: str | None = None) ->
             log.warning("ignoring unreadable image cache %s", cache)
     arr = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc=f"decoding {paths[0].parent.parent.name or 'images'}",
-                               unit="img", leave=False, mininterval=1.0, disable=not show_progress())):
+                               unit="img", leave=False, mininterval=1.0, disable=not progress)):
         arr[i] = decode_image(p, size)
     try:
         buf = io.BytesIO()

@@ -167,11 +167,12 @@ class RandomDepthPurified(nn.Module):
     through it (gradients flow through the purifier), so the experts learn the purified
     versions of attacks that knew the purifier."""
 
-    def __init__(self, classifier: nn.Module, diffusion: GaussianDiffusion, t_min: int, t_max: int,
-                 sampler: str = "ddim", steps: int = 1, generator: torch.Generator | None = None) -> None:
+    def __init__(self, classifier: nn.Module | None, diffusion: GaussianDiffusion, defense: DefenseConfig,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.classifier, self.diffusion = classifier, diffusion
-        self.t_min, self.t_max, self.sampler, self.steps, self.generator = t_min, t_max, sampler, steps, generator
+        self.classifier, self.diffusion, self.generator = classifier, diffusion, generator
+        self.t_min, self.t_max = defense.t_min, defense.t_max
+        self.sampler, self.steps = defense.sampler, defense.sampler_steps
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:
         t = torch.randint(self.t_min, self.t_max + 1, (images.shape[0],), generator=self.generator)

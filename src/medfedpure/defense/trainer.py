@@ -14,6 +14,7 @@ from medfedpure.config import ExperimentConfig, PretrainConfig
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
 from medfedpure.defense.unet import UNet
+from medfedpure.loop import fit
 from medfedpure.storage import load_tensors
 
 
@@ -50,23 +51,15 @@ PHASES = {"mae": Phase("mae", build_mae, _mae_loss), "diffusion": Phase("diffusi
 
 def train_epochs(phase: Phase, model: nn.Module, loader: DataLoader, epochs: int, lr: float,
                  device: str = "cpu", seed: int = 0) -> float:
-    """Adam on the phase's loss; returns the mean loss of the last epoch."""
+    """AdamW (no weight decay) on the phase's loss; returns the mean loss of the last epoch."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(seed)
-    model.train()
-    last = 0.0
-    for _ in range(epochs):
-        total = n = 0
-        for x, _ in loader:
-            x = x.to(device)
-            loss = phase.loss(model, x, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(x)
-            n += len(x)
-        last = total / max(n, 1)
-    return last
+
+    def step(batch):
+        x = batch[0].to(device)
+        return phase.loss(model, x, gen), len(x), {}
+
+    return fit(model, loader, opt, epochs, step).get("loss", 0.0)
 
 
 @torch.no_grad()

@@ -1,5 +1,2 @@
-"""Evaluation: accuracy on clean and attacked scans."""
-
-from medfedpure.evaluation.metrics import evaluate_accuracy
-
-__all__ = ["evaluate_accuracy"]
+"""Evaluation of trained runs: open a run's clients (runs), score a stochastic defense
+(robustness), the attack suite on a run (attack_suite), internal evasion (transfer)."""

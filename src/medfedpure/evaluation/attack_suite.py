@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from medfedpure.attacks import ADAPTIVE, SUITE
-from medfedpure.evaluation.evaluate_run import RunUnderTest, open_run
-from medfedpure.evaluation.metrics import attacked_positions
 from medfedpure.evaluation.robustness import Tally, answer, run_suite
-from medfedpure.federation import task
+from medfedpure.evaluation.runs import RunUnderTest, open_run
+from medfedpure.methods import task
+from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
@@ -65,7 +65,7 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
     if max_per_client is not None and max_per_client < 1:
         raise ValueError("--max-per-client must be at least 1")
     request = suite_request(run, data, attacks, clients, overrides, max_per_client)
-    r = open_run(run, data, clients, overrides)
+    r = open_run(run, data, clients, overrides, progress)
     cfg = r.cfg
     scans = {i: _client_scans(r, i, max_per_client) for i in r.loaders}
     if not sum(len(s[1]) for s in scans.values()):

@@ -15,22 +15,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from scipy.stats import beta
 from torch import nn
 
 from medfedpure.attacks import build_attack
+from medfedpure.metrics import clopper_pearson
 
 VERDICTS = ("first", "majority", "worst")
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial interval for k successes in n trials."""
-    if n <= 0:
-        raise ValueError("a rate needs at least one trial")
-    tail = (1 - level) / 2
-    lo = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
-    return lo, hi
 
 
 @dataclass

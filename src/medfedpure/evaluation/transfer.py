@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medfedpure.attacks import make_pgd
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.pipeline import DefendedClassifier
 from medfedpure.defense.trainer import load_pretrained
-from medfedpure.evaluation.defense_eval import batched_accuracy
-from medfedpure.evaluation.evaluate_run import RunFolderError, defended_classifier, load_client_model
-from medfedpure.evaluation.metrics import attacked_index, attacked_positions
-from medfedpure.federation import task
-from medfedpure.federation.checkpoint import config_fingerprint
+from medfedpure.evaluation.runs import defended_classifier, load_client_model
+from medfedpure.methods import fingerprint, method_of, task
+from medfedpure.metrics import attacked_index, attacked_positions, batched_accuracy
+from medfedpure.reporting.plots import plot_transfer
+from medfedpure.runfolder import RunFolderError
 from medfedpure.storage import read_json, write_csv, write_json
 
 
@@ -38,7 +39,7 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
     """Client `client`'s attacked scans (clean, PGD, labels), the PGD made exactly as its
     final-round white-box evaluation made it."""
     _, test_loader, _ = task.client_loaders(cfg, client, cfg.train.rounds)
-    attack = task.make_attack(model, cfg, seed=task.client_seed(cfg, client, cfg.train.rounds))
+    attack = make_pgd(model, cfg.attack, seed=task.client_seed(cfg, client, cfg.train.rounds))
     positions = attacked_positions(len(test_loader.dataset), cfg.attack.max_eval_per_client)
     clean, adv, ys, offset = [], [], [], 0
     for x, y in test_loader:
@@ -70,7 +71,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     n = cfg.data.num_clients
     n_classes = task.num_classes(cfg)
     models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
-    defended = (cfg.method.name == "medfedpure" and cfg.defense.enabled
+    defended = (method_of(cfg).defended and cfg.defense.enabled
                 and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file())
     victims = {"bare": models}
     if defended:
@@ -92,7 +93,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
                           "scans; every victim classifies them (rows: victim, columns: attacker)",
-              "fingerprint": config_fingerprint(cfg, "train"),
+              "fingerprint": fingerprint(cfg, "train"),
               **{kind: {"matrix": m.round(6).tolist(), **_summary(m),
                         "clean_matrix": clean[kind].round(6).tolist(), **_summary(clean[kind], "clean_")}
                  for kind, m in matrices.items()}}
@@ -102,8 +103,6 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
                                      for kind in matrices for scans, m in (("pgd", matrices[kind]),
                                                                            ("clean", clean[kind]))
                                      for v in range(n)])
-    from medfedpure.reporting.plots import plot_transfer
-
     panels = {"bare, clean scans": clean["bare"], **{f"{kind}, PGD scans": m for kind, m in matrices.items()}}
     plot_transfer(panels, run / "transfer.png", f"{cfg.name} / {cfg.method.name}: internal evasion")
     return result
@@ -115,5 +114,5 @@ def transfer_done(run: Path, cfg: ExperimentConfig) -> bool:
     if not path.is_file():
         return False
     saved = read_json(path)
-    return (saved.get("fingerprint") == config_fingerprint(cfg, "train")
+    return (saved.get("fingerprint") == fingerprint(cfg, "train")
             and "clean_matrix" in saved.get("bare", {}))

@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
-from medfedpure.federation import task
+from medfedpure.methods import task
 
 app = ClientApp()
 

@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.federation.strategy import ExpertFedAvg, FederationError, accept_replies
+from medfedpure.federation.strategy import ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies
 
 
 def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir: str,
@@ -55,7 +54,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0) -> list[int
 def _defended_evaluation(grid: Grid, experts: ArrayRecord, config: ConfigRecord, num_clients: int,
                          min_fraction: float = 1.0, clients_of: dict[int, int] | None = None) -> list[dict]:
     """One query to every client: evaluate the final experts with its own gate and defense."""
-    ExpertFedAvg._check_keys(experts.keys(), "server -> client defense query")
+    ExpertFedAvg.check_keys(experts.keys(), "server -> client defense query")
     messages = [Message(content=RecordDict({"arrays": experts, "config": config}), message_type=MessageType.QUERY,
                         dst_node_id=node) for node in wait_for_nodes(grid, num_clients)]
     replies = list(grid.send_and_receive(messages, timeout=3600 * 6))
@@ -65,51 +64,9 @@ def _defended_evaluation(grid: Grid, experts: ArrayRecord, config: ConfigRecord,
 
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,
                   round_offset: int = 0, history: dict | None = None) -> ExpertFedAvg:
-    n = cfg.data.num_clients
     return ExpertFedAvg(num_rounds=cfg.train.rounds, on_round_end=on_round_end,
                         keep_client_arrays=keep_client_arrays, round_offset=round_offset, history=history,
-                        num_clients=n, min_fit_fraction=cfg.federation.min_fit_fraction,
-                        fraction_train=1.0, fraction_evaluate=1.0,
-                        min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
-
-
-class PretrainFedAvg(FedAvg):
-    """Plain FedAvg of a whole MAE / U-Net, reporting each round's weighted losses."""
-
-    def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
-                 min_fit_fraction: float = 1.0) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_clients,
-                         min_evaluate_nodes=num_clients, min_available_nodes=num_clients)
-        self.num_clients, self.min_fit_fraction = num_clients, min_fit_fraction
-        self.on_round_end = on_round_end
-        self.round_offset = round_offset
-        self.rows: dict[int, dict] = {}
-        self.latest_arrays: ArrayRecord | None = None
-
-    def configure_train(self, server_round, arrays, config, grid):
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
-
-    def aggregate_train(self, server_round, replies):
-        server_round += self.round_offset
-        replies, _ = accept_replies(list(replies), self.num_clients, self.min_fit_fraction,
-                                    f"pretraining round {server_round}", {})
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        self.latest_arrays = arrays
-        self.rows.setdefault(server_round, {"round": server_round})["train_loss"] = float(metrics["train_loss"])
-        return arrays, metrics
-
-    def aggregate_evaluate(self, server_round, replies):
-        server_round += self.round_offset
-        replies, _ = accept_replies(list(replies), self.num_clients, self.min_fit_fraction,
-                                    f"pretraining evaluation {server_round}", {})
-        metrics = super().aggregate_evaluate(server_round, replies)
-        row = self.rows.setdefault(server_round, {"round": server_round})
-        row["test_loss"] = float(metrics["test_loss"]) if metrics is not None else None
-        self.on_round_end(server_round, row)
-        return metrics
+                        num_clients=cfg.data.num_clients, min_fit_fraction=cfg.federation.min_fit_fraction)
 
 
 def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRecord, strategy: PretrainFedAvg,

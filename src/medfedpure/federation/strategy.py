@@ -48,7 +48,39 @@ def accept_replies(replies: list[Message], expected: int, min_fraction: float, w
     return valid, failed
 
 
-class ExpertFedAvg(FedAvg):
+class ResumableFedAvg(FedAvg):
+    """FedAvg that numbers its rounds after `round_offset` (the rounds a resumed run already did)
+    and goes on when at least `min_fit_fraction` of the `num_clients` answered (`accept_replies`)."""
+
+    def __init__(self, num_clients: int = 1, min_fit_fraction: float = 1.0, round_offset: int = 0,
+                 **kwargs) -> None:
+        for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            kwargs.setdefault(key, num_clients)
+        kwargs.setdefault("fraction_train", 1.0)
+        kwargs.setdefault("fraction_evaluate", 1.0)
+        super().__init__(**kwargs)
+        self.num_clients, self.min_fit_fraction, self.round_offset = num_clients, min_fit_fraction, round_offset
+        self.latest_arrays: ArrayRecord | None = None
+        self.clients_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+
+    def accept(self, replies: Iterable[Message], where: str) -> tuple[list[Message], list[dict]]:
+        valid, failed = accept_replies(list(replies), self.num_clients, self.min_fit_fraction, where,
+                                       self.clients_of)
+        for msg in valid:
+            if "partition-id" in msg.content["metrics"]:
+                self.clients_of[int(msg.metadata.src_node_id)] = int(msg.content["metrics"]["partition-id"])
+        return valid, failed
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+
+class ExpertFedAvg(ResumableFedAvg):
     """Averages each expert weighted by n_i and refuses any array outside `experts.*`.
 
     `history[round]` holds the keys sent and received and each client's metrics;
@@ -57,26 +89,15 @@ class ExpertFedAvg(FedAvg):
     """
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
-                 keep_client_arrays: bool = False, round_offset: int = 0,
-                 history: dict[int, dict] | None = None, num_clients: int = 1, min_fit_fraction: float = 1.0,
-                 **kwargs) -> None:
-        kwargs.setdefault("min_train_nodes", 1)
-        kwargs.setdefault("min_evaluate_nodes", 1)
-        kwargs.setdefault("min_available_nodes", 1)
+                 keep_client_arrays: bool = False, history: dict[int, dict] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.on_round_end = on_round_end
         self.keep_client_arrays = keep_client_arrays
-        self.round_offset = round_offset
         self.history: dict[int, dict] = dict(history or {})
-        self.latest_arrays: ArrayRecord | None = None
-        self.num_clients, self.min_fit_fraction = num_clients, min_fit_fraction
-        self.clients_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
 
-    def _accept(self, replies: list[Message], where: str, rec: dict, phase: str) -> list[Message]:
-        valid, failed = accept_replies(replies, self.num_clients, self.min_fit_fraction, where, self.clients_of)
-        for msg in valid:
-            self.clients_of[int(msg.metadata.src_node_id)] = int(msg.content["metrics"]["partition-id"])
+    def _accept(self, replies: Iterable[Message], where: str, rec: dict, phase: str) -> list[Message]:
+        valid, failed = self.accept(replies, where)
         if failed:
             rec.setdefault("failed", []).extend({"phase": phase, **f} for f in failed)
         return valid
@@ -85,7 +106,7 @@ class ExpertFedAvg(FedAvg):
         return self.history.setdefault(server_round, {"round": server_round, "clients": {}})
 
     @staticmethod
-    def _check_keys(keys: Iterable[str], where: str) -> list[str]:
+    def check_keys(keys: Iterable[str], where: str) -> list[str]:
         keys = sorted(keys)
         bad = [k for k in keys if not k.startswith(SHARED_PREFIX)]
         if bad:
@@ -94,39 +115,26 @@ class ExpertFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
-        rec = self._round(server_round)
-        rec["sent_keys"] = self._check_keys(arrays.keys(), "server -> client train message")
+        rec = self._round(server_round + self.round_offset)
+        rec["sent_keys"] = self.check_keys(arrays.keys(), "server -> client train message")
         if self.keep_client_arrays:
             rec["sent_arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
-        self._check_keys(arrays.keys(), "server -> client evaluate message")
-        config["final"] = server_round == self.num_rounds
+        self.check_keys(arrays.keys(), "server -> client evaluate message")
+        config["final"] = server_round + self.round_offset == self.num_rounds
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         rec = self._round(server_round)
-        replies = self._accept(list(replies), f"training round {server_round}", rec, "train")
+        replies = self._accept(replies, f"training round {server_round}", rec, "train")
         dtypes = {}
         for msg in replies:
-            arrays = msg.content["arrays"]
-            metrics = dict(msg.content["metrics"])
-            client = int(metrics["partition-id"])
-            keys = self._check_keys(arrays.keys(), f"client {client} -> server reply")
-            entry = rec["clients"].setdefault(client, {})
-            entry.update(received_keys=keys, n_train=int(metrics["num-examples"]),
-                         train_loss=float(metrics["train_loss"]), gate_entropy=float(metrics["gate_entropy"]))
-            if "adv_share" in metrics:  # adversarial training: the share of training inputs that were PGD
-                entry["adv_share"] = float(metrics["adv_share"])
-            if self.keep_client_arrays:
-                entry["arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
-            dtypes.update({k: v.numpy().dtype for k, v in arrays.items()})
+            dtypes.update(self._record_client(rec, msg))
         agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
         if agg_arrays is not None:
             # Integer buffers (BatchNorm's num_batches_tracked) stay integers.
@@ -137,10 +145,25 @@ class ExpertFedAvg(FedAvg):
         rec["train"] = _without_id(agg_metrics)
         return agg_arrays, agg_metrics
 
+    def _record_client(self, rec: dict, msg: Message) -> dict:
+        """One client's training reply into the round's record; returns its arrays' dtypes."""
+        arrays = msg.content["arrays"]
+        metrics = dict(msg.content["metrics"])
+        client = int(metrics["partition-id"])
+        keys = self.check_keys(arrays.keys(), f"client {client} -> server reply")
+        entry = rec["clients"].setdefault(client, {})
+        entry.update(received_keys=keys, n_train=int(metrics["num-examples"]),
+                     train_loss=float(metrics["train_loss"]), gate_entropy=float(metrics["gate_entropy"]))
+        if "adv_share" in metrics:  # adversarial training: the share of training inputs that were PGD
+            entry["adv_share"] = float(metrics["adv_share"])
+        if self.keep_client_arrays:
+            entry["arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
+        return {k: v.numpy().dtype for k, v in arrays.items()}
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         rec = self._round(server_round)
-        replies = self._accept(list(replies), f"evaluation round {server_round}", rec, "evaluate")
+        replies = self._accept(replies, f"evaluation round {server_round}", rec, "evaluate")
         for msg in replies:
             metrics = dict(msg.content["metrics"])
             client = int(metrics["partition-id"])
@@ -152,6 +175,33 @@ class ExpertFedAvg(FedAvg):
         if self.on_round_end is not None:
             self.on_round_end(server_round, rec)
         return agg
+
+
+class PretrainFedAvg(ResumableFedAvg):
+    """Plain FedAvg of a whole MAE / U-Net, reporting each round's weighted losses."""
+
+    def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
+                 min_fit_fraction: float = 1.0) -> None:
+        super().__init__(num_clients=num_clients, min_fit_fraction=min_fit_fraction, round_offset=round_offset)
+        self.on_round_end = on_round_end
+        self.rows: dict[int, dict] = {}
+
+    def aggregate_train(self, server_round, replies):
+        server_round += self.round_offset
+        replies, _ = self.accept(replies, f"pretraining round {server_round}")
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.latest_arrays = arrays
+        self.rows.setdefault(server_round, {"round": server_round})["train_loss"] = float(metrics["train_loss"])
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round, replies):
+        server_round += self.round_offset
+        replies, _ = self.accept(replies, f"pretraining evaluation {server_round}")
+        metrics = super().aggregate_evaluate(server_round, replies)
+        row = self.rows.setdefault(server_round, {"round": server_round})
+        row["test_loss"] = float(metrics["test_loss"]) if metrics is not None else None
+        self.on_round_end(server_round, row)
+        return metrics
 
 
 def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:

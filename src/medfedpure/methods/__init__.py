@@ -1,34 +1,152 @@
 """The method registry: MedFedPure and the paper's six baselines on one federation.
 
-Every method builds a classifier that maps [0,1] images to log p(y|x) and splits its
-state into what travels (`experts.*`, averaged n_i-weighted per key by the server) and
-what stays on the client; the Flower apps, partitions, seeds and evaluation are shared.
+Every method builds a classifier that maps [0,1] images to log p(y|x) and splits its state
+into what travels (`experts.*`, averaged n_i-weighted per key by the server) and what stays
+on the client (MedFedPure's gate, FedEM's mixture weights). A `Method` carries what differs
+between them: its model, one local round, whether it runs the defense, how the report names
+its training. The Flower apps, partitions, seeds and evaluation ask the method; nothing else
+compares method names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
+import torch
+from torch import nn
+
+from medfedpure.attacks import pgd_label
 from medfedpure.config import METHOD_NAMES, ExperimentConfig
+from medfedpure.methods import baselines, task
+from medfedpure.methods.medfedpure import train_local
+from medfedpure.models import LearnerMixture, build_model
+from medfedpure.runfolder import config_fingerprint
+
+
+class ScanStore(Protocol):
+    """Where a client keeps pFedDef's adversarial scans between rounds (memory and its own disk)."""
+
+    def load_scans(self, made_at: int) -> baselines.AdversarialSet | None: ...
+
+    def save_scans(self, scans: baselines.AdversarialSet) -> None: ...
+
+
+@dataclass
+class LocalRound:
+    """What a client's round needs beyond its model: who and when, and what it keeps."""
+
+    cfg: ExperimentConfig
+    client: int
+    server_round: int
+    purifier: nn.Module | None = None  # MedFedPure: the diffusion model, when the experts train through it
+    store: ScanStore | None = None
 
 
 @dataclass(frozen=True)
-class MethodInfo:
+class Method:
     name: str
     label: str  # as the paper's tables name it
     description: str
+    defended: bool = False  # ours: the client-side defense (phases 1-2, defended evaluation, attack suite)
+    adversarial: bool = False  # trains on PGD examples
+    communicates: bool = True  # its experts travel (Local and Local Adv keep them)
+    mixture: bool = False  # FedEM-style: K learners with per-client mixture weights
+
+    def configure(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The experiment as this method trains it (a baseline has no defense)."""
+        out = ExperimentConfig.from_dict(cfg.to_dict())
+        out.method.name = self.name
+        if not self.defended:
+            out.defense = dataclasses.replace(out.defense, enabled=False, purify_training=False, adv_share=0.0)
+        return out.validate()
+
+    def build(self, cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+        """The model this method trains (a `PersonalizedMoE` or a `LearnerMixture`)."""
+        if self.defended:
+            return build_model(cfg.model, num_classes)
+        return LearnerMixture(num_classes, cfg.model, learners=self.num_models(cfg), shared=self.communicates)
+
+    def num_models(self, cfg: ExperimentConfig) -> int:
+        """K: experts or learners."""
+        return cfg.model.num_experts if self.defended else cfg.method.learners if self.mixture else 1
+
+    def folder(self, out: Path) -> Path:
+        """Where an experiment keeps this method's run: ours in `out`, a baseline in `out/baselines/<name>`."""
+        return Path(out) if self.defended else Path(out) / "baselines" / self.name
+
+    def fingerprint(self, cfg: ExperimentConfig, phase: str) -> str:
+        return config_fingerprint(cfg, phase, self.defended)
+
+    def train_round(self, model: nn.Module, job: LocalRound) -> tuple[dict[str, float], int]:
+        """One local round on the client's training split: (metrics, number of training scans)."""
+        cfg, client, rnd = job.cfg, job.client, job.server_round
+        if self.defended:
+            loader = task.client_loaders(cfg, client, rnd)[0]
+            return train_local(model, loader, cfg, rnd, job.purifier), len(loader.dataset)
+        data, splits = task.data_and_splits(cfg)
+        indices = splits[client].train_idx
+        lr, seed = task.round_lr(cfg, rnd), task.client_seed(cfg, client, rnd)
+        if not self.mixture:
+            share = cfg.method.adv_share if self.adversarial else 0.0
+            return baselines.train_plain(model, data, indices, cfg, lr, seed, share), len(indices)
+        scans = self._adversarial_scans(model, job, data, splits, seed) if self.adversarial else None
+        return baselines.train_fedem(model, data, indices, cfg, lr, seed, scans), len(indices)
+
+    def _adversarial_scans(self, model, job: LocalRound, data, splits, seed: int) -> baselines.AdversarialSet:
+        """pFedDef's adversarial scans: made anew every Q rounds on this client's current model, else kept.
+        Every client solves the same resource split from the partition sizes and caps in the config,
+        so it needs no extra message."""
+        cfg, rnd = job.cfg, job.server_round
+        made_at = rnd - (rnd - 1) % cfg.method.adv_every
+        if made_at != rnd and job.store is not None:
+            kept = job.store.load_scans(made_at)
+            if kept is not None:
+                return kept
+        share = baselines.adversarial_shares(cfg.method.adv_data_share, [len(s.train_idx) for s in splits],
+                                             cfg.method.adv_resources)[job.client]
+        scans = baselines.make_adversarial_set(model, data, splits[job.client].train_idx, cfg, seed, made_at, share)
+        if job.store is not None:
+            job.store.save_scans(scans)
+        return scans
+
+    def shared_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What travels to the server: `experts.*` only."""
+        return model.expert_state()
+
+    def own_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What stays on the client: the gate (ours), the mixture weights (FedEM), a local model's experts."""
+        return model.gate_state()
+
+    def training_note(self, cfg: ExperimentConfig) -> str:
+        """How the report describes its training beyond the plain loss ('' for none)."""
+        if not self.adversarial:
+            return ""
+        share = (f"G={cfg.method.adv_data_share:g} of scans every Q={cfg.method.adv_every} rounds" if self.mixture
+                 else f"{cfg.method.adv_share:g} of each batch")
+        return f"; trained on {pgd_label(cfg.adversarial_training_attack())}, {share}"
 
 
-METHODS: dict[str, MethodInfo] = {m.name: m for m in (
-    MethodInfo("medfedpure", "MedFedPure", "personalized MoE (shared experts, local gate) + client-side defense"),
-    MethodInfo("fedavg", "FedAvg", "one model, all weights averaged"),
-    MethodInfo("local", "Local", "one model per client, no communication"),
-    MethodInfo("fedem", "FedEM", "K learners averaged per learner, per-client mixture weights pi (EM)"),
-    MethodInfo("fat", "FAT", "FedAvg with adversarial training (a share of every batch is PGD)"),
-    MethodInfo("local-adv", "Local Adv", "local training with adversarial training"),
-    MethodInfo("pfeddef", "pFedDef", "FedEM + a share G of the training scans replaced by PGD every Q rounds"),
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("medfedpure", "MedFedPure", "personalized MoE (shared experts, local gate) + client-side defense",
+           defended=True),
+    Method("fedavg", "FedAvg", "one model, all weights averaged"),
+    Method("local", "Local", "one model per client, no communication", communicates=False),
+    Method("fedem", "FedEM", "K learners averaged per learner, per-client mixture weights pi (EM)", mixture=True),
+    Method("fat", "FAT", "FedAvg with adversarial training (a share of every batch is PGD)", adversarial=True),
+    Method("local-adv", "Local Adv", "local training with adversarial training", adversarial=True,
+           communicates=False),
+    Method("pfeddef", "pFedDef", "FedEM + a share G of the training scans replaced by PGD every Q rounds",
+           adversarial=True, mixture=True),
 )}
 assert tuple(METHODS) == METHOD_NAMES
+OURS = next(m for m in METHODS.values() if m.defended)
+
+
+def method_of(cfg: ExperimentConfig) -> Method:
+    return METHODS[cfg.method.name]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -40,15 +158,16 @@ def parse_methods(text: str) -> list[str]:
     return [m for m in METHODS if m in names]
 
 
-def build_classifier(cfg: ExperimentConfig, num_classes: int):
-    """The model the config's method trains (a `PersonalizedMoE` or a `LearnerMixture`)."""
-    from medfedpure.models import LearnerMixture, build_model
-
-    name = cfg.method.name
-    if name == "medfedpure":
-        return build_model(cfg.model, num_classes)
-    learners = cfg.method.learners if name in {"fedem", "pfeddef"} else 1
-    return LearnerMixture(num_classes, cfg.model, learners=learners, shared=cfg.method.communicates)
+def new_model(cfg: ExperimentConfig, n_classes: int, init_seed: int) -> nn.Module:
+    """The classifier of the config's method, initialized from `init_seed`."""
+    torch.manual_seed(init_seed)
+    return method_of(cfg).build(cfg, n_classes).to(cfg.device)
 
 
-__all__ = ["METHODS", "MethodInfo", "build_classifier", "parse_methods"]
+def fingerprint(cfg: ExperimentConfig, phase: str) -> str:
+    """The config fingerprint of a phase as the config's method trains it (resume and 'done' checks)."""
+    return method_of(cfg).fingerprint(cfg, phase)
+
+
+__all__ = ["METHODS", "OURS", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
+           "parse_methods"]

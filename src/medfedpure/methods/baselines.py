@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medfedpure.attacks import PGD
+from medfedpure.attacks import PGD, make_pgd
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
 from medfedpure.data.loaders import ImageTensorDataset, drops_lone_sample
+from medfedpure.loop import fit, make_optimizer
 from medfedpure.models.mixture import LearnerMixture
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,6 @@ class ClientTrainingSet(ImageTensorDataset):
         return x, self.labels[i], i
 
 
-def make_pgd(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> PGD:
-    a = cfg.adversarial_training_attack()
-    return PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, random_start=a.random_start, seed=seed)
-
-
 def adversarial_batch(attack: PGD, x: torch.Tensor, y: torch.Tensor, share: float) -> tuple[torch.Tensor, int]:
     """The batch with its first ceil(share * B) scans (the loader shuffles) replaced by PGD examples."""
     k = min(len(x), math.ceil(share * len(x))) if share > 0 else 0
@@ -78,10 +74,8 @@ def adversarial_batch(attack: PGD, x: torch.Tensor, y: torch.Tensor, share: floa
 
 
 def _optimizer(model: LearnerMixture, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    params = model.experts.parameters()
-    if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    return make_optimizer([{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay}],
+                          cfg.train.optimizer, lr, cfg.train.momentum)
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -94,25 +88,18 @@ def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg:
                 lr: float, seed: int, adv_share: float = 0.0) -> dict[str, float]:
     """FedAvg / Local (adv_share 0) and FAT / Local Adv (adv_share > 0) local epochs."""
     loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment), cfg.train.batch_size, True, seed)
-    optimizer = _optimizer(model, cfg, lr)
-    attack = make_pgd(model, cfg, seed) if adv_share > 0 else None
-    model.train()
-    stats: dict[str, float] = {}
-    for _ in range(cfg.train.local_epochs):
-        total = n = n_adv = 0.0
-        for x, y, _ in loader:
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            if attack is not None:
-                x, k = adversarial_batch(attack, x, y, adv_share)
-                n_adv += k
-            loss, _ = model.loss(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            n += len(y)
-        stats = {"train_loss": total / max(n, 1), "gate_entropy": 0.0, "adv_share": n_adv / max(n, 1)}
-    return stats
+    attack = make_pgd(model, cfg.adversarial_training_attack(), seed) if adv_share > 0 else None
+
+    def step(batch):
+        x, y, _ = batch
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        k = 0
+        if attack is not None:
+            x, k = adversarial_batch(attack, x, y, adv_share)
+        return model.loss(x, y)[0], len(y), {"adv_share": k}
+
+    last = fit(model, loader, _optimizer(model, cfg, lr), cfg.train.local_epochs, step)
+    return {"train_loss": last["loss"], "gate_entropy": 0.0, "adv_share": last.get("adv_share", 0.0)}
 
 
 def adversarial_shares(target: float, sizes: Sequence[int], caps: float | Sequence[float] | None) -> list[float]:
@@ -159,7 +146,7 @@ def make_adversarial_set(model: LearnerMixture, data: ImageSet, indices: np.ndar
     m = min(n, math.ceil(share * n))
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:m].sort().values
-    attack = make_pgd(model, cfg, seed)
+    attack = make_pgd(model, cfg.adversarial_training_attack(), seed)
     clean = ClientTrainingSet(data, np.asarray(indices)[chosen.numpy()], augment=False)
     parts = []
     for x, y, _ in _loader(clean, 64, False, seed):
@@ -187,21 +174,14 @@ def train_fedem(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg:
     """One FedEM round: E-step on the (possibly partly adversarial) training set, then the M-step."""
     q = e_step(model, ClientTrainingSet(data, indices, False, adversarial), cfg).to(cfg.device)
     loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment, adversarial), cfg.train.batch_size, True, seed)
-    optimizer = _optimizer(model, cfg, lr)
-    model.train()
-    stats: dict[str, float] = {}
     pi = model.log_pi.exp()
     entropy = float(-(pi * model.log_pi).sum())
-    for _ in range(cfg.train.local_epochs):
-        total = n = 0.0
-        for x, y, i in loader:
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            loss, _ = model.loss(x, y, weights=q[i])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            n += len(y)
-        share = 0.0 if adversarial is None else len(adversarial.index) / max(len(indices), 1)
-        stats = {"train_loss": total / max(n, 1), "gate_entropy": entropy, "adv_share": share}
-    return stats
+
+    def step(batch):
+        x, y, i = batch
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        return model.loss(x, y, weights=q[i])[0], len(y), {}
+
+    last = fit(model, loader, _optimizer(model, cfg, lr), cfg.train.local_epochs, step)
+    share = 0.0 if adversarial is None else len(adversarial.index) / max(len(indices), 1)
+    return {"train_loss": last["loss"], "gate_entropy": entropy, "adv_share": share}

@@ -1,4 +1,4 @@
-"""Evaluate the defense on one client's test split (paper protocol, SPEC §6).
+"""One hospital's defense evaluated on its test split under the paper's protocol.
 
 PGD is crafted on the bare personalized classifier, then the adversarial scans go through
 the defended pipeline. Reported per detector and mode: clean and adversarial accuracy,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -22,16 +21,7 @@ from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
 from medfedpure.defense.pipeline import DefendedClassifier
 from medfedpure.defense.rules import calibrate_threshold
-
-
-def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a positive scores above a negative (ties count half)."""
-    neg, pos = np.asarray(negatives, dtype=np.float64), np.asarray(positives, dtype=np.float64)
-    if len(neg) == 0 or len(pos) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+from medfedpure.metrics import auroc, batched_accuracy
 
 
 def build_detector(name: str, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module,
@@ -48,12 +38,6 @@ def build_detector(name: str, mae: MaskedAutoencoder, diffusion: GaussianDiffusi
 @torch.no_grad()
 def _scores(detector: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     return torch.cat([detector(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return correct / max(len(y), 1)
 
 
 def _collect(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Accuracy on clean and attacked scans, batch-wise."""
+"""Measures: accuracy on clean and attacked scans (batch-wise), AUROC, exact binomial intervals."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.stats import beta
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -64,3 +65,29 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader,
         out.update(adv_acc=adv_correct / adv_total if adv_total else None, n_adv=adv_total,
                    clean_acc_attacked=adv_clean_correct / adv_total if adv_total else None)
     return out
+
+
+@torch.no_grad()
+def batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
+    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    return correct / max(len(y), 1)
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    neg, pos = np.asarray(negatives, dtype=np.float64), np.asarray(positives, dtype=np.float64)
+    if len(neg) == 0 or len(pos) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval for k successes in n trials."""
+    if n <= 0:
+        raise ValueError("a rate needs at least one trial")
+    tail = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return lo, hi

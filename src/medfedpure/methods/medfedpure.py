@@ -1,0 +1,68 @@
+"""MedFedPure's local round: the personalized MoE on the mixture loss (Eq. 9), optionally with
+the purifier in the loop (Algorithm 3's optional step, and adversarial training through it).
+
+With a purifier (a GaussianDiffusion), half of each batch is replaced by its purified
+version, so the experts know both clean and purified scans. With `defense.adv_share` > 0 as
+well, that share of each batch is first replaced by PGD crafted on the model behind the
+purifier (a fresh depth and noise at every step), then purified.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader
+
+from medfedpure.attacks import PGD, make_pgd
+from medfedpure.config import ExperimentConfig
+from medfedpure.defense.pipeline import RandomDepthPurified
+from medfedpure.loop import fit, make_optimizer
+from medfedpure.methods.task import round_lr
+from medfedpure.models import PersonalizedMoE
+
+
+def purify_batch(diffusion, x: torch.Tensor, cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Scans purified at a depth drawn from [t_min, t_max]."""
+    with torch.no_grad():
+        return RandomDepthPurified(None, diffusion, cfg.defense, gen).purify(x)
+
+
+def defended_training_batch(x: torch.Tensor, y: torch.Tensor, purifier, attack: PGD | None, share: float,
+                            cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
+    """What the experts see of a batch when they train for the defense: the first `share` of it
+    attacked through the purifier (if `attack`), those and half the rest purified, the other half clean."""
+    k = min(len(x), math.ceil(share * len(x))) if attack is not None else 0
+    attacked = attack(x[:k], y[:k]) if k else x[:0]
+    half = (len(x) - k) // 2
+    purified = purify_batch(purifier, torch.cat([attacked, x[k:k + half]]), cfg, gen)
+    return torch.cat([purified, x[k + half:]])
+
+
+def moe_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    # The gate has its own L2 term (beta) in the loss, so no weight decay on it.
+    return make_optimizer([{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay},
+                           {"params": model.attention.parameters(), "weight_decay": 0.0}],
+                          cfg.train.optimizer, lr, cfg.train.momentum)
+
+
+def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig,
+                server_round: int = 1, purifier=None) -> dict[str, float]:
+    """E local epochs on the mixture loss (Eq. 9); returns the last epoch's mean loss and gate entropy."""
+    optimizer = moe_optimizer(model, cfg, round_lr(cfg, server_round))
+    gen = torch.Generator().manual_seed(cfg.seed + server_round)
+    attack = None
+    if purifier is not None and cfg.defense.adv_share > 0:
+        target = RandomDepthPurified(model, purifier, cfg.defense, gen)
+        attack = make_pgd(target, cfg.adversarial_training_attack(), seed=cfg.seed * 1_000 + server_round)
+
+    def step(batch):
+        x, y = (t.to(cfg.device) for t in batch)
+        if purifier is not None:
+            x = defended_training_batch(x, y, purifier, attack, cfg.defense.adv_share, cfg, gen)
+        loss, parts = model.loss(x, y)
+        return loss, len(y), {"gate_entropy": parts["gate_entropy"] * len(y)}
+
+    last = fit(model, loader, optimizer, cfg.train.local_epochs, step)
+    return {"train_loss": last["loss"], "gate_entropy": last.get("gate_entropy", 0.0),
+            "adv_share": cfg.defense.adv_share if attack is not None else 0.0}

@@ -1,0 +1,136 @@
+"""A run folder: where each thing lives, round checkpoints and the config fingerprints behind resume.
+
+```
+<run>/config.json, partition.json, environment.json     what the run was asked for and got
+<run>/diffusion.safetensors, mae.safetensors             phases 1-2 (the defense models)
+<run>/global_experts.safetensors, summary.json, ...      phase 3 and its evaluation
+<run>/clients/client_NN/                                 what a hospital keeps (gate, calibration, history)
+<run>/checkpoints/<phase>.safetensors + <phase>.json     the last finished round, for resume
+<run>/baselines/<method>/                                another method trained on the same federation
+```
+
+After every round the server writes `checkpoints/<phase>.safetensors` (the global model) and
+then `checkpoints/<phase>.json` (the round and the run's bookkeeping), both atomically. The
+JSON names the round it belongs to and is written last, so it is the commit mark. Every
+safetensors file that belongs to a round carries that round in its metadata (`saved_round`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medfedpure.config import ExperimentConfig
+from medfedpure.storage import load_tensors, save_tensors, tensor_metadata, write_json
+
+# the defense models of phases 1-2, by phase
+CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
+
+
+class ResumeError(ValueError):
+    """A run folder whose saved state does not belong to the requested config."""
+
+
+class RunFolderError(FileNotFoundError):
+    """A run folder that lacks what an evaluation needs, or whose files do not match its config."""
+
+
+def client_dir(run: Path | str, client: int) -> Path:
+    """What hospital `client` keeps: its gate, detector calibration, history."""
+    return Path(run) / "clients" / f"client_{client:02d}"
+
+
+def need(path: Path, what: str) -> Path:
+    """`path`, or one clear error naming what is missing."""
+    if not path.is_file():
+        raise RunFolderError(f"run folder is incomplete: {what} '{path}' is missing")
+    return path
+
+
+def saved_round(path: Path | str) -> int:
+    """The round a safetensors file was saved at (-1 when it does not say)."""
+    return int(tensor_metadata(path).get("round", -1))
+
+
+# defense fields that only change the evaluation after training, not any phase's weights
+EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_modes", "eval_detectors", "enabled",
+                   "votes")
+# attack fields that only the adaptive evaluation after training reads
+ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
+                          "suite_max_per_client", "batch_size")
+
+
+# fields added after run folders existed, and their defaults: left out of the fingerprint at the default
+_ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
+                 ("defense", "adv_share"): 0.0}
+
+
+def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:
+    """The part of the config that decides a phase's weights (not the cache folder, not the CPUs).
+    `defended`: whether the run's method trains with the defense (a baseline's defense section
+    changes nothing, so it is left out; its method settings are in)."""
+    raw = cfg.to_dict()
+    raw["data"].pop("cache_dir", None)
+    raw.pop("federation", None)
+    raw.pop("name", None)
+    method = raw.pop("method", {})
+    for name in ATTACK_EVALUATION_ONLY:
+        raw["attack"].pop(name, None)
+    for (section, field), default in _ADDED_FIELDS.items():  # runs made before them still match
+        part_of = method if section == "method" else raw[section]
+        if part_of.get(field, default) == default:
+            part_of.pop(field, None)
+    if phase in CHECKPOINTS:
+        part = {"seed": raw["seed"], "data": raw["data"], "training": raw["defense"]["training"],
+                phase: raw["defense"][phase]}
+    else:
+        part = raw
+        part["defense"] = {k: v for k, v in raw["defense"].items()
+                           if k not in EVALUATION_ONLY + ("mae", "training")}
+        if not defended:
+            part.pop("defense")
+            part["method"] = method
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RoundState:
+    round: int
+    arrays: dict[str, torch.Tensor]
+    state: dict
+
+
+def _paths(out: Path, phase: str) -> tuple[Path, Path]:
+    folder = Path(out) / "checkpoints"
+    return folder / f"{phase}.safetensors", folder / f"{phase}.json"
+
+
+def save_round(out: Path, phase: str, fingerprint: str, rnd: int, arrays: dict[str, torch.Tensor],
+               state: dict) -> None:
+    weights, meta = _paths(out, phase)
+    save_tensors(weights, arrays, {"round": str(rnd)})
+    write_json(meta, {"phase": phase, "round": rnd, "config": fingerprint, "state": state})
+
+
+def load_round(out: Path, phase: str, fingerprint: str) -> RoundState | None:
+    """The last finished round of `phase` in this folder, or None to start from round 1."""
+    weights, meta = _paths(out, phase)
+    if not meta.exists():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise ResumeError(f"round checkpoint '{meta}' is unreadable ({err}); delete it to start over") from err
+    if info.get("config") != fingerprint:
+        raise ResumeError(f"'{meta.parent.parent}' holds a {phase} run made with another config; "
+                          "use another --out, or delete its checkpoints/ folder to start over")
+    arrays = load_tensors(weights)
+    if saved_round(weights) != int(info["round"]):
+        raise ResumeError(f"'{weights}' is from round {saved_round(weights)}, its record from round "
+                          f"{info['round']}; delete the checkpoints/ folder to start over")
+    return RoundState(int(info["round"]), arrays, info["state"])
+

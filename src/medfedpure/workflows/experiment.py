@@ -1,0 +1,104 @@
+"""`medfedpure experiment`: every phase each method needs, the internal-evasion matrix, the
+attack suite on each method's own test splits, then the report. Finished phases (and rounds,
+and evaluations) are not redone, so the same command resumes a killed experiment. MedFedPure
+runs in `out`, a baseline in `out/baselines/<name>`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from medfedpure.config import ExperimentConfig
+from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
+from medfedpure.methods import METHODS, fingerprint
+from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, ResumeError
+from medfedpure.storage import read_json, tensor_metadata, write_json
+from medfedpure.evaluation.attack_suite import default_suite_dir, evaluate_suite, suite_done, suite_request
+from medfedpure.workflows.report import write_report
+from medfedpure.workflows.training import run_federated, run_pretraining
+
+log = logging.getLogger(__name__)
+
+PHASE_ORDER = ("diffusion", "mae", "train")
+
+
+def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
+    """Whether `out` already holds this phase's final result for this config."""
+    if phase in CHECKPOINTS:
+        path = out / CHECKPOINTS[phase]
+        if not path.is_file():
+            return False
+        try:
+            return tensor_metadata(path).get("fingerprint") == fingerprint(cfg, phase)
+        except ValueError as err:
+            raise ResumeError(f"{err}; delete it to train that phase again") from err
+    path = out / "summary.json"
+    if not path.is_file():
+        return False
+    summary = read_json(path)
+    return (summary.get("fingerprint") == fingerprint(cfg, "train")
+            and (not cfg.defense.enabled or "defense" in summary))
+
+
+def evaluation_overrides(cfg: ExperimentConfig, trained: ExperimentConfig) -> list[str]:
+    """`attack.*` and evaluation-only `defense.*` fields where this command's config differs from the
+    one the run was trained with (they change no weights, so training is not redone, but the
+    evaluations must follow them)."""
+    fields = [("attack", f.name) for f in dataclasses.fields(cfg.attack)]
+    fields += [("defense", name) for name in EVALUATION_ONLY if name != "enabled"]
+    return [f"{section}.{name}={json.dumps(getattr(getattr(cfg, section), name))}" for section, name in fields
+            if getattr(getattr(cfg, section), name) != getattr(getattr(trained, section), name)]
+
+
+class _Timings:
+    """Seconds per step of the experiment, kept in `timings.json` across reruns."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "timings.json"
+        self.data = read_json(self.path) if self.path.is_file() else {}
+
+    def run(self, key: str, fn, *args, **kwargs):
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        self.data[key] = round(time.time() - t0, 1)
+        write_json(self.path, self.data)
+        return result
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                   flower_log_level: int = logging.ERROR, methods: list[str] | None = None,
+                   transfer: bool = True, suite: bool = True) -> dict:
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings = _Timings(out)
+    options = {"progress": progress, "flower_log_level": flower_log_level}
+    for name in methods or [cfg.method.name]:
+        method = METHODS[name]
+        mcfg = method.configure(cfg)
+        folder = method.folder(out)
+        for phase in PHASE_ORDER if method.defended and mcfg.defense.enabled else ("train",):
+            if phase_done(mcfg, folder, phase):
+                log.info("%s phase %s: already done in %s, not redone", name, phase, folder)
+            elif phase == "train":
+                timings.run("train" if method.defended else f"train:{name}", run_federated, mcfg, folder, **options)
+            else:
+                timings.run(phase, run_pretraining, mcfg, phase, folder, **options)
+        if transfer and not transfer_done(folder, mcfg):
+            timings.run(f"transfer:{name}", transfer_matrix, folder, progress=progress)
+        if suite and mcfg.attack.suite:
+            _suite(mcfg, folder, timings, f"suite:{name}", progress)
+    return write_report(out)
+
+
+def _suite(cfg: ExperimentConfig, folder: Path, timings: _Timings, key: str, progress: bool) -> None:
+    """The attack suite (`attack.suite`) on the method's own test splits, unless already done as asked."""
+    changed = evaluation_overrides(cfg, ExperimentConfig.from_dict(read_json(folder / "config.json")))
+    request = suite_request(folder, None, cfg.attack.suite, overrides=changed,
+                            max_per_client=cfg.attack.suite_max_per_client)
+    if not suite_done(default_suite_dir(folder), request):
+        timings.run(key, evaluate_suite, folder, None, cfg.attack.suite, overrides=changed,
+                    max_per_client=cfg.attack.suite_max_per_client, out=default_suite_dir(folder),
+                    progress=progress)

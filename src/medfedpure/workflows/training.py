@@ -1,0 +1,268 @@
+"""Train into a run folder, as Flower simulations on this machine.
+
+Phases 1-2 (`run_pretraining`): the diffusion U-Net and the MAE, FedAvg of the whole model
+(or pooled, `defense.training=central`). Phase 3 (`run_federated`): the method's classifier,
+evaluated every round, then the defended evaluation on every client when the folder holds
+the two defense models. Every finished round is checkpointed, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from tqdm.auto import tqdm
+
+from medfedpure.attacks import pgd_label
+from medfedpure.config import ExperimentConfig
+from medfedpure.data import describe_splits, make_loader
+from medfedpure.data.datasets import default_cache_dir, files_digest
+from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
+from medfedpure.federation.client_app import app as client_app
+from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
+from medfedpure.federation.server_app import make_pretrain_server_app, make_server_app, make_strategy
+from medfedpure.federation.simulation import flower_environment, run_flower
+from medfedpure.federation.strategy import FederationError, PretrainFedAvg
+from medfedpure.methods import fingerprint, method_of, new_model, task
+from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
+from medfedpure.reporting.results import defense_rows
+from medfedpure.runfolder import CHECKPOINTS, load_round, save_round
+from medfedpure.storage import save_tensors, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    rows: list[dict]
+    final: dict
+    wall_time_s: float
+    history: dict[int, dict] = field(repr=False, default_factory=dict)
+    defense: list[dict] = field(default_factory=list)
+
+
+def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progress: bool = True) -> Path:
+    """Validate, load and split the data once (bad data fails here, clearly), write the run's metadata."""
+    flower_environment()
+    cfg.validate()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.data.cache_dir is None:  # Ray workers must find the same decoded-image cache
+        cfg.data.cache_dir = str(default_cache_dir())
+    data, splits = task.data_and_splits(cfg, progress=progress)
+    sizes = describe_splits(splits, data.labels, len(data.classes))
+    write_json(out / f"config{tag}.json", cfg.to_dict())
+    write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
+    write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source,
+                                        "files_sha256": files_digest(data), "clients": sizes})
+    log.info("%d clients, n_i (train) = %s, n_i (test) = %s", len(splits),
+             [s["n_train"] for s in sizes], [s["n_test"] for s in sizes])
+    return out
+
+
+# --------------------------------------------------------------------------- phases 1-2
+def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
+                    flower_log_level: int = logging.ERROR) -> dict:
+    """Train the MAE or the diffusion U-Net on clean scans; writes `<phase>.safetensors` and its metrics."""
+    phase = PHASES[phase_name]
+    resumed = load_round(Path(out_dir).resolve(), phase_name, fingerprint(cfg.validate(), phase_name))
+    out = prepare_run(cfg, out_dir, tag=f"-{phase_name}", progress=progress)  # after the refusal: nothing written
+    settings = phase.settings(cfg)
+    t0 = time.time()
+    task.set_seed(cfg.seed)
+    model = phase.build(cfg).to(cfg.device)
+    rows: list[dict] = list(resumed.state["rows"]) if resumed else []
+    if resumed is not None:
+        model.load_state_dict(resumed.arrays)
+        log.info("resuming %s after round %d (checkpoints/%s.json)", phase_name, resumed.round, phase_name)
+    metrics_path = out / f"{phase_name}_metrics.json"
+
+    def record(row: dict, state: dict) -> None:
+        rows.append(row)
+        save_round(out, phase_name, fingerprint(cfg, phase_name), row["round"], state, {"rows": rows})
+        write_json(metrics_path, {"phase": phase_name, "training": cfg.defense.training, "rows": rows})
+
+    if cfg.defense.training == "central":
+        _pretrain_central(cfg, phase, model, settings, len(rows), record, progress)
+    else:
+        _pretrain_federated(cfg, phase_name, model, settings, rows, record, progress, flower_log_level)
+    wall = time.time() - t0
+    save_tensors(out / CHECKPOINTS[phase_name], model.state_dict(),
+                 {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
+                  "fingerprint": fingerprint(cfg, phase_name)})
+    summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
+               "fingerprint": fingerprint(cfg, phase_name)}
+    write_json(metrics_path, summary)
+    return summary
+
+
+def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings, rows: list[dict], record,
+                        progress: bool, flower_log_level: int) -> None:
+    """FedAvg of the whole model over the clients' clean scans, one checkpoint per round."""
+    bar = tqdm(total=settings.rounds, initial=len(rows), desc=f"{phase_name} rounds", unit="round",
+               disable=not progress)
+
+    def on_round_end(rnd: int, row: dict) -> None:
+        record(dict(row), strategy.latest_arrays.to_torch_state_dict())
+        bar.set_postfix(train=f"{row.get('train_loss', float('nan')):.4f}",
+                        test=f"{row.get('test_loss') or float('nan'):.4f}")
+        bar.update(1)
+
+    final: list[ArrayRecord] = []
+    strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows),
+                              min_fit_fraction=cfg.federation.min_fit_fraction)
+    server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
+                                          settings.rounds, final.append)
+    try:
+        run_flower(server_app, pretrain_client_app, cfg, flower_log_level)
+    finally:
+        bar.close()
+    if not final or len(rows) < settings.rounds:
+        raise RuntimeError(f"{phase_name} pretraining stopped after {len(rows)} of {settings.rounds} rounds")
+    model.load_state_dict(final[0].to_torch_state_dict())
+
+
+def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, done: int, record, progress: bool) -> None:
+    """The paper's setting: every client's training scans pooled on one machine (an epoch a 'round')."""
+    data, splits = task.data_and_splits(cfg)
+    train_idx = torch.cat([torch.from_numpy(s.train_idx) for s in splits]).numpy()
+    test_idx = torch.cat([torch.from_numpy(s.test_idx) for s in splits]).numpy()
+    test = make_loader(data, test_idx, 64, train=False)
+    epochs = settings.rounds * settings.local_epochs
+    for epoch in tqdm(range(done + 1, epochs + 1), initial=done, total=epochs,
+                      desc=f"{phase.name} epochs (central)", disable=not progress):
+        train = make_loader(data, train_idx, settings.batch_size, train=True, seed=cfg.seed + epoch,
+                            augment=cfg.data.augment)
+        loss = train_epochs(phase, model, train, 1, settings.lr, cfg.device, seed=cfg.seed + epoch)
+        record({"round": epoch, "train_loss": loss, "test_loss": eval_loss(phase, model, test, cfg.device)},
+               model.state_dict())
+
+
+# --------------------------------------------------------------------------- phase 3
+def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays: bool = False,
+                  progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
+    """Train the method's classifier with Flower, evaluate every round, then (if the folder holds the
+    MAE and diffusion checkpoints and the method runs the defense) the defended evaluation."""
+    cfg, defense_paths = _phase3_config(cfg, Path(out_dir).resolve())
+    resumed = load_round(Path(out_dir).resolve(), "train", fingerprint(cfg, "train"))  # refuse before writing
+    out = prepare_run(cfg, out_dir, progress=progress)
+    t0 = time.time()
+    task.set_seed(cfg.seed)
+    model = new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
+    log.info("%s backbones start from %s", cfg.model.backbone,
+             f"ImageNet weights ({cfg.model.pretrained_weights})" if cfg.model.pretrained_weights
+             else "random init (no pretrained weights given)")
+    if resumed is not None:
+        model.load_experts(resumed.arrays)
+        log.info("resuming after round %d of %d (checkpoints/train.json)", resumed.round, cfg.train.rounds)
+    run_defense = cfg.defense.enabled and len(defense_paths) == 2
+    if cfg.defense.enabled and not run_defense:
+        log.warning("no defended evaluation: %s lacks %s (run pretrain-diffusion and pretrain-mae with the same "
+                    "--out first)", out, " and ".join(CHECKPOINTS.values()))
+    strategy, final_arrays, defense_results = _federate(cfg, out, model, resumed, defense_paths, run_defense,
+                                                        keep_client_arrays, progress, flower_log_level)
+    if not final_arrays or len(strategy.history) < cfg.train.rounds:
+        raise FederationError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
+                              "see the Flower log above")
+    if run_defense and not defense_results:  # never a summary without its defense
+        raise FederationError("the defended evaluation got no answer; see the Flower log above")
+    model.load_experts(final_arrays[0].to_torch_state_dict())
+    return _write_results(cfg, out, model, strategy.history, defense_results, time.time() - t0)
+
+
+def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, dict[str, str]]:
+    """The config as the method trains it, and the defense checkpoints the folder holds."""
+    cfg = method_of(cfg).configure(cfg)
+    paths = {f"{name}-path": str(out / fname) for name, fname in CHECKPOINTS.items() if (out / fname).is_file()}
+    if cfg.defense.purify_training and "diffusion-path" not in paths:
+        log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
+                    "(run `medfedpure pretrain-diffusion` with the same --out first)", out / CHECKPOINTS["diffusion"])
+        cfg.defense.purify_training = False
+        cfg.defense.adv_share = 0.0
+    return cfg, paths
+
+
+def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_paths: dict, run_defense: bool,
+              keep_client_arrays: bool, progress: bool, flower_log_level: int):
+    """The Flower run of phase 3: (strategy, final experts, defended evaluation replies)."""
+    bar = tqdm(total=cfg.train.rounds, initial=resumed.round if resumed else 0, desc="federated rounds",
+               unit="round", disable=not progress)
+
+    def on_round_end(rnd: int, rec: dict) -> None:
+        save_round(out, "train", fingerprint(cfg, "train"), rnd, strategy.latest_arrays.to_torch_state_dict(),
+                   {"history": history_to_json(strategy.history)})
+        _write_metrics(out, cfg, strategy.history)
+        ev = rec.get("evaluate", {})
+        bar.set_postfix(clean=f"{ev.get('clean_acc', float('nan')):.3f}",
+                        adv=f"{ev.get('adv_acc', float('nan')):.3f}")
+        bar.update(1)
+        if rnd == cfg.train.rounds and run_defense:
+            bar.set_description("defended evaluation")
+
+    final_arrays: list[ArrayRecord] = []
+    defense_results: list[dict] = []
+    strategy = make_strategy(cfg, on_round_end, keep_client_arrays, round_offset=resumed.round if resumed else 0,
+                             history=history_from_json(resumed.state["history"]) if resumed else None)
+    server_app = make_server_app(cfg, ArrayRecord(model.expert_state()), str(out), strategy, final_arrays.append,
+                                 defense_paths if run_defense or cfg.defense.purify_training else None,
+                                 defense_results.extend if run_defense else None)
+    try:
+        run_flower(server_app, client_app, cfg, flower_log_level)
+    finally:
+        bar.close()
+    return strategy, final_arrays, defense_results
+
+
+def _write_metrics(out: Path, cfg: ExperimentConfig, history: dict[int, dict]) -> list[dict]:
+    rows = round_rows(history)
+    write_json(out / "metrics.json", {"attack": pgd_label(cfg.attack), "rows": rows, "failures": failures(history)})
+    write_csv(out / "metrics.csv", rows)
+    return rows
+
+
+def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, dict], defense_results: list[dict],
+                   wall: float) -> RunResult:
+    """The final experts, metrics, summary, defense tables and the convergence figure."""
+    save_tensors(out / "global_experts.safetensors", model.expert_state(),
+                 {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json(),
+                  "fingerprint": fingerprint(cfg, "train")})
+    rows = _write_metrics(out, cfg, history)
+    final = dict(mean_rows(rows)[-1])
+    final["wall_time_s"] = round(wall, 1)
+    label = pgd_label(cfg.attack)
+    summary = {"name": cfg.name, "attack": label, "final": final, "failures": failures(history),
+               "fingerprint": fingerprint(cfg, "train"),
+               "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
+    if defense_results:
+        drows = defense_rows(defense_results, cfg)
+        write_json(out / "defense.json", {"attack": label + " (crafted on the classifier)", "rows": drows})
+        write_csv(out / "defense.csv", drows)
+        summary["defense"] = [r for r in drows if r["client"] == "mean"]
+    write_json(out / "summary.json", summary)
+    plot_convergence(rows, out / "accuracy_per_round.png",
+                     f"{cfg.name}: {cfg.data.dataset} {cfg.data.image_size}px, {cfg.data.num_clients} clients, "
+                     f"K={cfg.model.num_experts} {cfg.model.backbone}", label)
+    return RunResult(out, rows, final, wall, history, summary.get("defense", []))
+
+
+def failures(history: dict[int, dict]) -> list[dict]:
+    """Every client that failed a round: round, phase, client (or node) and the last line of its error."""
+    return [{"round": rnd, **f} for rnd in sorted(history) for f in history[rnd].get("failed", [])]
+
+
+def history_to_json(history: dict[int, dict]) -> dict:
+    """The strategy's bookkeeping without the arrays kept for audits."""
+    skip = {"arrays", "sent_arrays", "aggregated"}
+    return {str(rnd): {**{k: v for k, v in rec.items() if k not in skip and k != "clients"},
+                       "clients": {str(c): {k: v for k, v in m.items() if k not in skip}
+                                   for c, m in rec["clients"].items()}}
+            for rnd, rec in history.items()}
+
+
+def history_from_json(raw: dict) -> dict[int, dict]:
+    return {int(rnd): {**rec, "clients": {int(c): m for c, m in rec["clients"].items()}} for rnd, rec in raw.items()}

@@ -1,0 +1,111 @@
+"""The package's shape: layers without back-edges, methods that carry their own behaviour, and
+Flower adapters and workflows a reader can follow (no function over ~50 lines)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from medfedpure.config import METHOD_NAMES
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "medfedpure"
+
+# from the bottom: a module may import its own layer and those below, never one above
+LAYERS = [
+    {"config", "storage", "runfolder", "metrics", "loop", "attacks", "reporting"},
+    {"data", "models", "defense"},
+    {"methods"},
+    {"federation"},
+    {"evaluation"},
+    {"workflows"},
+    {"cli", "__init__"},
+]
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        yield path, parts
+
+
+def _layer(top: str) -> int:
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"'{top}' is in no layer of tests/test_layers.py: add it where it belongs")
+
+
+def _imports(path: Path, parts: tuple[str, ...]):
+    """Every medfedpure module `path` imports (at module level or inside a function)."""
+    package = ["medfedpure", *parts[:-1]]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [target] if node.module or not node.level else [f"{target}.{a.name}" for a in node.names]
+            for name in names:
+                if name.startswith("medfedpure"):
+                    yield node.lineno, name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("medfedpure"):
+                    yield node.lineno, alias.name
+
+
+def test_no_module_imports_from_a_higher_layer():
+    back_edges = []
+    for path, parts in _modules():
+        own = _layer(parts[0])
+        for line, target in _imports(path, parts):
+            pieces = target.split(".")
+            top = pieces[1] if len(pieces) > 1 else "__init__"
+            if _layer(top) > own:
+                back_edges.append(f"{path.relative_to(PACKAGE)}:{line} imports {target}")
+    assert not back_edges, "imports from a higher layer:\n" + "\n".join(back_edges)
+
+
+def test_the_layer_check_sees_a_back_edge(tmp_path):
+    """The check above can fail: a lower module importing a higher one is caught."""
+    path = tmp_path / "bad.py"
+    path.write_text("def f():\n    from medfedpure.workflows.experiment import run_experiment\n")
+    found = list(_imports(path, ("data", "bad")))
+    assert found == [(2, "medfedpure.workflows.experiment")]
+    assert _layer("workflows") > _layer("data")
+
+
+def _name_checks(tree: ast.AST) -> list[int]:
+    """Lines comparing something with a method's name (`== "fedem"`, `in {"fedem", "pfeddef"}`)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for operand in [node.left, *node.comparators]:
+            values = operand.elts if isinstance(operand, (ast.Set, ast.Tuple, ast.List)) else [operand]
+            if any(isinstance(v, ast.Constant) and v.value in METHOD_NAMES for v in values):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_method_names_are_compared_only_in_the_registry():
+    found = []
+    for path, parts in _modules():
+        if parts[0] in {"methods", "config"}:
+            continue
+        found += [f"{path.relative_to(PACKAGE)}:{line}" for line in _name_checks(ast.parse(path.read_text()))]
+    assert not found, "method-name checks outside methods/ (ask the method instead):\n" + "\n".join(found)
+    assert _name_checks(ast.parse('if cfg.method.name in {"fedem", "pfeddef"}:\n    pass\n')) == [1]
+
+
+@pytest.mark.parametrize("package", ["federation", "workflows"])
+def test_adapters_and_workflows_have_no_long_functions(package):
+    long = []
+    for path in sorted((PACKAGE / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 50:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "functions over 50 lines:\n" + "\n".join(long)
