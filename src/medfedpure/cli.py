@@ -179,6 +179,16 @@ def _print_tables(tables: dict, out: Path) -> None:
           + (", methods.png" if len(tables["rows"]) > 1 else "") + (", transfer.png" if tables.get("transfer") else ""))
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from medfedpure.federation.certificates import make_local_certificates
+
+    files = make_local_certificates(Path(args.out), args.nodes)
+    print(f"wrote {len(files)} files to {args.out}: ca.crt (give it to every SuperNode and flwr), server.pem + "
+          f"server.key (the SuperLink's), node01..node{args.nodes:02d} .key/.pub (one pair per SuperNode; register "
+          "each .pub with `flwr supernode register`); valid for 127.0.0.1 and localhost, 30 days")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         if args.show:
@@ -278,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by experiment or train")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("certs", help="TLS certificates and SuperNode keys for trying the deployment runtime on "
+                                     "this machine (127.0.0.1)")
+    p.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and the node key pairs")
+    p.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default 3)")
+    p.set_defaults(func=_certs)
+
     p = sub.add_parser("presets", help="list the built-in presets")
     p.add_argument("--show", action="store_true", help="print each preset's full config")
     p.set_defaults(func=_presets)
@@ -326,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _rerun_loopback_only(argv) if rerun else args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, FederationError) as err:  # incl. Report/ResumeError
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, FederationError) as err:  # incl. Report/ResumeError
         if args.verbose:
             raise
         print(f"medfedpure: error: {err}", file=sys.stderr)
