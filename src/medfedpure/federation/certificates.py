@@ -43,10 +43,16 @@ def _certificate(subject: str, issuer: x509.Name, public_key, signing_key, ca: b
                .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if hosts:
-        names = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h)
-                 for h in hosts]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName([_host_name(h) for h in hosts]), critical=False)
     return builder.sign(signing_key, hashes.SHA256())
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    """An IP address (v4 or v6) or a DNS name, as a certificate's subject alternative name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def make_local_certificates(out: Path | str, nodes: int, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
