@@ -36,6 +36,11 @@ class DataConfig:
     max_per_class: int | None = None  # optional subset (CPU-scale CIFAR-10)
     synthetic_per_class: int = 150
     cache_dir: str | None = None  # decoded-image cache; default ~/.cache/medfedpure
+    # pooled: `root` is one dataset, cut into `num_clients` parts (the simulation's default);
+    # hospitals: `root` holds one class-folder set per hospital, hospital-0 ... hospital-<n-1>;
+    # hospital: `root` is this hospital's own class folders (a SuperNode's `data-dir`)
+    layout: str = "pooled"
+    classes: list[str] | None = None  # the federation's classes, in label order (hospital layouts)
 
 
 @dataclass
@@ -94,6 +99,8 @@ class FederationConfig:
     # a round goes on when at least this share of the clients answered (the failed ones are logged
     # and left out of the average); below it the run stops, keeping the last finished round
     min_fit_fraction: float = 0.5
+    join_timeout_s: float = 600.0  # how long the server waits for every hospital to connect before round 1
+    round_timeout_s: float = 6 * 3600.0  # how long a round waits for a hospital's answer
 
 
 @dataclass
@@ -227,7 +234,14 @@ class ExperimentConfig:
             (self.data.max_per_class is None or self.data.max_per_class >= 1, "data.max_per_class",
              ">= 1 or null (every image)"),
             (self.data.num_clients >= 1, "data.num_clients", ">= 1"),
+            (self.data.layout in {"pooled", "hospitals", "hospital"}, "data.layout", "pooled, hospitals or hospital"),
+            (self.data.layout == "pooled" or self.data.root, "data.root",
+             f"the hospitals' folder for data.layout={self.data.layout}"),
+            (self.data.classes is None or len(set(self.data.classes)) == len(self.data.classes) >= 2,
+             "data.classes", "two or more distinct class names"),
             (0 < self.federation.min_fit_fraction <= 1, "federation.min_fit_fraction", "in (0, 1]"),
+            (self.federation.join_timeout_s > 0, "federation.join_timeout_s", "> 0"),
+            (self.federation.round_timeout_s > 0, "federation.round_timeout_s", "> 0"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),
@@ -325,6 +339,8 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
     if value is None and "None" in options:
         return value
     for opt in options:
+        if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
         kind = _SCALARS.get(opt)
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

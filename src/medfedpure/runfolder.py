@@ -66,7 +66,7 @@ ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "s
 
 # fields added after run folders existed, and their defaults: left out of the fingerprint at the default
 _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
-                 ("defense", "adv_share"): 0.0}
+                 ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:

@@ -149,6 +149,22 @@ def load_class_folders(root: Path, image_size: int, classes: tuple[str, ...] | N
     return ImageSet(images, labels, names, str(root), tuple(str(p) for p in paths))
 
 
+def load_hospital_folder(folder: Path, image_size: int, classes: tuple[str, ...] | None = None,
+                         cache_dir: str | None = None, progress: bool = True) -> ImageSet:
+    """One hospital's own class folders. With `classes` (the federation's), the folder must hold
+    exactly those classes: a hospital with another class, or without one, would train a different
+    task than the others."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"hospital data folder '{folder}' does not exist or is not a folder")
+    if classes is not None:
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if sorted(classes) != found:
+            raise DataError(f"hospital data folder '{folder}' holds class folders [{', '.join(found)}], "
+                            f"the federation's classes are [{', '.join(classes)}]")
+    return load_class_folders(folder, image_size, classes, cache_dir, progress)
+
+
 def load_cifar10(root: Path, image_size: int, cache_dir: str | None = None, progress: bool = True) -> ImageSet:
     """CIFAR-10 as torchvision's `cifar-10-batches-py` or as `{train,test}/<class>/*.jpg`.
 

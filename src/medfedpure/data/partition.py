@@ -82,10 +82,20 @@ def make_client_splits(labels: np.ndarray, num_clients: int, scheme: str, alpha:
                        test_fraction: float, seed: int, min_size: int = 10,
                        val_fraction: float = 0.0) -> list[ClientSplit]:
     parts = partition_indices(labels, num_clients, scheme, alpha, seed, min_size)
-    splits = []
-    for i, p in enumerate(parts):
-        train, val, test = train_test_split(p, labels, test_fraction, seed * 7919 + i, val_fraction)
-        splits.append(ClientSplit(i, train, test, val))
+    splits = [hospital_split(p, labels, i, test_fraction, seed, val_fraction) for i, p in enumerate(parts)]
+    check_splits(splits, num_clients, val_fraction)
+    return splits
+
+
+def hospital_split(indices: np.ndarray, labels: np.ndarray, client: int, test_fraction: float, seed: int,
+                   val_fraction: float = 0.0) -> ClientSplit:
+    """One client's stratified split of its own scans (`indices`), seeded by the run seed and the
+    client: the same whether the scans were cut from a pooled set or are the hospital's own."""
+    train, val, test = train_test_split(indices, labels, test_fraction, seed * 7919 + client, val_fraction)
+    return ClientSplit(client, train, test, val)
+
+
+def check_splits(splits: list[ClientSplit], num_clients: int, val_fraction: float) -> None:
     short = [s for s in splits if s.n_train < 2 or s.n_test < 1 or (val_fraction > 0 and s.n_val < 1)]
     if short:  # a figure computed on nothing would read as 0%, a training set of one scan as a model
         sizes = ", ".join(f"client {s.client_id}: {s.n_train} train / {s.n_val} validation / {s.n_test} test"
@@ -93,7 +103,6 @@ def make_client_splits(labels: np.ndarray, num_clients: int, scheme: str, alpha:
         raise DataError(f"{len(short)} of {num_clients} clients would get too few scans ({sizes}); every client "
                         "needs at least 2 training scans, 1 test scan (and 1 validation scan when "
                         "data.val_fraction > 0): use fewer clients or more data")
-    return splits
 
 
 def describe_splits(splits: list[ClientSplit], labels: np.ndarray, num_classes: int) -> list[dict]:

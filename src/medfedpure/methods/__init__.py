@@ -86,13 +86,15 @@ class Method:
         if self.defended:
             loader = task.client_loaders(cfg, client, rnd)[0]
             return train_local(model, loader, cfg, rnd, job.purifier), len(loader.dataset)
-        data, splits = task.data_and_splits(cfg)
-        indices = splits[client].train_idx
+        data, split = task.hospital(cfg, client)
+        indices = split.train_idx
         lr, seed = task.round_lr(cfg, rnd), task.client_seed(cfg, client, rnd)
         if not self.mixture:
             share = cfg.method.adv_share if self.adversarial else 0.0
             return baselines.train_plain(model, data, indices, cfg, lr, seed, share), len(indices)
-        scans = self._adversarial_scans(model, job, data, splits, seed) if self.adversarial else None
+        scans = None
+        if self.adversarial:  # the resource split needs every client's size: the federation-wide dataset
+            scans = self._adversarial_scans(model, job, *task.data_and_splits(cfg), seed)
         return baselines.train_fedem(model, data, indices, cfg, lr, seed, scans), len(indices)
 
     def _adversarial_scans(self, model, job: LocalRound, data, splits, seed: int) -> baselines.AdversarialSet:
