@@ -189,6 +189,25 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_local(args: argparse.Namespace) -> int:
+    from medfedpure.workflows.deploy_local import deploy_local
+
+    cfg = _config(args)
+    if args.nodes is not None:
+        cfg.data.num_clients = args.nodes
+    out = _out(args, cfg)
+    print(f"medfedpure deploy-local: preset {args.preset}, {cfg.data.num_clients} SuperNodes on 127.0.0.1 "
+          f"({'plaintext' if args.insecure else 'TLS, SuperNode authentication'}) -> {out}", flush=True)
+    summary = deploy_local(cfg, out, secure=not args.insecure, progress=not args.no_progress)
+    f = summary["final"]
+    print(f"finished: round {f['round']} weighted mean over the hospitals: clean acc {100 * f['clean_acc']:.2f}%"
+          + (f", {summary['attack']} acc {100 * f['adv_acc']:.2f}%" if f.get("adv_acc") is not None else ""))
+    for failure in summary.get("failures", []):
+        print(f"  round {failure['round']} ({failure['phase']}): client {failure['client']} failed: {failure['error']}")
+    print(f"results: {out}/tables.md, summary.json, metrics.csv; each process's log in {out}/logs/")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         if args.show:
@@ -293,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and the node key pairs")
     p.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default 3)")
     p.set_defaults(func=_certs)
+
+    p = sub.add_parser("deploy-local", help="the federation on Flower's deployment runtime on this machine: a "
+                                            "SuperLink and one SuperNode per hospital on 127.0.0.1, TLS and node "
+                                            "authentication, each hospital on its own folder")
+    common(p)
+    p.add_argument("--nodes", type=int, help="hospitals (SuperNodes); default data.num_clients of the preset")
+    p.add_argument("--insecure", action="store_true", help="plaintext and no node authentication (debugging only)")
+    p.set_defaults(func=_deploy_local)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.add_argument("--show", action="store_true", help="print each preset's full config")

@@ -77,11 +77,15 @@ def eval_loss(phase: Phase, model: nn.Module, loader: DataLoader, device: str = 
 
 def load_pretrained(name: str, cfg: ExperimentConfig, path: str | Path) -> nn.Module:
     """A trained MAE or diffusion model from its safetensors checkpoint, in eval mode."""
+    return build_pretrained(name, cfg, load_tensors(path), f"checkpoint '{path}'")
+
+
+def build_pretrained(name: str, cfg: ExperimentConfig, state: dict, source: str) -> nn.Module:
+    """A trained MAE or diffusion model from its weights (`source` names where they came from)."""
     model = PHASES[name].build(cfg)
-    state = load_tensors(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint '{path}' does not match the configured {name} model "
+        raise ValueError(f"{source} does not match the configured {name} model "
                          f"(was it trained with another preset?): {str(err).splitlines()[0]}") from err
     return model.to(cfg.device).eval()

@@ -1,8 +1,10 @@
 """Flower ClientApp: one hospital. Experts come and go; the gate never leaves.
 
 The experiment config arrives in each message's ConfigRecord, so the same app runs in the
-simulation and on a real SuperNode. What a round does is the method's (`methods`); what the
-hospital keeps between rounds is `client_state`'s.
+simulation and on a real SuperNode. On a SuperNode the node config names the hospital
+(`partition-id`), its own class folders (`data-dir`) and where it keeps its state (`state-dir`).
+What a round does is the method's (`methods`); what the hospital keeps between rounds is
+`client_state`'s. Messages with the `pretrain` action train the defense models (phases 1-2).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from flwr.clientapp import ClientApp
 from medfedpure.attacks import make_pgd
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.evaluation import evaluate_defense
-from medfedpure.defense.trainer import load_pretrained
+from medfedpure.defense.trainer import PHASES, build_pretrained, eval_loss, train_epochs
 from medfedpure.federation.client_state import HospitalState
-from medfedpure.methods import LocalRound, method_of, new_model, task
+from medfedpure.methods import LocalRound, fingerprint, method_of, new_model, task
 from medfedpure.reporting.plots import plot_defense_examples
 from medfedpure.runfolder import client_dir
 from medfedpure.storage import save_tensors, write_json
@@ -27,23 +29,43 @@ from medfedpure.storage import save_tensors, write_json
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, HospitalState]:
+def _config(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int]:
+    """The run's config as this hospital sees it: on a SuperNode with a `data-dir`, its own folder."""
     conf = msg.content["config"]
     cfg = ExperimentConfig.from_json(str(conf["experiment"]))
     torch.set_num_threads(max(1, cfg.federation.num_threads))
-    partition = int(context.node_config["partition-id"])
-    folder = client_dir(str(conf["out-dir"]), partition) if "out-dir" in conf else None
-    return cfg, partition, int(conf.get("server-round", 0)), HospitalState(context, folder, partition)
+    node = context.node_config
+    if "data-dir" in node:
+        cfg.data.layout, cfg.data.root = "hospital", str(node["data-dir"])
+    return cfg, int(node["partition-id"]), int(conf.get("server-round", 0))
 
 
-def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, state: HospitalState):
-    """Global experts from the message + this client's own gate from its state."""
+def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, HospitalState]:
+    run = fingerprint(ExperimentConfig.from_json(str(msg.content["config"]["experiment"])), "train")
+    cfg, partition, server_round = _config(msg, context)
+    return cfg, partition, server_round, HospitalState(context, _state_folder(msg, context, partition), partition, run)
+
+
+def _state_folder(msg: Message, context: Context, partition: int) -> Path | None:
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    conf = msg.content["config"]
+    return client_dir(str(conf["out-dir"]), partition) if "out-dir" in conf else None
+
+
+def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, state: HospitalState, up_to_round: int):
+    """Global experts from the message + this client's own gate (the latest by `up_to_round`)."""
     model = new_model(cfg, task.num_classes(cfg), init_seed=task.client_seed(cfg, partition))
     model.load_experts(msg.content["arrays"].to_torch_state_dict())
-    gate = state.gate(int(msg.content["config"].get("resume-round", 0)))
+    gate = state.gate(up_to_round)
     if gate is not None:
         model.load_gate(gate)
     return model
+
+
+def _defense_model(name: str, cfg: ExperimentConfig, msg: Message) -> torch.nn.Module:
+    """The federation's MAE or U-Net, sent by the server with the message (trained in phases 1-2)."""
+    return build_pretrained(name, cfg, msg.content[name].to_torch_state_dict(), f"the server's {name} weights")
 
 
 def _rehearsed_failure(partition: int, server_round: int) -> None:
@@ -60,11 +82,11 @@ def train(msg: Message, context: Context) -> Message:
     _rehearsed_failure(partition, server_round)
     method = method_of(cfg)
     task.set_seed(task.client_seed(cfg, partition, server_round))
-    model = _personal_model(cfg, partition, msg, state)
+    model = _personal_model(cfg, partition, msg, state, server_round - 1)
     gate_in = task.state_digest(method.own_state(model))
     purifier = None
     if cfg.defense.purify_training:  # the experts train through the purifier (MedFedPure only)
-        purifier = load_pretrained("diffusion", cfg, str(msg.content["config"]["diffusion-path"]))
+        purifier = _defense_model("diffusion", cfg, msg)
     stats, n_train = method.train_round(model, LocalRound(cfg, partition, server_round, purifier, state))
     gate = method.own_state(model)
     state.save_gate(gate, server_round)
@@ -78,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, state = _setup(msg, context)
-    model = _personal_model(cfg, partition, msg, state)
+    model = _personal_model(cfg, partition, msg, state, server_round)
     _, test_loader, _ = task.client_loaders(cfg, partition, server_round)
     with_attack = cfg.attack.eval_every_round or bool(msg.content["config"].get("final", False))
     result = task.test_local(model, test_loader, cfg, seed=task.client_seed(cfg, partition, server_round),
@@ -93,11 +115,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def defend(msg: Message, context: Context) -> Message:
     """Final defended evaluation on this client's test split, with its own gate and calibration."""
-    cfg, partition, _, state = _setup(msg, context)
-    conf = msg.content["config"]
-    model = _personal_model(cfg, partition, msg, state).eval()
-    mae = load_pretrained("mae", cfg, str(conf["mae-path"]))
-    diffusion = load_pretrained("diffusion", cfg, str(conf["diffusion-path"]))
+    cfg, partition, server_round, state = _setup(msg, context)
+    model = _personal_model(cfg, partition, msg, state, server_round).eval()
+    mae, diffusion = _defense_model("mae", cfg, msg), _defense_model("diffusion", cfg, msg)
     _, test_loader, _ = task.client_loaders(cfg, partition)
     seed = task.client_seed(cfg, partition, 10_000)
     d = cfg.defense
@@ -122,3 +142,35 @@ def _keep_defense(folder: Path, cfg: ExperimentConfig, metrics: dict, calibratio
     save_tensors(folder / "detector_calibration.safetensors", calibration,
                  {"target_fpr": str(d.target_fpr), "rule": d.rule,
                   **{f"tau.{name}": str(metrics[f"{name}.tau"]) for name in calibration}})
+
+
+# --------------------------------------------------------------------------- phases 1-2
+def _pretrain_setup(msg: Message, context: Context):
+    cfg, partition, server_round = _config(msg, context)
+    phase = PHASES[str(msg.content["config"]["phase"])]
+    model = phase.build(cfg).to(cfg.device)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, phase, partition, server_round, model
+
+
+@app.train("pretrain")
+def pretrain(msg: Message, context: Context) -> Message:
+    """Train the whole MAE or U-Net on this hospital's clean scans; the server averages them."""
+    cfg, phase, partition, server_round, model = _pretrain_setup(msg, context)
+    task.set_seed(task.client_seed(cfg, partition, server_round))  # augmentation draws from the global RNG
+    settings = phase.settings(cfg)
+    loader = task.client_loaders(cfg, partition, server_round, batch_size=settings.batch_size)[0]
+    loss = train_epochs(phase, model, loader, settings.local_epochs, settings.lr, cfg.device,
+                        seed=task.client_seed(cfg, partition, server_round))
+    metrics = MetricRecord({"partition-id": partition, "num-examples": len(loader.dataset), "train_loss": loss})
+    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
+                   reply_to=msg)
+
+
+@app.evaluate("pretrain")
+def pretrain_loss(msg: Message, context: Context) -> Message:
+    cfg, phase, partition, server_round, model = _pretrain_setup(msg, context)
+    test_loader = task.client_loaders(cfg, partition, server_round)[1]
+    loss = eval_loss(phase, model, test_loader, cfg.device)
+    metrics = MetricRecord({"partition-id": partition, "num-examples": len(test_loader.dataset), "test_loss": loss})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,5 +1,6 @@
-"""What a hospital keeps between rounds: in its node's memory (`context.state`) and, when the
-run names a folder, on its own disk (`clients/client_NN/`), where a restarted node finds it.
+"""What a hospital keeps between rounds: in its node's memory (`context.state`) and, when there is
+a state folder (a SuperNode's `state-dir`, or the run's `clients/client_NN/` in a simulation), on
+its own disk, where a restarted node finds it.
 
 The gate never leaves the hospital: it is saved every round (the previous round's beside it, so
 a run killed mid-round can resume), and so are pFedDef's adversarial scans and the hospital's
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from medfedpure.methods.baselines import AdversarialSet
 from medfedpure.runfolder import saved_round
-from medfedpure.storage import load_tensors, read_json, save_tensors, write_json
+from medfedpure.storage import load_tensors, read_json, save_tensors, tensor_metadata, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,38 +26,56 @@ SCANS_KEY = "pfeddef-adversarial"  # pFedDef's current adversarial training scan
 
 
 class HospitalState:
-    def __init__(self, context: Context, folder: Path | None, client: int) -> None:
-        self.context, self.folder, self.client = context, folder, client
+    """`folder`: the hospital's state folder (None: memory only). `run`: a tag of the run (its
+    training fingerprint), so a gate left on the disk by another run is never taken for this one's."""
+
+    def __init__(self, context: Context, folder: Path | None, client: int, run: str = "") -> None:
+        self.context, self.folder, self.client, self.run = context, folder, client, run
 
     # ------------------------------------------------------------------ the gate
-    def gate(self, resume_round: int = 0) -> dict[str, torch.Tensor] | None:
-        """This hospital's gate, or None before its first round. After a restart the node's memory
-        is empty: a resumed run (`resume_round` > 0) takes the gate saved at that round."""
-        if GATE_KEY not in self.context.state and resume_round > 0:
-            self.context.state[GATE_KEY] = ArrayRecord(self._restore_gate(resume_round))
+    def gate(self, up_to_round: int) -> dict[str, torch.Tensor] | None:
+        """This hospital's gate, or None before its first round. After a restart (a killed SuperNode,
+        a resumed run) the node's memory is empty: it takes the latest gate this run saved on the
+        hospital's disk at or before `up_to_round`."""
+        if GATE_KEY not in self.context.state and up_to_round > 0:
+            saved = self._restore_gate(up_to_round)
+            if saved is not None:
+                self.context.state[GATE_KEY] = ArrayRecord(saved)
         if GATE_KEY not in self.context.state:
             return None
         return self.context.state[GATE_KEY].to_torch_state_dict()
 
-    def _restore_gate(self, rnd: int) -> dict[str, torch.Tensor]:
-        for name in ("gate.safetensors", "gate_prev.safetensors"):
-            path = self.folder / name if self.folder else None
-            if path is not None and path.exists() and saved_round(path) == rnd:
-                history = self.folder / "history.json"
-                if history.exists():  # forget the rounds the interrupted run did not finish
-                    write_json(history, [h for h in read_json(history) if h["round"] <= rnd])
-                return load_tensors(path)
-        raise FileNotFoundError(f"cannot resume: no gate from round {rnd} in '{self.folder}'")
+    def _restore_gate(self, up_to_round: int) -> dict[str, torch.Tensor] | None:
+        if self.folder is None:
+            return None
+        found = []
+        for path in (self.folder / "gate.safetensors", self.folder / "gate_prev.safetensors"):
+            if path.exists():
+                meta = tensor_metadata(path)
+                rnd = int(meta.get("round", -1))
+                if meta.get("run", self.run) == self.run and 1 <= rnd <= up_to_round:
+                    found.append((rnd, path))
+        if not found:
+            log.warning("%s: no gate of this run saved by round %d; this hospital starts a fresh gate",
+                        self.folder, up_to_round)
+            return None
+        rnd, path = max(found)
+        history = self.folder / "history.json"
+        if history.exists():  # forget the rounds the interrupted run did not finish
+            write_json(history, [h for h in read_json(history) if h["round"] <= rnd])
+        log.info("%s: gate restored from round %d (%s)", self.folder, rnd, path.name)
+        return load_tensors(path)
 
     def save_gate(self, gate: dict[str, torch.Tensor], rnd: int) -> None:
         """In memory, and on disk with the previous round's gate kept beside the new one."""
         self.context.state[GATE_KEY] = ArrayRecord(gate)
         if self.folder is None:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "gate.safetensors"
         if path.exists() and saved_round(path) != rnd:
             path.replace(self.folder / "gate_prev.safetensors")
-        save_tensors(path, gate, {"round": str(rnd), "client": str(self.client)})
+        save_tensors(path, gate, {"round": str(rnd), "client": str(self.client), "run": self.run})
 
     # ------------------------------------------------------------------ history
     def append_history(self, entry: dict) -> None:

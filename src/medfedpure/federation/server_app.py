@@ -3,6 +3,7 @@ plain FedAvg of a whole defense model (phases 1-2)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -10,63 +11,82 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.federation.strategy import ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies
+from medfedpure.federation.strategy import (ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies,
+                                            needed_answers)
+
+log = logging.getLogger(__name__)
 
 
 def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir: str,
                     strategy: ExpertFedAvg, on_done: Callable[[ArrayRecord], None],
-                    defense_paths: dict[str, str] | None = None,
+                    defense_models: dict[str, ArrayRecord] | None = None,
                     on_defense: Callable[[list[dict]], None] | None = None) -> ServerApp:
-    """Rounds `strategy.round_offset + 1 .. cfg.train.rounds` (all of them unless resuming)."""
+    """Rounds `strategy.round_offset + 1 .. cfg.train.rounds` (all of them unless resuming), then,
+    with `defense_models` (the federation's MAE and U-Net) and `on_defense`, the defended evaluation."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = ConfigRecord({"experiment": cfg.to_json(), "out-dir": out_dir, **(defense_paths or {}),
-                               "resume-round": strategy.round_offset})
+        config = ConfigRecord({"experiment": cfg.to_json(), "out-dir": out_dir})
+        _wait_for_hospitals(grid, cfg)
         remaining = cfg.train.rounds - strategy.round_offset
         if remaining > 0:
             strategy.start(grid=grid, initial_arrays=initial_experts, num_rounds=remaining,
-                           train_config=config, evaluate_config=ConfigRecord(dict(config)))
+                           train_config=config, evaluate_config=ConfigRecord(dict(config)),
+                           timeout=cfg.federation.round_timeout_s)
         final = strategy.latest_arrays or initial_experts
         on_done(final)
-        if defense_paths and on_defense is not None:
-            config["resume-round"] = cfg.train.rounds  # a client restarted since round 1 restores its gate
-            on_defense(_defended_evaluation(grid, final, config, cfg.data.num_clients,
-                                            cfg.federation.min_fit_fraction, strategy.clients_of))
+        if defense_models and on_defense is not None:
+            config["server-round"] = cfg.train.rounds  # each hospital's gate as of the last round
+            on_defense(_defended_evaluation(grid, final, defense_models, config, cfg, strategy.clients_of))
 
     return app
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0) -> list[int]:
-    """The ids of `count` connected clients, waiting for them to connect (a resumed run reaches its
-    first query before the simulation's clients have registered)."""
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0, needed: int | None = None) -> list[int]:
+    """The ids of the connected clients once all `count` are there. After `timeout_s` it goes on
+    with those connected if they are at least `needed` (default: all), else one clear error."""
     deadline = time.monotonic() + timeout_s
+    needed = count if needed is None else needed
     while True:
         ids = list(grid.get_node_ids())
         if len(ids) >= count:
             return ids
         if time.monotonic() > deadline:
-            raise FederationError(f"only {len(ids)} of {count} clients connected within {timeout_s:.0f} s")
+            if len(ids) >= needed:
+                log.warning("%d of %d clients connected within %.0f s; going on without the others",
+                            len(ids), count, timeout_s)
+                return ids
+            raise FederationError(f"only {len(ids)} of {count} clients connected within {timeout_s:.0f} s "
+                                  f"({needed} needed; federation.join_timeout_s)")
         time.sleep(0.5)
 
 
-def _defended_evaluation(grid: Grid, experts: ArrayRecord, config: ConfigRecord, num_clients: int,
-                         min_fraction: float = 1.0, clients_of: dict[int, int] | None = None) -> list[dict]:
+def _wait_for_hospitals(grid: Grid, cfg: ExperimentConfig) -> list[int]:
+    return wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.join_timeout_s,
+                          needed_answers(cfg.data.num_clients, cfg.federation.min_fit_fraction))
+
+
+def _defended_evaluation(grid: Grid, experts: ArrayRecord, defense_models: dict[str, ArrayRecord],
+                         config: ConfigRecord, cfg: ExperimentConfig, clients_of: dict[int, int]) -> list[dict]:
     """One query to every client: evaluate the final experts with its own gate and defense."""
     ExpertFedAvg.check_keys(experts.keys(), "server -> client defense query")
-    messages = [Message(content=RecordDict({"arrays": experts, "config": config}), message_type=MessageType.QUERY,
-                        dst_node_id=node) for node in wait_for_nodes(grid, num_clients)]
-    replies = list(grid.send_and_receive(messages, timeout=3600 * 6))
-    valid, _ = accept_replies(replies, num_clients, min_fraction, "defended evaluation", clients_of or {})
+    content = RecordDict({"arrays": experts, "config": config, **defense_models})
+    nodes = _wait_for_hospitals(grid, cfg)
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
+    valid, _ = accept_replies(replies, cfg.data.num_clients, cfg.federation.min_fit_fraction, "defended evaluation",
+                              clients_of)
     return [dict(m.content["metrics"]) for m in valid]
 
 
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,
-                  round_offset: int = 0, history: dict | None = None) -> ExpertFedAvg:
+                  round_offset: int = 0, history: dict | None = None,
+                  train_extras: dict[str, ArrayRecord] | None = None) -> ExpertFedAvg:
     return ExpertFedAvg(num_rounds=cfg.train.rounds, on_round_end=on_round_end,
                         keep_client_arrays=keep_client_arrays, round_offset=round_offset, history=history,
-                        num_clients=cfg.data.num_clients, min_fit_fraction=cfg.federation.min_fit_fraction)
+                        num_clients=cfg.data.num_clients, min_fit_fraction=cfg.federation.min_fit_fraction,
+                        train_extras=train_extras)
 
 
 def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRecord, strategy: PretrainFedAvg,
@@ -76,9 +96,11 @@ def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRe
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = ConfigRecord({"experiment": cfg.to_json(), "phase": phase})
+        _wait_for_hospitals(grid, cfg)
         if rounds - strategy.round_offset > 0:
             strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - strategy.round_offset,
-                           train_config=config, evaluate_config=ConfigRecord(dict(config)))
+                           train_config=config, evaluate_config=ConfigRecord(dict(config)),
+                           timeout=cfg.federation.round_timeout_s)
         on_done(strategy.latest_arrays or initial)
 
     return app

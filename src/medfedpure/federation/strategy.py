@@ -34,18 +34,35 @@ def accept_replies(replies: list[Message], expected: int, min_fraction: float, w
             last = reason[-1] if reason else ""
             last = last.split("occurred. Message: ", 1)[-1]  # Flower's wrapper around the client's own error
             failed.append({"node": node, "client": clients_of.get(node), "error": last})
-    missing = expected - len(replies)  # no reply at all (timed out)
+    failed += _missing(replies, expected, clients_of)
     for f in failed:
         who = f"client {f['client']}" if f["client"] is not None else f"node {f['node']}"
         log.warning("%s: %s failed: %s", where, who, f["error"])
-    if missing > 0:
-        log.warning("%s: %d client(s) did not answer in time", where, missing)
-    needed = max(1, math.ceil(min_fraction * expected))
+    needed = needed_answers(expected, min_fraction)
     if len(valid) < needed:
         first = f"; first failure: {failed[0]['error']}" if failed else ""
         raise FederationError(f"{where}: only {len(valid)} of {expected} clients answered, {needed} needed "
                               f"(federation.min_fit_fraction={min_fraction:g}){first}")
     return valid, failed
+
+
+def _missing(replies: list[Message], expected: int, clients_of: dict[int, int]) -> list[dict]:
+    """Clients with no reply at all (not connected when the round began, or timed out)."""
+    count = expected - len(replies)
+    if count <= 0:
+        return []
+    heard = {clients_of.get(int(m.metadata.src_node_id)) for m in replies}
+    heard |= {int(m.content["metrics"]["partition-id"]) for m in replies
+              if not m.has_error() and "partition-id" in m.content["metrics"]}
+    silent = [c for c in range(expected) if c not in heard]
+    reason = "no answer (not connected, or timed out)"
+    if len(silent) == count:
+        return [{"node": None, "client": c, "error": reason} for c in silent]
+    return [{"node": None, "client": None, "error": reason} for _ in range(count)]
+
+
+def needed_answers(expected: int, min_fraction: float) -> int:
+    return max(1, math.ceil(min_fraction * expected))
 
 
 class ResumableFedAvg(FedAvg):
@@ -54,8 +71,11 @@ class ResumableFedAvg(FedAvg):
 
     def __init__(self, num_clients: int = 1, min_fit_fraction: float = 1.0, round_offset: int = 0,
                  **kwargs) -> None:
+        # Rounds go to every connected hospital, and wait only for the share that must answer:
+        # a hospital that is down must not stall the federation (the server waits for all of them
+        # once, before the first round: `server_app.wait_for_nodes`).
         for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
-            kwargs.setdefault(key, num_clients)
+            kwargs.setdefault(key, needed_answers(num_clients, min_fit_fraction))
         kwargs.setdefault("fraction_train", 1.0)
         kwargs.setdefault("fraction_evaluate", 1.0)
         super().__init__(**kwargs)
@@ -69,6 +89,9 @@ class ResumableFedAvg(FedAvg):
         for msg in valid:
             if "partition-id" in msg.content["metrics"]:
                 self.clients_of[int(msg.metadata.src_node_id)] = int(msg.content["metrics"]["partition-id"])
+        # Replies in client order, whatever order they arrived in: the weighted sum then adds the same
+        # floats in the same order in a simulation and on a deployment (same aggregate to the last bit).
+        valid.sort(key=lambda m: int(m.content["metrics"].get("partition-id", -1)))
         return valid, failed
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -89,9 +112,11 @@ class ExpertFedAvg(ResumableFedAvg):
     """
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
-                 keep_client_arrays: bool = False, history: dict[int, dict] | None = None, **kwargs) -> None:
+                 keep_client_arrays: bool = False, history: dict[int, dict] | None = None,
+                 train_extras: dict[str, ArrayRecord] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
+        self.train_extras = dict(train_extras or {})  # e.g. the purifier the experts train through
         self.on_round_end = on_round_end
         self.keep_client_arrays = keep_client_arrays
         self.history: dict[int, dict] = dict(history or {})
@@ -119,7 +144,11 @@ class ExpertFedAvg(ResumableFedAvg):
         rec["sent_keys"] = self.check_keys(arrays.keys(), "server -> client train message")
         if self.keep_client_arrays:
             rec["sent_arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            for name, record in self.train_extras.items():
+                msg.content[name] = record
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -178,7 +207,13 @@ class ExpertFedAvg(ResumableFedAvg):
 
 
 class PretrainFedAvg(ResumableFedAvg):
-    """Plain FedAvg of a whole MAE / U-Net, reporting each round's weighted losses."""
+    """Plain FedAvg of a whole MAE / U-Net, reporting each round's weighted losses. Its messages
+    carry the `pretrain` action, which the ClientApp routes to its phase 1-2 functions."""
+
+    ACTION = "pretrain"
+
+    def _construct_messages(self, record, node_ids, message_type):
+        return super()._construct_messages(record, node_ids, f"{message_type}.{self.ACTION}")
 
     def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
                  min_fit_fraction: float = 1.0) -> None:

@@ -1,4 +1,6 @@
-"""Train into a run folder, as Flower simulations on this machine.
+"""Train into a run folder: as Flower simulations on this machine, or, given a deployment's
+`(grid, context)`, inside a ServerApp on Flower's deployment runtime (`workflows.deployment`).
+The same ServerApp and ClientApp code runs both ways.
 
 Phases 1-2 (`run_pretraining`): the diffusion U-Net and the MAE, FedAvg of the whole model
 (or pooled, `defense.training=central`). Phase 3 (`run_federated`): the method's classifier,
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from medfedpure.attacks import pgd_label
@@ -23,7 +26,6 @@ from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation.client_app import app as client_app
-from medfedpure.federation.pretrain_client_app import app as pretrain_client_app
 from medfedpure.federation.server_app import make_pretrain_server_app, make_server_app, make_strategy
 from medfedpure.federation.simulation import flower_environment, run_flower
 from medfedpure.federation.strategy import FederationError, PretrainFedAvg
@@ -31,7 +33,7 @@ from medfedpure.methods import fingerprint, method_of, new_model, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
 from medfedpure.runfolder import CHECKPOINTS, load_round, save_round
-from medfedpure.storage import save_tensors, write_csv, write_json
+from medfedpure.storage import load_tensors, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,24 @@ class RunResult:
     defense: list[dict] = field(default_factory=list)
 
 
-def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progress: bool = True) -> Path:
-    """Validate, load and split the data once (bad data fails here, clearly), write the run's metadata."""
+Deployment = tuple[Grid, Context]  # a ServerApp's grid and context on Flower's deployment runtime
+
+
+def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progress: bool = True,
+                local_data: bool = True) -> Path:
+    """Validate, load and split the data once (bad data fails here, clearly), write the run's metadata.
+    A deployment's server has no scans (`local_data=False`): each hospital checks its own."""
     flower_environment()
     cfg.validate()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not local_data:
+        if not cfg.data.classes:
+            raise ValueError("data.classes: a deployment's server has no scans, so the config must name the "
+                             "federation's classes (e.g. data.classes=[no,yes])")
+        write_json(out / f"config{tag}.json", cfg.to_dict())
+        write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
+        return out
     if cfg.data.cache_dir is None:  # Ray workers must find the same decoded-image cache
         cfg.data.cache_dir = str(default_cache_dir())
     data, splits = task.data_and_splits(cfg, progress=progress)
@@ -65,13 +79,22 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progr
     return out
 
 
+def _run_flower(server_app, cfg: ExperimentConfig, flower_log_level: int, deployment: Deployment | None) -> None:
+    """The simulation on this machine, or the deployment's own grid."""
+    if deployment is None:
+        run_flower(server_app, client_app, cfg, flower_log_level)
+    else:
+        server_app(*deployment)
+
+
 # --------------------------------------------------------------------------- phases 1-2
 def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
-                    flower_log_level: int = logging.ERROR) -> dict:
+                    flower_log_level: int = logging.ERROR, deployment: Deployment | None = None) -> dict:
     """Train the MAE or the diffusion U-Net on clean scans; writes `<phase>.safetensors` and its metrics."""
     phase = PHASES[phase_name]
     resumed = load_round(Path(out_dir).resolve(), phase_name, fingerprint(cfg.validate(), phase_name))
-    out = prepare_run(cfg, out_dir, tag=f"-{phase_name}", progress=progress)  # after the refusal: nothing written
+    out = prepare_run(cfg, out_dir, tag=f"-{phase_name}", progress=progress,  # after the refusal: nothing written
+                      local_data=deployment is None)
     settings = phase.settings(cfg)
     t0 = time.time()
     task.set_seed(cfg.seed)
@@ -88,9 +111,12 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
         write_json(metrics_path, {"phase": phase_name, "training": cfg.defense.training, "rows": rows})
 
     if cfg.defense.training == "central":
+        if deployment is not None:
+            raise ValueError("defense.training=central pools every hospital's scans: on a deployment use "
+                             "defense.training=federated")
         _pretrain_central(cfg, phase, model, settings, len(rows), record, progress)
     else:
-        _pretrain_federated(cfg, phase_name, model, settings, rows, record, progress, flower_log_level)
+        _pretrain_federated(cfg, phase_name, model, settings, rows, record, progress, flower_log_level, deployment)
     wall = time.time() - t0
     save_tensors(out / CHECKPOINTS[phase_name], model.state_dict(),
                  {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
@@ -102,7 +128,7 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
 
 
 def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings, rows: list[dict], record,
-                        progress: bool, flower_log_level: int) -> None:
+                        progress: bool, flower_log_level: int, deployment: Deployment | None) -> None:
     """FedAvg of the whole model over the clients' clean scans, one checkpoint per round."""
     bar = tqdm(total=settings.rounds, initial=len(rows), desc=f"{phase_name} rounds", unit="round",
                disable=not progress)
@@ -119,7 +145,7 @@ def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings,
     server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
                                           settings.rounds, final.append)
     try:
-        run_flower(server_app, pretrain_client_app, cfg, flower_log_level)
+        _run_flower(server_app, cfg, flower_log_level, deployment)
     finally:
         bar.close()
     if not final or len(rows) < settings.rounds:
@@ -145,12 +171,13 @@ def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, done: int, 
 
 # --------------------------------------------------------------------------- phase 3
 def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays: bool = False,
-                  progress: bool = True, flower_log_level: int = logging.ERROR) -> RunResult:
+                  progress: bool = True, flower_log_level: int = logging.ERROR,
+                  deployment: Deployment | None = None) -> RunResult:
     """Train the method's classifier with Flower, evaluate every round, then (if the folder holds the
     MAE and diffusion checkpoints and the method runs the defense) the defended evaluation."""
-    cfg, defense_paths = _phase3_config(cfg, Path(out_dir).resolve())
+    cfg, defense_models = _phase3_config(cfg, Path(out_dir).resolve())
     resumed = load_round(Path(out_dir).resolve(), "train", fingerprint(cfg, "train"))  # refuse before writing
-    out = prepare_run(cfg, out_dir, progress=progress)
+    out = prepare_run(cfg, out_dir, progress=progress, local_data=deployment is None)
     t0 = time.time()
     task.set_seed(cfg.seed)
     model = new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
@@ -160,12 +187,12 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     if resumed is not None:
         model.load_experts(resumed.arrays)
         log.info("resuming after round %d of %d (checkpoints/train.json)", resumed.round, cfg.train.rounds)
-    run_defense = cfg.defense.enabled and len(defense_paths) == 2
+    run_defense = cfg.defense.enabled and len(defense_models) == 2
     if cfg.defense.enabled and not run_defense:
         log.warning("no defended evaluation: %s lacks %s (run pretrain-diffusion and pretrain-mae with the same "
                     "--out first)", out, " and ".join(CHECKPOINTS.values()))
-    strategy, final_arrays, defense_results = _federate(cfg, out, model, resumed, defense_paths, run_defense,
-                                                        keep_client_arrays, progress, flower_log_level)
+    strategy, final_arrays, defense_results = _federate(cfg, out, model, resumed, defense_models, run_defense,
+                                                        keep_client_arrays, progress, flower_log_level, deployment)
     if not final_arrays or len(strategy.history) < cfg.train.rounds:
         raise FederationError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
                               "see the Flower log above")
@@ -175,20 +202,22 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     return _write_results(cfg, out, model, strategy.history, defense_results, time.time() - t0)
 
 
-def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, dict[str, str]]:
-    """The config as the method trains it, and the defense checkpoints the folder holds."""
+def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, dict[str, ArrayRecord]]:
+    """The config as the method trains it, and the defense models the folder holds (they travel to
+    the hospitals with the messages that need them)."""
     cfg = method_of(cfg).configure(cfg)
-    paths = {f"{name}-path": str(out / fname) for name, fname in CHECKPOINTS.items() if (out / fname).is_file()}
-    if cfg.defense.purify_training and "diffusion-path" not in paths:
+    models = {name: ArrayRecord(load_tensors(out / fname)) for name, fname in CHECKPOINTS.items()
+              if (out / fname).is_file()}
+    if cfg.defense.purify_training and "diffusion" not in models:
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
                     "(run `medfedpure pretrain-diffusion` with the same --out first)", out / CHECKPOINTS["diffusion"])
         cfg.defense.purify_training = False
         cfg.defense.adv_share = 0.0
-    return cfg, paths
+    return cfg, models
 
 
-def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_paths: dict, run_defense: bool,
-              keep_client_arrays: bool, progress: bool, flower_log_level: int):
+def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_models: dict, run_defense: bool,
+              keep_client_arrays: bool, progress: bool, flower_log_level: int, deployment: Deployment | None):
     """The Flower run of phase 3: (strategy, final experts, defended evaluation replies)."""
     bar = tqdm(total=cfg.train.rounds, initial=resumed.round if resumed else 0, desc="federated rounds",
                unit="round", disable=not progress)
@@ -207,12 +236,14 @@ def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_paths: d
     final_arrays: list[ArrayRecord] = []
     defense_results: list[dict] = []
     strategy = make_strategy(cfg, on_round_end, keep_client_arrays, round_offset=resumed.round if resumed else 0,
-                             history=history_from_json(resumed.state["history"]) if resumed else None)
+                             history=history_from_json(resumed.state["history"]) if resumed else None,
+                             train_extras={"diffusion": defense_models["diffusion"]} if cfg.defense.purify_training
+                             else None)
     server_app = make_server_app(cfg, ArrayRecord(model.expert_state()), str(out), strategy, final_arrays.append,
-                                 defense_paths if run_defense or cfg.defense.purify_training else None,
+                                 defense_models if run_defense else None,
                                  defense_results.extend if run_defense else None)
     try:
-        run_flower(server_app, client_app, cfg, flower_log_level)
+        _run_flower(server_app, cfg, flower_log_level, deployment)
     finally:
         bar.close()
     return strategy, final_arrays, defense_results
