@@ -101,6 +101,7 @@ class FederationConfig:
     min_fit_fraction: float = 0.5
     join_timeout_s: float = 600.0  # how long the server waits for every hospital to connect before round 1
     round_timeout_s: float = 6 * 3600.0  # how long a round waits for a hospital's answer
+    rejoin_wait_s: float = 30.0  # before each round, how long to wait for a disconnected hospital to come back
 
 
 @dataclass
@@ -242,6 +243,7 @@ class ExperimentConfig:
             (0 < self.federation.min_fit_fraction <= 1, "federation.min_fit_fraction", "in (0, 1]"),
             (self.federation.join_timeout_s > 0, "federation.join_timeout_s", "> 0"),
             (self.federation.round_timeout_s > 0, "federation.round_timeout_s", "> 0"),
+            (self.federation.rejoin_wait_s >= 0, "federation.rejoin_wait_s", ">= 0"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),
@@ -348,7 +350,10 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
             return value
         if kind in (str, bool, list) and isinstance(value, kind):
             return value
-    raise ConfigError(f"{source}: field '{name}' must be {annotation}, not {value!r}")
+    hint = ""
+    if "list[str]" in options and isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        hint = " (YAML reads no/yes/on/off as booleans: quote the names, e.g. ['no','yes'])"
+    raise ConfigError(f"{source}: field '{name}' must be {annotation}, not {value!r}{hint}")
 
 
 _SECTIONS: dict[str, type] = {c.__name__: c for c in (

@@ -86,7 +86,7 @@ def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: 
     return ExpertFedAvg(num_rounds=cfg.train.rounds, on_round_end=on_round_end,
                         keep_client_arrays=keep_client_arrays, round_offset=round_offset, history=history,
                         num_clients=cfg.data.num_clients, min_fit_fraction=cfg.federation.min_fit_fraction,
-                        train_extras=train_extras)
+                        rejoin_wait_s=cfg.federation.rejoin_wait_s, train_extras=train_extras)
 
 
 def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRecord, strategy: PretrainFedAvg,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -70,7 +71,7 @@ class ResumableFedAvg(FedAvg):
     and goes on when at least `min_fit_fraction` of the `num_clients` answered (`accept_replies`)."""
 
     def __init__(self, num_clients: int = 1, min_fit_fraction: float = 1.0, round_offset: int = 0,
-                 **kwargs) -> None:
+                 rejoin_wait_s: float = 0.0, **kwargs) -> None:
         # Rounds go to every connected hospital, and wait only for the share that must answer:
         # a hospital that is down must not stall the federation (the server waits for all of them
         # once, before the first round: `server_app.wait_for_nodes`).
@@ -80,6 +81,7 @@ class ResumableFedAvg(FedAvg):
         kwargs.setdefault("fraction_evaluate", 1.0)
         super().__init__(**kwargs)
         self.num_clients, self.min_fit_fraction, self.round_offset = num_clients, min_fit_fraction, round_offset
+        self.rejoin_wait_s = rejoin_wait_s  # how long a round waits for a missing hospital to (re)connect
         self.latest_arrays: ArrayRecord | None = None
         self.clients_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
 
@@ -96,11 +98,18 @@ class ResumableFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._wait_for_missing(grid)
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def _wait_for_missing(self, grid: Grid) -> None:
+        """Give a hospital that dropped out up to `rejoin_wait_s` to reconnect before a round begins."""
+        deadline = time.monotonic() + self.rejoin_wait_s
+        while len(list(grid.get_node_ids())) < self.num_clients and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 class ExpertFedAvg(ResumableFedAvg):
@@ -216,8 +225,9 @@ class PretrainFedAvg(ResumableFedAvg):
         return super()._construct_messages(record, node_ids, f"{message_type}.{self.ACTION}")
 
     def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
-                 min_fit_fraction: float = 1.0) -> None:
-        super().__init__(num_clients=num_clients, min_fit_fraction=min_fit_fraction, round_offset=round_offset)
+                 min_fit_fraction: float = 1.0, rejoin_wait_s: float = 0.0) -> None:
+        super().__init__(num_clients=num_clients, min_fit_fraction=min_fit_fraction, round_offset=round_offset,
+                         rejoin_wait_s=rejoin_wait_s)
         self.on_round_end = on_round_end
         self.rows: dict[int, dict] = {}
 

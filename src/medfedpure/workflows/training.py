@@ -141,7 +141,8 @@ def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings,
 
     final: list[ArrayRecord] = []
     strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows),
-                              min_fit_fraction=cfg.federation.min_fit_fraction)
+                              min_fit_fraction=cfg.federation.min_fit_fraction,
+                              rejoin_wait_s=cfg.federation.rejoin_wait_s)
     server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
                                           settings.rounds, final.append)
     try:
