@@ -6,6 +6,7 @@ Measures, on random [0,1] images at the preset's resolution (no dataset needed):
 local-training throughput, Flower overhead (the same local work with and without the Flower
 simulation, on the built-in data), defended inference latency for clean vs flagged scans and
 its ratio to the bare classifier, purification latency per sampler and step count, PGD cost,
+the deployment runtime against the simulation (wall-time ratio, bytes per round per hospital),
 and peak RSS. Untrained weights: speed does not depend on them.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from medfedpure.attacks import make_pgd
-from medfedpure.config import load_preset
+from medfedpure.config import ExperimentConfig, load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
@@ -129,12 +130,45 @@ def bench_flower_overhead() -> dict:
             "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
 
+def bench_deployment() -> dict:
+    """The demo's phase 3 on Flower's deployment runtime (`deploy-local`: SuperLink + 3 SuperNodes on
+    127.0.0.1, TLS, node authentication) against the simulation of the same config on the same
+    per-hospital folders; and the tensor payload each hospital sends and receives per round."""
+    from medfedpure.storage import read_json
+    from medfedpure.workflows.deploy_local import deploy_local
+    from medfedpure.workflows.training import run_federated
+
+    cfg = load_preset("demo")
+    cfg.defense.enabled = False
+    cfg.train.rounds = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = deploy_local(cfg, Path(tmp) / "deploy", progress=False)
+        deployment = time.perf_counter() - t0
+        run_cfg = ExperimentConfig.from_dict(read_json(Path(tmp) / "deploy" / "config.json"))
+        t0 = time.perf_counter()
+        sim = run_federated(run_cfg, Path(tmp) / "simulation", progress=False)
+        simulation = time.perf_counter() - t0
+        same = (Path(tmp) / "deploy" / "metrics.csv").read_text() == (sim.out_dir / "metrics.csv").read_text()
+        history = read_json(Path(tmp) / "deploy" / "checkpoints" / "train.json")["state"]["history"]
+    rounds = [{"round": int(r), "sent_bytes_per_hospital": rec["sent_bytes"],
+               "received_bytes_per_hospital": {str(c): m["received_bytes"] for c, m in rec["clients"].items()}}
+              for r, rec in sorted(history.items(), key=lambda kv: int(kv[0]))]
+    return {"work": f"demo preset phase 3, {cfg.data.num_clients} hospitals x {cfg.train.rounds} rounds, no defense",
+            "deployment_s": round(deployment, 1), "deployment_server_s": summary["final"]["wall_time_s"],
+            "simulation_s": round(simulation, 1), "ratio": round(deployment / simulation, 2),
+            "same_metrics_as_simulation": same, "bytes": "serialized tensors (experts only), before framing and TLS",
+            "per_round": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="br35h-cpu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--skip-flower", action="store_true", help="leave out the Flower overhead run")
+    parser.add_argument("--skip-deployment", action="store_true",
+                        help="leave out the deployment-runtime run (SuperLink + SuperNodes on 127.0.0.1)")
     args = parser.parse_args(argv)
     cfg = load_preset(args.preset)
     cfg.device = args.device
@@ -144,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
               "training": bench_training(cfg, args.device), "inference": bench_inference(cfg, args.device)}
     if not args.skip_flower:
         result["flower_overhead"] = bench_flower_overhead()
+    if not args.skip_deployment:
+        result["deployment"] = bench_deployment()
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))

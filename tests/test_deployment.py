@@ -44,12 +44,14 @@ def test_each_hospital_folder_gives_the_split_the_simulation_makes(tmp_path):
         assert same_scans(joined, jsplit.test_idx, pooled, split.test_idx)
         data, mine = task.hospital(replace_layout(hcfg, i), i)
         assert np.array_equal(joined.images[jsplit.train_idx], data.images[mine.train_idx])
+    assert hospital_config(cfg, tmp_path, progress=False).data.root == hcfg.data.root  # same cut: reused
+    with pytest.raises(DataError, match="does not hold this cut"):
+        hospital_config(tiny("seed=1"), tmp_path, progress=False)
 
 
 def same_scans(a, a_idx, b, b_idx) -> bool:
     return all(np.array_equal(a.images[a_idx][a.labels[a_idx] == c], b.images[b_idx][b.labels[b_idx] == c])
                for c in range(len(a.classes))) and len(a_idx) == len(b_idx)
-    assert hospital_config(cfg, tmp_path, progress=False).data.root == hcfg.data.root  # same cut: reused
 
 
 def replace_layout(cfg, i):
@@ -82,6 +84,9 @@ def test_the_run_config_names_the_experiment_and_a_bad_one_is_refused(tmp_path):
     cfg, out = config_from_run({"preset": "demo", "overrides": "train.rounds=3; data.classes=['no','yes']",
                                 "out-dir": str(tmp_path / "run")})
     assert cfg.train.rounds == 3 and cfg.data.classes == ["no", "yes"] and out == tmp_path / "run"
+    assert cfg.data.layout == "hospital"  # the server has no scans; every SuperNode reads its data-dir
+    br35h, _ = config_from_run({"preset": "br35h-cpu", "overrides": "", "out-dir": "x"})
+    assert br35h.data.classes == ["no", "yes"] and br35h.data.root is None
     with pytest.raises(ConfigError, match="train.roundz"):
         config_from_run({"preset": "demo", "overrides": "train.roundz=3", "out-dir": "x"})
     with pytest.raises(ValueError, match="out-dir"):

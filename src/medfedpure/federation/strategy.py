@@ -62,6 +62,11 @@ def _missing(replies: list[Message], expected: int, clients_of: dict[int, int]) 
     return [{"node": None, "client": None, "error": reason} for _ in range(count)]
 
 
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of a record's serialized arrays."""
+    return sum(len(array.data) for array in record.values())
+
+
 def needed_answers(expected: int, min_fraction: float) -> int:
     return max(1, math.ceil(min_fraction * expected))
 
@@ -151,6 +156,9 @@ class ExpertFedAvg(ResumableFedAvg):
                         grid: Grid) -> Iterable[Message]:
         rec = self._round(server_round + self.round_offset)
         rec["sent_keys"] = self.check_keys(arrays.keys(), "server -> client train message")
+        # tensor payload to each hospital this round: the train message (experts and any extras) and
+        # the evaluate message (experts), serialized arrays before message framing and TLS
+        rec["sent_bytes"] = 2 * payload_bytes(arrays) + sum(payload_bytes(r) for r in self.train_extras.values())
         if self.keep_client_arrays:
             rec["sent_arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -190,7 +198,7 @@ class ExpertFedAvg(ResumableFedAvg):
         client = int(metrics["partition-id"])
         keys = self.check_keys(arrays.keys(), f"client {client} -> server reply")
         entry = rec["clients"].setdefault(client, {})
-        entry.update(received_keys=keys, n_train=int(metrics["num-examples"]),
+        entry.update(received_keys=keys, received_bytes=payload_bytes(arrays), n_train=int(metrics["num-examples"]),
                      train_loss=float(metrics["train_loss"]), gate_entropy=float(metrics["gate_entropy"]))
         if "adv_share" in metrics:  # adversarial training: the share of training inputs that were PGD
             entry["adv_share"] = float(metrics["adv_share"])

@@ -11,6 +11,7 @@ is in `logs/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -197,6 +199,23 @@ class LocalFederation:
         raise DeploymentError(f"{name} did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler) unwinds like Ctrl-C, so every started process is stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _tool(name: str) -> str:
     """A Flower command from this Python's environment (found even when it is not on PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -220,7 +239,7 @@ def deploy_local(cfg: ExperimentConfig, out: Path | str, secure: bool = True, pr
     out = Path(out).resolve()
     cfg = hospital_config(cfg.validate(), out, progress)
     n = cfg.data.num_clients
-    with LocalFederation(out, n, secure) as fed:
+    with LocalFederation(out, n, secure) as fed, _terminate_as_interrupt():
         fed.prepare()
         fed.start_superlink()
         for i in range(n):

@@ -5,7 +5,9 @@ deploy-local`) starts it on the SuperLink's machine; each hospital runs the proj
 It runs the same phases as `medfedpure experiment` runs for MedFedPure (the diffusion U-Net and
 the MAE when the defense is on, then the experts and the defended evaluation), with the same
 ServerApp code as the simulation, into the run folder named by the run config's `out-dir`, and
-ends with the report. The server holds no scans: the config names the federation's classes.
+ends with the report. The server holds no scans: the config names the federation's classes
+(Br35H's are known), and `data.layout` is `hospital` (each SuperNode's `data-dir`) unless the
+config says otherwise.
 
 Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-config`):
   preset            a built-in preset or a YAML file
@@ -23,7 +25,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig, apply_overrides, load_preset
-from medfedpure.methods import method_of
+from medfedpure.methods import method_of, task
 from medfedpure.workflows.experiment import PHASE_ORDER, phase_done
 from medfedpure.workflows.report import write_report
 from medfedpure.workflows.training import run_federated, run_pretraining
@@ -47,6 +49,10 @@ def config_from_run(run_config: dict) -> tuple[ExperimentConfig, Path]:
     else:
         overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
         cfg = apply_overrides(load_preset(str(run_config.get("preset", "demo"))), overrides)
+    if cfg.data.layout == "pooled":  # on a deployment every hospital reads its own folder (its data-dir)
+        cfg.data.layout = "hospital"
+    if not cfg.data.classes and task.federation_classes(cfg):
+        cfg.data.classes = list(task.federation_classes(cfg))
     out = str(run_config.get("out-dir", "") or "")
     if not out:
         raise ValueError("run config 'out-dir' is empty: name the run folder on the server's machine")
