@@ -28,7 +28,7 @@ from medfedpure.attacks import make_pgd
 from medfedpure.config import ExperimentConfig, load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.methods import new_model, task
-from medfedpure.methods.medfedpure import train_local
+from medfedpure.methods.medfedpure import moe_optimizer, train_local
 from medfedpure.storage import write_json
 
 
@@ -50,7 +50,7 @@ def _sync(device: str) -> None:
 
 def bench_training(cfg, device: str, batch: int = 32, steps: int = 5) -> dict:
     model = new_model(cfg, 2, 0).to(device).train()
-    opt = task.make_optimizer(model, cfg, cfg.train.lr)
+    opt = moe_optimizer(model, cfg, cfg.train.lr)
     x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
 

@@ -1,0 +1,21 @@
+"""The benchmark command runs (on the demo's small sizes) and writes the fields the docs quote."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def test_benchmark_command_writes_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--skip-flower", "--skip-deployment",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["preset"] == "demo" and result["training"]["images_per_s"] > 0
+    inference = result["inference"]
+    assert inference["bare_ms_per_scan"] > 0
+    assert inference["defended_flagged_ms_per_scan"] > inference["defended_clean_unflagged_ms_per_scan"] > 0
+    assert result["peak_rss_mb"] > 0 and "deployment" not in result
