@@ -17,7 +17,7 @@ LAYERS = [
     {"methods"},
     {"federation"},
     {"evaluation"},
-    {"workflows"},
+    {"workflows", "serving"},
     {"cli", "__init__"},
 ]
 

@@ -208,6 +208,46 @@ def _deploy_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from medfedpure.serving.bundle import export_bundle
+
+    out = export_bundle(args.run, args.client, args.out)
+    print(f"wrote client {args.client}'s defended classifier to {out}/ (model.safetensors, manifest.json)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from medfedpure.data.scans import list_scans
+    from medfedpure.serving.predict import Predictor, save_views
+
+    predictor = Predictor(args.model, seed=args.seed)
+    files = list_scans(args.scans)
+    reports = []
+    for path in tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2):
+        answer = predictor.predict_file(path, str(path), args.nifti_slice)
+        report = answer.report
+        if args.save_views:
+            report["views"] = save_views(answer, Path(args.save_views), Path(path).name.split(".")[0])
+        reports.append(report)
+        if not args.json:
+            tqdm.write(f"{path}: {report['label']} ({100 * report['probability']:.1f}%), {report['detector']} score "
+                       f"{report['score']:.4g} (percentile {report['score_percentile']:.0f} of clean scans), "
+                       f"{'FLAGGED' if report['flagged'] else 'not flagged'}, t*={report['t_star']}")
+    if args.json:
+        print(json.dumps(reports if len(reports) != 1 else reports[0], indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from medfedpure.serving.service import serve
+
+    print(f"medfedpure serve: {args.model} on http://{args.host}:{args.port}/ (API schema at /docs)", flush=True)
+    serve(args.model, args.host, args.port, args.max_upload_mb)
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         if args.show:
@@ -320,6 +360,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="hospitals (SuperNodes); default data.num_clients of the preset")
     p.add_argument("--insecure", action="store_true", help="plaintext and no node authentication (debugging only)")
     p.set_defaults(func=_deploy_local)
+
+    p = sub.add_parser("export", help="one hospital's defended classifier as a self-contained folder (weights + "
+                                      "manifest) for predict and serve")
+    p.add_argument("--run", required=True, help="run folder written by experiment, train or deploy-local")
+    p.add_argument("--client", type=int, required=True, help="the hospital (client index)")
+    p.add_argument("--out", required=True, help="new folder for model.safetensors and manifest.json")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="classify scans (JPEG/PNG/DICOM/NIfTI files or folders) with an exported model")
+    p.add_argument("--model", required=True, help="folder written by `medfedpure export`")
+    p.add_argument("scans", nargs="+", help="scan files or folders")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per scan)")
+    p.add_argument("--save-views", metavar="DIR", help="write each scan's purified view and MAE error map as PNGs")
+    p.add_argument("--nifti-slice", type=int, help="axial slice of a 3-D NIfTI (default: the middle one)")
+    p.add_argument("--seed", type=int, help="purification noise seed (default: the hospital's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="an HTTP service and web page for an exported model (FastAPI)")
+    p.add_argument("--model", required=True, help="folder written by `medfedpure export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.add_argument("--show", action="store_true", help="print each preset's full config")

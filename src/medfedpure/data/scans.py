@@ -1,0 +1,194 @@
+"""One clinical scan file (JPEG/PNG/BMP/TIFF, DICOM, NIfTI) as the array the model sees.
+
+`read_scan` returns uint8 (3, size, size) like `decode_image`: photos go through exactly the
+training path; DICOM and NIfTI pixels are mapped to 8 bits first, then take the same RGB
+conversion and bilinear resize (`_resize`). Sources are a path or (bytes, file name), so the
+CLI and an upload service read scans identically. Every failure is a `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+
+from medfedpure.data.datasets import IMAGE_SUFFIXES, DataError, _resize, decode_image
+
+SCAN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz"}
+_KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".dcm": "dicom", ".dicom": "dicom",
+          ".nii": "nifti", ".nii.gz": "nifti"}
+
+
+def _suffix(name: str) -> str:
+    name = name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def scan_kind(name: str, head: bytes | None = None) -> str:
+    """'image', 'dicom' or 'nifti' from the file name; a name without a known suffix is DICOM
+    if `head` (the file's first bytes) has the 'DICM' magic at byte 128, else a DataError."""
+    kind = _KINDS.get(_suffix(name))
+    if kind:
+        return kind
+    if head is not None and head[128:132] == b"DICM":
+        return "dicom"
+    raise DataError(f"scan file '{name}' is not a known scan type "
+                    f"(suffixes: {', '.join(sorted(SCAN_SUFFIXES))}, or DICOM with a 'DICM' header)")
+
+
+def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
+              nifti_slice: int | None = None) -> np.ndarray:
+    """uint8 (3, size, size) of one scan. `source` is a path or the file's bytes; bytes need
+    `name` (for the kind and error messages). `nifti_slice`: slice of a 3-D NIfTI along its
+    last axis (default: the middle one)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not name:
+            raise DataError("scan bytes need a file name")
+        data, path = bytes(source), None
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise DataError(f"scan file '{path}' does not exist or is not a file")
+        data = None
+    if path is not None and _KINDS.get(_suffix(name)) == "image":
+        return decode_image(path, size)  # the training path, bit for bit
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"scan file '{path}' cannot be read ({err.strerror or err})") from err
+    if not data:
+        raise DataError(f"scan file '{name}' is empty (0 bytes)")
+    kind = scan_kind(name, data[:132])
+    if kind == "image":
+        return _image_from_bytes(data, name, size)
+    if kind == "dicom":
+        return _resize(_dicom_image(data, name), size)
+    return _resize(_nifti_image(data, name, nifti_slice), size)
+
+
+def _image_from_bytes(data: bytes, name: str, size: int) -> np.ndarray:
+    """`decode_image` for bytes: same decoding, same errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _resize(img, size)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image file '{name}' is too large to decode safely ({err})") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"image file '{name}' cannot be read as an image ({err})") from err
+
+
+def _unit_range(x: np.ndarray) -> np.ndarray:
+    """x scaled so its min..max is 0..1; a constant image gives zeros."""
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    """A DICOM number that may be multi-valued (WindowCenter/Width): its first value."""
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
+def _dicom_image(data: bytes, name: str) -> Image.Image:
+    """8-bit 'L' or 'RGB' image of a single-frame DICOM: Modality LUT (rescale slope/intercept),
+    then the linear VOI window if the file has one (PS3.3 C.11.2.1.2), else min..max;
+    MONOCHROME1 inverted."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except Exception as err:  # pydicom raises many kinds (InvalidDicomError, EOFError, ValueError, ...)
+        raise DataError(f"DICOM file '{name}' cannot be read ({err})") from err
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise DataError(f"DICOM file '{name}' is a multi-frame DICOM ({frames} frames); give one 2-D image")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(f"DICOM file '{name}' has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # truncated data, missing codec, inconsistent header, ...
+        raise DataError(f"DICOM file '{name}': pixel data cannot be decoded ({err})") from err
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB (pydicom converts YBR to RGB)
+        rgb = arr if arr.dtype == np.uint8 else _to_uint8(_unit_range(arr.astype(np.float64)))
+        return Image.fromarray(np.ascontiguousarray(rgb))
+    if arr.ndim != 2 or not photometric.startswith("MONOCHROME"):
+        raise DataError(f"DICOM file '{name}' is not a 2-D grayscale or RGB image "
+                        f"(shape {arr.shape}, {photometric or 'no photometric interpretation'})")
+    x = arr.astype(np.float64)
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        x = x * float(ds.get("RescaleSlope") or 1.0) + float(ds.get("RescaleIntercept") or 0.0)
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center not in (None, "") and width not in (None, ""):
+        c, w = _first(center), _first(width)
+        if w <= 1:
+            x = (x > c - 0.5).astype(np.float64)
+        else:
+            x = np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    else:
+        x = _unit_range(x)
+    if photometric == "MONOCHROME1":
+        x = 1.0 - x
+    return Image.fromarray(_to_uint8(x))
+
+
+def _nifti_image(data: bytes, name: str, nifti_slice: int | None) -> Image.Image:
+    """8-bit 'L' image of a 2-D NIfTI or one slice of a 3-D one (min..max scaled). Shown as
+    `np.rot90(slice)`: the first voxel axis runs left to right and the second bottom to top,
+    so an axial slice stored in the usual RAS or LAS order appears upright. The affine is not
+    used: left/right follow the voxel order (RAS shows neurological, LAS radiological)."""
+    try:
+        if _suffix(name) == ".nii.gz":
+            data = gzip.decompress(data)
+        img = nibabel.Nifti1Image.from_bytes(data)
+    except Exception as err:  # gzip, zlib and nibabel (WrapStructError, HeaderDataError, ...) errors
+        raise DataError(f"NIfTI file '{name}' cannot be read ({err})") from err
+    shape = list(img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) > 3:
+        raise DataError(f"NIfTI file '{name}' is a {len(shape)}-D NIfTI (shape {tuple(img.shape)}); "
+                        "give a 2-D image or a 3-D volume")
+    if len(shape) < 2:
+        raise DataError(f"NIfTI file '{name}' holds {len(shape)}-D data (shape {tuple(img.shape)})")
+    try:
+        vol = img.get_fdata().reshape(shape)
+    except Exception as err:  # truncated data (OSError), unsupported data type, ...
+        raise DataError(f"NIfTI file '{name}': voxel data cannot be read ({err})") from err
+    if vol.ndim == 3:
+        k = shape[2] // 2 if nifti_slice is None else nifti_slice
+        if not 0 <= k < shape[2]:
+            raise DataError(f"NIfTI file '{name}': slice {k} is out of range (0..{shape[2] - 1})")
+        vol = vol[:, :, k]
+    return Image.fromarray(np.ascontiguousarray(np.rot90(_to_uint8(_unit_range(vol)))))
+
+
+def list_scans(paths: list[Path | str]) -> list[Path]:
+    """Scan files from files and folders, in the order given; a folder's scans (sub-folders
+    included, hidden ones skipped) sorted. A named file is kept whatever its suffix (`read_scan`
+    judges it). A missing path or a folder without scans is a DataError."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            below = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                below += [Path(dirpath) / f for f in filenames
+                          if not f.startswith(".") and _suffix(f) in SCAN_SUFFIXES]
+            if not below:
+                raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(SCAN_SUFFIXES))})")
+            found += sorted(below)
+        else:
+            raise DataError(f"scan path '{p}' does not exist")
+    return found

@@ -1,0 +1,147 @@
+"""One hospital's defended classifier as a self-contained folder (`medfedpure export`).
+
+    model-dir/model.safetensors   classifier.* (global experts + this hospital's gate), mae.*,
+                                  diffusion.*, calibration.scores (its clean detector scores)
+    model-dir/manifest.json       format and version, classes, image size and preprocessing,
+                                  the detector, tau and the defense settings, the run's config,
+                                  commit and metrics, and every tensor's shape
+
+`load_bundle` checks the manifest's format and version and every tensor's shape before it builds
+anything, and fails with one line naming the file on any mismatch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medfedpure.config import ExperimentConfig
+from medfedpure.defense import DefendedClassifier
+from medfedpure.defense.evaluation import build_detector
+from medfedpure.defense.trainer import build_pretrained
+from medfedpure.evaluation.runs import defended_classifier, load_client_model
+from medfedpure.methods import new_model, task
+from medfedpure.runfolder import RunFolderError, need
+from medfedpure.storage import load_tensors, read_json, save_tensors, write_json
+
+FORMAT, VERSION = "medfedpure-model", 1
+WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+PREPROCESSING = ("RGB, bilinear resize to image_size x image_size, [0, 1] floats; DICOM: rescale slope/intercept, "
+                 "window center/width (else min-max), MONOCHROME1 inverted; NIfTI: one axial slice, min-max")
+
+
+class BundleError(ValueError):
+    """A model folder that cannot be used; the message names the file."""
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: dict
+    cfg: ExperimentConfig
+    classes: list[str]
+    defended: DefendedClassifier
+    mae: nn.Module
+    seed: int
+
+
+def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
+    """Write client `client`'s defended classifier from a trained run into a new folder `out`."""
+    run, out = Path(run), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"'{out}' already exists and is not empty; choose a new folder")
+    cfg = ExperimentConfig.from_dict(read_json(need(run / "config.json", "config")))
+    if not 0 <= client < cfg.data.num_clients:
+        raise BundleError(f"--client must be 0-{cfg.data.num_clients - 1} (the run has {cfg.data.num_clients} clients)")
+    classes = read_json(need(run / "partition.json", "partition record"))["classes"]
+    model = load_client_model(run, cfg, client, len(classes))
+    mae = build_pretrained("mae", cfg, load_tensors(need(run / "mae.safetensors", "MAE")), "the run's MAE")
+    diffusion = build_pretrained("diffusion", cfg, load_tensors(need(run / "diffusion.safetensors", "U-Net")),
+                                 "the run's U-Net")
+    defended = defended_classifier(run, cfg, client, model, mae, diffusion)
+    tensors = {**_prefixed("classifier", model), **_prefixed("mae", mae), **_prefixed("diffusion", diffusion),
+               "calibration.scores": defended.calibration_scores.clone()}
+    d = cfg.defense
+    env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
+    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    manifest = {"format": FORMAT, "version": VERSION, "client": client, "classes": classes,
+                "image_size": cfg.data.image_size, "preprocessing": PREPROCESSING,
+                "detector": d.detector, "tau": defended.tau, "threshold": defended.threshold(),
+                "target_fpr": d.target_fpr, "mode": d.mode, "rule": d.rule, "t_min": d.t_min, "t_max": d.t_max,
+                "sampler": d.sampler, "sampler_steps": d.sampler_steps, "votes": d.votes,
+                "seed": task.client_seed(cfg, client, 10_000), "config": cfg.to_dict(),
+                "run": {"folder": str(run.resolve()), "commit": env.get("git_commit"),
+                        "metrics": {"final": summary.get("final"), "defense": summary.get("defense")}},
+                "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
+        write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def load_bundle(folder: Path | str) -> Bundle:
+    """A model folder written by `export_bundle`, ready to classify."""
+    folder = Path(folder)
+    manifest_path, weights_path = folder / MANIFEST, folder / WEIGHTS
+    for path in (manifest_path, weights_path):
+        if not path.is_file():
+            raise BundleError(f"'{path}' is missing: is '{folder}' a folder written by `medfedpure export`?")
+    try:
+        manifest = read_json(manifest_path)
+    except (RunFolderError, ValueError) as err:
+        raise BundleError(f"'{manifest_path}' cannot be read: {err}") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BundleError(f"'{manifest_path}' is {manifest.get('format')} version {manifest.get('version')}; "
+                          f"this medfedpure reads {FORMAT} version {VERSION}")
+    tensors = load_tensors(weights_path)
+    expected = manifest.get("tensors", {})
+    wrong = sorted(k for k in set(expected) | set(tensors)
+                   if k not in tensors or k not in expected or list(tensors[k].shape) != expected[k])
+    if wrong:
+        raise BundleError(f"'{weights_path}' does not match its manifest: {len(wrong)} tensor(s) missing or of "
+                          f"another shape, first {wrong[0]}")
+    cfg = ExperimentConfig.from_dict(manifest["config"], source=str(manifest_path))
+    try:
+        defended, mae = _build(cfg, manifest, tensors)
+    except (RuntimeError, ValueError) as err:
+        raise BundleError(f"'{weights_path}' does not fit the model its manifest describes: "
+                          f"{str(err).splitlines()[0][:300]}") from err
+    return Bundle(folder, manifest, cfg, list(manifest["classes"]), defended, mae, int(manifest["seed"]))
+
+
+def _build(cfg: ExperimentConfig, manifest: dict, tensors: dict) -> tuple[DefendedClassifier, nn.Module]:
+    model = new_model(cfg, len(manifest["classes"]), init_seed=0)
+    model.load_state_dict(_part(tensors, "classifier"))
+    model.eval()
+    mae = build_pretrained("mae", cfg, _part(tensors, "mae"), "the bundle's MAE")
+    diffusion = build_pretrained("diffusion", cfg, _part(tensors, "diffusion"), "the bundle's U-Net")
+    seed = int(manifest["seed"])
+    detector = build_detector(cfg.defense.detector, mae, diffusion, model, seed)
+    defended = DefendedClassifier(model, detector, diffusion, cfg.defense, manifest["tau"],
+                                  tensors["calibration.scores"]).eval()
+    defended.generator = torch.Generator().manual_seed(seed)
+    return defended, mae
+
+
+__all__ = ["Bundle", "BundleError", "export_bundle", "load_bundle"]

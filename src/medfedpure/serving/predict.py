@@ -1,0 +1,106 @@
+"""One hospital's defended classifier answering for single scans (`medfedpure predict`, `serve`).
+
+Per scan: the label and its probability, the detector's score and its percentile among the
+hospital's clean calibration scans, whether it was flagged, the purification depth t*, and,
+on request, the purified scan and the MAE's error map as images. Purification draws fresh
+noise from one generator seeded by the bundle (`--seed` to change it), so one process answers
+a sequence of scans reproducibly and a repeated scan gets a fresh draw.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medfedpure.data.scans import read_scan
+from medfedpure.serving.bundle import Bundle, load_bundle
+
+
+@dataclass
+class Answer:
+    report: dict  # what `predict --json` prints and `POST /predict` returns
+    scan: np.ndarray  # uint8 (S, S, 3): the scan as the model saw it
+    purified: np.ndarray  # uint8 (S, S, 3)
+    error_map: np.ndarray  # float (S, S): the MAE's per-patch reconstruction error, upsampled
+
+
+class Predictor:
+    """Loads a bundle once; `predict` is safe to call from several threads (one scan at a time)."""
+
+    def __init__(self, model_dir: Path | str, seed: int | None = None) -> None:
+        self.bundle: Bundle = load_bundle(model_dir)
+        self.image_size = int(self.bundle.manifest["image_size"])
+        self.defended = self.bundle.defended
+        self.defended.generator = torch.Generator().manual_seed(self.bundle.seed if seed is None else seed)
+        self.calibration = self.defended.calibration_scores.double().numpy()
+        self.lock = threading.Lock()
+        torch.set_grad_enabled(False)
+
+    def info(self) -> dict:
+        m = self.bundle.manifest
+        hist, edges = np.histogram(self.calibration, bins=20)
+        return {"classes": self.bundle.classes, "image_size": self.image_size, "client": m["client"],
+                "detector": m["detector"], "mode": m["mode"], "threshold": m["threshold"],
+                "target_fpr": m["target_fpr"], "t_min": m["t_min"], "t_max": m["t_max"], "votes": m["votes"],
+                "commit": m["run"]["commit"], "calibration": {"n": int(len(self.calibration)),
+                                                               "histogram": hist.tolist(), "edges": edges.tolist()}}
+
+    def predict_file(self, source: Path | str | bytes, name: str | None = None,
+                     nifti_slice: int | None = None) -> Answer:
+        name = name or str(source)
+        return self.predict_image(read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice), name)
+
+    def predict_image(self, image: np.ndarray, name: str) -> Answer:
+        x = torch.from_numpy(np.ascontiguousarray(image)).float().div(255).unsqueeze(0)
+        with self.lock, torch.inference_mode():
+            out = self.defended.details(x)
+            errors = self.bundle.mae.error_map(x)[0]
+        probs = torch.softmax(out.logits[0], dim=0).double()
+        label = int(probs.argmax())
+        score = float(out.scores[0])
+        threshold = self.defended.threshold()
+        report = {"file": name, "label": self.bundle.classes[label], "probability": round(float(probs[label]), 6),
+                  "probabilities": {c: round(float(p), 6) for c, p in zip(self.bundle.classes, probs)},
+                  "detector": self.bundle.manifest["detector"], "score": score,
+                  "score_percentile": round(float((self.calibration <= score).mean() * 100), 2),
+                  "threshold": threshold, "flagged": bool(out.flags[0]), "t_star": int(out.t_star[0]),
+                  "mode": self.defended.defense.mode}
+        grid = int(round(errors.numel() ** 0.5))
+        error_map = torch.nn.functional.interpolate(errors.reshape(1, 1, grid, grid), size=image.shape[1:],
+                                                    mode="nearest")[0, 0].numpy()
+        return Answer(report, image.transpose(1, 2, 0), _to_uint8(out.purified[0]), error_map)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def png_bytes(image: np.ndarray, colormap: str | None = None, scale: int = 4) -> bytes:
+    """A PNG of an RGB uint8 image, or of a float map through a matplotlib colormap; enlarged
+    `scale` times (nearest) so a 64-px scan is readable on screen."""
+    if colormap is not None:
+        from matplotlib import colormaps
+
+        lo, hi = float(image.min()), float(image.max())
+        norm = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+        image = (colormaps[colormap](norm)[..., :3] * 255).round().astype(np.uint8)
+    img = Image.fromarray(image)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def save_views(answer: Answer, folder: Path, stem: str) -> dict[str, str]:
+    """`<stem>_purified.png` and `<stem>_mae_error.png` in `folder`; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"purified": folder / f"{stem}_purified.png", "mae_error": folder / f"{stem}_mae_error.png"}
+    paths["purified"].write_bytes(png_bytes(answer.purified))
+    paths["mae_error"].write_bytes(png_bytes(answer.error_map, colormap="magma"))
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,248 @@
+"""export -> predict -> serve on a run folder with untrained weights (the pipeline, not the accuracy)."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from medfedpure.cli import main
+from medfedpure.config import apply_overrides, load_preset
+from medfedpure.defense.trainer import build_diffusion, build_mae
+from medfedpure.methods import new_model
+from medfedpure.runfolder import client_dir
+from medfedpure.serving.bundle import BundleError, export_bundle, load_bundle
+from medfedpure.serving.predict import Predictor
+from medfedpure.serving.service import create_app
+from medfedpure.storage import read_json, save_tensors, write_json
+
+
+def make_run(folder: Path, clients: int = 2) -> Path:
+    """A run folder as `experiment` leaves it, with untrained weights (demo sizes)."""
+    cfg = apply_overrides(load_preset("demo"), [f"data.num_clients={clients}"]).validate()
+    write_json(folder / "config.json", cfg.to_dict())
+    write_json(folder / "partition.json", {"classes": ["healthy", "tumor"], "clients": []})
+    write_json(folder / "environment.json", {"git_commit": "abc123"})
+    model = new_model(cfg, 2, init_seed=0)
+    save_tensors(folder / "global_experts.safetensors", model.expert_state())
+    save_tensors(folder / "mae.safetensors", build_mae(cfg).state_dict())
+    save_tensors(folder / "diffusion.safetensors", build_diffusion(cfg).state_dict())
+    for i in range(clients):
+        gate = new_model(cfg, 2, init_seed=i + 1).gate_state()
+        save_tensors(client_dir(folder, i) / "gate.safetensors", gate, {"round": "5"})
+        save_tensors(client_dir(folder, i) / "detector_calibration.safetensors",
+                     {cfg.defense.detector: torch.linspace(0.0, 0.2, 50)})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    return export_bundle(make_run(root / "run"), 1, root / "model")
+
+
+def scan_png(seed: int = 0, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_export_writes_weights_and_manifest_and_loads_back(bundle):
+    manifest = read_json(bundle / "manifest.json")
+    assert manifest["format"] == "medfedpure-model" and manifest["client"] == 1
+    assert manifest["classes"] == ["healthy", "tumor"] and manifest["image_size"] == 32
+    assert manifest["run"]["commit"] == "abc123" and manifest["threshold"] is not None
+    loaded = load_bundle(bundle)
+    gate_1 = new_model(loaded.cfg, 2, init_seed=2).gate_state()  # client 1's gate, not client 0's
+    for k, v in gate_1.items():
+        assert torch.equal(loaded.defended.classifier.state_dict()[k], v)
+
+
+def test_a_damaged_or_foreign_bundle_is_refused_in_one_line(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
+    manifest = read_json(bundle / "manifest.json")
+    write_json(copy / "manifest.json", {**manifest, "version": 99})
+    with pytest.raises(BundleError, match="version 99"):
+        load_bundle(copy)
+    key = next(iter(manifest["tensors"]))
+    write_json(copy / "manifest.json", {**manifest, "tensors": {**manifest["tensors"], key: [7, 7]}})
+    with pytest.raises(BundleError, match="does not match its manifest"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="manifest.json' is missing"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="not empty"):
+        export_bundle(bundle.parent / "run", 0, bundle)
+
+
+def test_predict_reports_label_score_percentile_flag_and_depth(bundle):
+    predictor = Predictor(bundle)
+    answer = predictor.predict_file(scan_png(), "scan.png")
+    r = answer.report
+    assert r["label"] in ("healthy", "tumor") and 0.5 <= r["probability"] <= 1
+    assert abs(sum(r["probabilities"].values()) - 1) < 1e-6
+    calibration = np.linspace(0.0, 0.2, 50)
+    assert r["score_percentile"] == pytest.approx(100 * np.mean(calibration <= r["score"]), abs=0.01)
+    assert r["flagged"] == (r["score"] > r["threshold"])
+    assert (r["t_star"] > 0) == r["flagged"]  # selective mode: only flagged scans are purified
+    assert answer.purified.shape == (32, 32, 3) and answer.error_map.shape == (32, 32)
+    again = Predictor(bundle).predict_file(scan_png(), "scan.png").report
+    assert again == r  # the same process order and seed give the same answer
+
+
+def test_predict_command_prints_json_and_saves_views(bundle, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(2):
+        (scans / f"s{i}.png").write_bytes(scan_png(i))
+    assert main(["predict", "--model", str(bundle), str(scans), "--json", "--save-views", str(tmp_path / "v"),
+                 "--no-progress"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [Path(r["file"]).name for r in reports] == ["s0.png", "s1.png"]
+    assert all(Path(p).is_file() for r in reports for p in r["views"].values())
+    assert main(["predict", "--model", str(bundle), str(tmp_path / "nothing-here")]) == 2
+    assert "nothing-here" in capsys.readouterr().err
+
+
+def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
+    client = TestClient(create_app(bundle, max_upload_mb=0.05))
+    assert client.get("/health").json()["status"] == "ok"
+    assert "MedFedPure" in client.get("/").text and "<script src=\"http" not in client.get("/").text
+    info = client.get("/info").json()
+    assert info["classes"] == ["healthy", "tumor"] and sum(info["calibration"]["histogram"]) == 50
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    ok = client.post("/predict?views=true", files={"file": ("scan.png", scan_png(), "image/png")})
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["label"] in ("healthy", "tumor") and body["views"]["purified"].startswith("data:image/png;base64,")
+    same = Predictor(bundle).predict_file(scan_png(), "scan.png").report
+    assert {k: v for k, v in body.items() if k != "views"} == same  # the JSON of `predict --json`
+    bad = [("notes.png", b"this is not an image", 422), ("empty.png", b"", 400),
+           ("scan.dcm", b"DICM" * 10, 422), ("big.png", b"\0" * 80_000, 413)]
+    for name, data, status in bad:
+        r = client.post("/predict", files={"file": (name, data, "application/octet-stream")})
+        assert r.status_code == status, (name, r.text)
+        assert name in r.json()["error"] or status == 413
+    assert client.post("/predict").status_code == 422  # no file at all
+    assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
+
+
+@pytest.fixture
+def served(bundle):
+    yield from _serve(Path(os.environ.get("MEDFEDPURE_SERVE_MODEL") or bundle))
+
+
+def _serve(model: Path):
+    """`medfedpure serve` in its own process on a free port; stopped by its pid."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "medfedpure.cli", "serve", "--model", str(model), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not start: {proc.stdout.read().decode()[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: `apt-get install -y chromium` (the README's "
+                                              "test command installs it; Playwright's own browser download is not used)")
+def test_the_page_in_a_real_browser_classifies_an_uploaded_scan(served, tmp_path):
+    """Chromium opens the page, uploads a scan, reads the answer and sees the three images.
+    MEDFEDPURE_SERVE_MODEL / MEDFEDPURE_SERVE_SCAN / MEDFEDPURE_SCREENSHOT: another model, scan and
+    screenshot path (docs/serve-page.png is made this way from the Br35H run, see docs/results.md)."""
+    from playwright.sync_api import sync_playwright
+
+    scan = Path(os.environ.get("MEDFEDPURE_SERVE_SCAN") or tmp_path / "scan.png")
+    if not scan.exists():
+        scan.write_bytes(scan_png(3))
+    not_a_scan = tmp_path / "notes.png"
+    not_a_scan.write_text("not an image")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 860})
+            page.goto(served)
+            page.wait_for_function("document.getElementById('model').textContent.includes('hospital')")
+            page.set_input_files("#file", str(not_a_scan))
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "notes.png" in page.text_content("#error")
+            page.set_input_files("#file", str(scan))
+            page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+            page.wait_for_function("document.getElementById('error').textContent === ''")
+            label = page.text_content("[data-testid=label]")
+            classes = json.loads(page.evaluate("fetch('/info').then(r => r.text())"))["classes"]
+            assert label in classes
+            assert page.text_content("[data-testid=probability]").endswith("%")
+            for image in ("scan", "purified", "maeerror"):
+                page.wait_for_function(f"document.getElementById('{image}').naturalWidth > 0")
+            shot = Path(os.environ.get("MEDFEDPURE_SCREENSHOT") or tmp_path / "page.png")
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+BR35H_YES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "br35h" / "yes"
+
+
+@pytest.mark.skipif(not BR35H_YES.is_dir(), reason=f"Br35H scans not found at {BR35H_YES}")
+def test_a_br35h_scan_as_png_dicom_and_nifti_gets_the_same_answer(bundle, tmp_path, capsys):
+    from test_scans import write_dicom, write_nifti
+
+    source = sorted(BR35H_YES.iterdir())[0]
+    pixels = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
+    png = np.round(255 * (pixels - pixels.min()) / (pixels.max() - pixels.min())).astype(np.uint8)  # full range
+    Image.fromarray(png).save(tmp_path / "scan.png")
+    write_dicom(tmp_path / "scan.dcm", png.astype(np.uint16) * 257)
+    write_nifti(tmp_path / "scan.nii.gz", np.rot90(png, k=-1).astype(np.int16))
+    answers = []
+    for name in ("scan.png", "scan.dcm", "scan.nii.gz"):
+        assert main(["predict", "--model", str(bundle), str(tmp_path / name), "--json", "--seed", "7"]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    for other in answers[1:]:
+        assert other["label"] == answers[0]["label"] and other["flagged"] == answers[0]["flagged"]
+        assert other["score"] == pytest.approx(answers[0]["score"], rel=1e-4, abs=1e-9)
+
+
+def test_load_benchmark_300_requests_at_concurrency_8_without_errors(bundle, tmp_path):
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(scan_png(5))
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "load.py"),
+                           "--model", str(bundle), "--scan", str(scan), "--requests", "300", "--concurrency", "8",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 300 and result["errors"] == 0 and result["requests_per_s"] > 0
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
+    assert result["service_rss_mb"]["peak"] > 0
