@@ -226,7 +226,7 @@ def _predict(args: argparse.Namespace) -> int:
     files = list_scans(args.scans)
     reports = []
     for path in tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2):
-        answer = predictor.predict_file(path, str(path), args.nifti_slice)
+        answer = predictor.predict_file(path, str(path), args.nifti_slice, views=bool(args.save_views))
         report = answer.report
         if args.save_views:
             report["views"] = save_views(answer, Path(args.save_views), Path(path).name.split(".")[0])

@@ -44,6 +44,7 @@ def write_hospital_folders(data: ImageSet, splits: list[ClientSplit], out: Path,
             idx = np.sort(np.concatenate([split.train_idx, split.val_idx, split.test_idx]))
             _write_hospital(data, idx, tmp / f"hospital-{split.client_id}")
         write_json(tmp / MANIFEST, manifest)
+        tmp.chmod(0o755)  # mkdtemp makes it private to its owner
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -85,6 +85,7 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
         write_json(tmp / MANIFEST, manifest)
         if out.exists():
             out.rmdir()
+        tmp.chmod(0o755)  # mkdtemp makes it private to its owner
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

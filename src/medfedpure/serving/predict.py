@@ -27,7 +27,7 @@ class Answer:
     report: dict  # what `predict --json` prints and `POST /predict` returns
     scan: np.ndarray  # uint8 (S, S, 3): the scan as the model saw it
     purified: np.ndarray  # uint8 (S, S, 3)
-    error_map: np.ndarray  # float (S, S): the MAE's per-patch reconstruction error, upsampled
+    error_map: np.ndarray | None  # float (S, S): the MAE's per-patch error, upsampled (when views were asked)
 
 
 class Predictor:
@@ -52,15 +52,17 @@ class Predictor:
                                                                "histogram": hist.tolist(), "edges": edges.tolist()}}
 
     def predict_file(self, source: Path | str | bytes, name: str | None = None,
-                     nifti_slice: int | None = None) -> Answer:
+                     nifti_slice: int | None = None, views: bool = False) -> Answer:
         name = name or str(source)
-        return self.predict_image(read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice), name)
+        image = read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice)
+        return self.predict_image(image, name, views)
 
-    def predict_image(self, image: np.ndarray, name: str) -> Answer:
-        x = torch.from_numpy(np.ascontiguousarray(image)).float().div(255).unsqueeze(0)
+    def predict_image(self, image: np.ndarray, name: str, views: bool = False) -> Answer:
+        """`views`: also the MAE's error map (one more MAE pass per scan)."""
+        x = torch.from_numpy(np.array(image)).float().div(255).unsqueeze(0)
         with self.lock, torch.inference_mode():
             out = self.defended.details(x)
-            errors = self.bundle.mae.error_map(x)[0]
+            errors = self.bundle.mae.error_map(x)[0] if views else None
         probs = torch.softmax(out.logits[0], dim=0).double()
         label = int(probs.argmax())
         score = float(out.scores[0])
@@ -71,9 +73,11 @@ class Predictor:
                   "score_percentile": round(float((self.calibration <= score).mean() * 100), 2),
                   "threshold": threshold, "flagged": bool(out.flags[0]), "t_star": int(out.t_star[0]),
                   "mode": self.defended.defense.mode}
-        grid = int(round(errors.numel() ** 0.5))
-        error_map = torch.nn.functional.interpolate(errors.reshape(1, 1, grid, grid), size=image.shape[1:],
-                                                    mode="nearest")[0, 0].numpy()
+        error_map = None
+        if errors is not None:
+            grid = int(round(errors.numel() ** 0.5))
+            error_map = torch.nn.functional.interpolate(errors.reshape(1, 1, grid, grid), size=image.shape[1:],
+                                                        mode="nearest")[0, 0].numpy()
         return Answer(report, image.transpose(1, 2, 0), _to_uint8(out.purified[0]), error_map)
 
 

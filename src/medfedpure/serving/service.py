@@ -66,7 +66,7 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
         if not data:
             raise HTTPException(400, f"'{name}' is empty")
         try:
-            answer = await run_in_threadpool(predictor.predict_file, data, name, nifti_slice)
+            answer = await run_in_threadpool(predictor.predict_file, data, name, nifti_slice, views)
         except (DataError, ValueError, OSError) as err:  # not a scan this service can read: the sender's error
             raise HTTPException(422, str(err).splitlines()[0] if str(err) else f"'{name}' cannot be read") from err
         report = dict(answer.report)
