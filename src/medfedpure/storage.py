@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,6 +24,24 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what a plain open() would give, not mkstemp's 0600
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path | str):
+    """A new folder built under a temporary name beside `out` (yielded) and renamed to `out` only
+    when the block finishes; on any error it is removed. `out` may exist only as an empty folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # what mkdir would give, not mkdtemp's 0700
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

@@ -9,9 +9,7 @@ class-folder layout that `medfedpure evaluate` accepts for any run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.data.datasets import DataError, files_digest, load_dataset
-from medfedpure.storage import read_json, write_json
+from medfedpure.storage import atomic_folder, read_json, write_json
 
 
 def export_holdout(run: Path, data: Path, out: Path, per_class: int | None = None, copy: bool = False) -> dict:
@@ -128,10 +126,7 @@ def _unique_names(files: list[tuple[str, Path]]) -> list[str]:
 def _write_atomically(out: Path, files: list[tuple[str, Path]], names: list[str], copy: bool,
                       record: dict) -> None:
     """Fill a temporary sibling folder, then rename it to `out`: a failure leaves no half export."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()  # not mkdtemp: that folder would be private (0700) after the rename
-    try:
+    with atomic_folder(out) as tmp:  # `out` was checked empty above
         for (class_name, source), name in zip(files, names):
             target = tmp / class_name / name
             target.parent.mkdir(exist_ok=True)
@@ -140,9 +135,3 @@ def _write_atomically(out: Path, files: list[tuple[str, Path]], names: list[str]
             else:
                 target.symlink_to(source.resolve())
         write_json(tmp / "holdout.json", record)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

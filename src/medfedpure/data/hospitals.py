@@ -11,8 +11,6 @@ makes, so a deployment and a simulation of the same config see the same scans.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from PIL import Image
 
 from medfedpure.data.datasets import DataError, ImageSet
 from medfedpure.data.partition import ClientSplit
-from medfedpure.storage import read_json, write_json
+from medfedpure.storage import atomic_folder, read_json, write_json
 
 MANIFEST = "hospitals.json"
 
@@ -37,18 +35,11 @@ def write_hospital_folders(data: ImageSet, splits: list[ClientSplit], out: Path,
             return out
         raise DataError(f"'{out}' already exists and does not hold this cut of the data into hospitals; "
                         "remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out) as tmp:
         for split in splits:
             idx = np.sort(np.concatenate([split.train_idx, split.val_idx, split.test_idx]))
             _write_hospital(data, idx, tmp / f"hospital-{split.client_id}")
         write_json(tmp / MANIFEST, manifest)
-        tmp.chmod(0o755)  # mkdtemp makes it private to its owner
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

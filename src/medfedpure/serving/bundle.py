@@ -12,8 +12,6 @@ anything, and fails with one line naming the file on any mismatch.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
 from medfedpure.runfolder import RunFolderError, need
-from medfedpure.storage import load_tensors, read_json, save_tensors, write_json
+from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 FORMAT, VERSION = "medfedpure-model", 1
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
@@ -78,18 +76,9 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
                 "run": {"folder": str(run.resolve()), "commit": env.get("git_commit"),
                         "metrics": {"final": summary.get("final"), "defense": summary.get("defense")}},
                 "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out) as tmp:
         save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
         write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            out.rmdir()
-        tmp.chmod(0o755)  # mkdtemp makes it private to its owner
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
