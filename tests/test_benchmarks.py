@@ -19,3 +19,7 @@ def test_benchmark_command_writes_its_json(tmp_path):
     assert inference["bare_ms_per_scan"] > 0
     assert inference["defended_flagged_ms_per_scan"] > inference["defended_clean_unflagged_ms_per_scan"] > 0
     assert result["peak_rss_mb"] > 0 and "deployment" not in result
+    shipped = result["shipped_default"]
+    assert shipped["detector"] == "disagreement" and shipped["mode"] == "selective"  # the demo's
+    for layout in ("default", "channels_last"):
+        assert shipped[layout]["clean"]["over_bare"] > 1 and shipped[layout]["defended_gradient_ms_per_scan"] > 0

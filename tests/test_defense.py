@@ -230,3 +230,30 @@ def test_auroc():
     assert auroc(np.array([0, 1, 2]), np.array([3, 4])) == 1.0
     assert auroc(np.array([3, 4]), np.array([0, 1, 2])) == 0.0
     assert auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
+
+
+
+def test_channels_last_changes_only_float_rounding_of_the_classifier_and_the_purifier():
+    """`loop.channels_last` (what predict/serve use): the MoE's logits and the U-Net's one-step x0
+    agree with the default layout to float rounding."""
+    from medfedpure.config import load_preset
+    from medfedpure.defense import build_diffusion
+    from medfedpure.loop import channels_last
+    from medfedpure.methods import new_model
+
+    cfg = load_preset("demo")
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    t = torch.full((16,), 60)
+    results = []
+    for convert in (False, True):
+        clf, diffusion = new_model(cfg, 2, 0).eval(), build_diffusion(cfg).eval()
+        if convert:
+            channels_last(clf, diffusion)
+            convs = [m for m in (*clf.modules(), *diffusion.modules()) if isinstance(m, torch.nn.Conv2d)]
+            assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        with torch.inference_mode():
+            results.append((clf(x), diffusion.predict_x0(x * 2 - 1, t)[0]))
+    (logits_a, x0_a), (logits_b, x0_b) = results
+    assert torch.allclose(logits_a, logits_b, atol=1e-5) and torch.equal(logits_a.argmax(1), logits_b.argmax(1))
+    assert torch.allclose(x0_a, x0_b, atol=1e-5)

@@ -250,3 +250,20 @@ def test_load_benchmark_300_requests_at_concurrency_8_without_errors(bundle, tmp
     assert result["requests"] == 300 and result["errors"] == 0 and result["requests_per_s"] > 0
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert result["service_rss_mb"]["peak"] > 0
+
+
+@pytest.mark.skipif(not BR35H_YES.is_dir(), reason=f"Br35H scans not found at {BR35H_YES}")
+def test_the_channels_last_layout_gives_the_same_answers_on_br35h_scans(bundle):
+    """predict/serve's channels-last layout against the default one, scan by scan (with
+    MEDFEDPURE_SERVE_MODEL: a trained model; it prints how many answers agree)."""
+    model = os.environ.get("MEDFEDPURE_SERVE_MODEL") or bundle
+    scans = sorted(BR35H_YES.iterdir())[:int(os.environ.get("MEDFEDPURE_LAYOUT_SCANS", "20"))]
+    fast, plain = Predictor(model, seed=1), Predictor(model, seed=1, fast_layout=False)
+    same, worst = 0, 0.0
+    for path in scans:
+        a, b = fast.predict_file(path).report, plain.predict_file(path).report
+        worst = max(worst, abs(a["score"] - b["score"]) / max(abs(b["score"]), 1e-12))
+        same += (a["label"], a["flagged"], a["t_star"]) == (b["label"], b["flagged"], b["t_star"])
+    print(f"\nchannels-last vs default layout: {same} of {len(scans)} scans get the same label, flag and t*; "
+          f"largest relative score difference {worst:.2g}")
+    assert same >= len(scans) - max(1, len(scans) // 50)

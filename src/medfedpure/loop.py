@@ -38,3 +38,12 @@ def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def channels_last(*modules: nn.Module) -> None:
+    """Put the modules' convolution weights in channels-last layout (in place), for inference:
+    oneDNN's convolutions run faster that way on CPU. The outputs agree with the default layout
+    to float rounding; the weights are no longer contiguous, so save the state of a module that
+    was never converted."""
+    for module in modules:
+        module.to(memory_format=torch.channels_last)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from medfedpure.data.scans import read_scan
+from medfedpure.loop import channels_last
 from medfedpure.serving.bundle import Bundle, load_bundle
 
 
@@ -33,14 +34,15 @@ class Answer:
 class Predictor:
     """Loads a bundle once; `predict` is safe to call from several threads (one scan at a time)."""
 
-    def __init__(self, model_dir: Path | str, seed: int | None = None) -> None:
+    def __init__(self, model_dir: Path | str, seed: int | None = None, fast_layout: bool = True) -> None:
         self.bundle: Bundle = load_bundle(model_dir)
         self.image_size = int(self.bundle.manifest["image_size"])
         self.defended = self.bundle.defended
         self.defended.generator = torch.Generator().manual_seed(self.bundle.seed if seed is None else seed)
         self.calibration = self.defended.calibration_scores.double().numpy()
         self.lock = threading.Lock()
-        torch.set_grad_enabled(False)
+        if fast_layout:  # convolutions in channels-last layout: 1.7x faster here, float rounding apart
+            channels_last(self.defended.classifier, self.defended.diffusion)  # (benchmarks/run.py, tests)
 
     def info(self) -> dict:
         m = self.bundle.manifest
