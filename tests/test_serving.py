@@ -167,7 +167,11 @@ def _serve(model: Path):
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

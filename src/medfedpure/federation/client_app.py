@@ -29,20 +29,22 @@ from medfedpure.storage import save_tensors, write_json
 app = ClientApp()
 
 
-def _config(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int]:
-    """The run's config as this hospital sees it: on a SuperNode with a `data-dir`, its own folder."""
+def _config(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, str]:
+    """The run's config as this hospital sees it (on a SuperNode with a `data-dir`, its own folder),
+    its partition, the server round, and the run's tag (its fingerprint, taken before the node's
+    own folder replaces the data root)."""
     conf = msg.content["config"]
     cfg = ExperimentConfig.from_json(str(conf["experiment"]))
+    run = fingerprint(cfg, "train")
     torch.set_num_threads(max(1, cfg.federation.num_threads))
     node = context.node_config
     if "data-dir" in node:
         cfg.data.layout, cfg.data.root = "hospital", str(node["data-dir"])
-    return cfg, int(node["partition-id"]), int(conf.get("server-round", 0))
+    return cfg, int(node["partition-id"]), int(conf.get("server-round", 0)), run
 
 
 def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int, int, HospitalState]:
-    run = fingerprint(ExperimentConfig.from_json(str(msg.content["config"]["experiment"])), "train")
-    cfg, partition, server_round = _config(msg, context)
+    cfg, partition, server_round, run = _config(msg, context)
     return cfg, partition, server_round, HospitalState(context, _state_folder(msg, context, partition), partition, run)
 
 
@@ -146,7 +148,7 @@ def _keep_defense(folder: Path, cfg: ExperimentConfig, metrics: dict, calibratio
 
 # --------------------------------------------------------------------------- phases 1-2
 def _pretrain_setup(msg: Message, context: Context):
-    cfg, partition, server_round = _config(msg, context)
+    cfg, partition, server_round, _ = _config(msg, context)
     phase = PHASES[str(msg.content["config"]["phase"])]
     model = phase.build(cfg).to(cfg.device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
