@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from medfedpure.metrics import clopper_pearson
-from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, Square, attack_loss, build_attack,
+from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, OrthogonalPGD, Square, attack_loss, build_attack,
                                 parse_attacks)
+from medfedpure.attacks.orthogonal import remove_component
 from medfedpure.config import AttackConfig, DefenseConfig, load_preset
 from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
@@ -137,6 +138,41 @@ def test_detector_aware_attack_keeps_the_score_lower(parts):
     assert s_quiet.mean() < s_plain.mean()
 
 
+def test_remove_component_leaves_what_is_orthogonal():
+    g, a = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    r = remove_component(g, a)
+    assert torch.allclose((r * a).flatten(1).sum(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(remove_component(g, torch.zeros_like(a)), g)  # nothing to remove
+
+
+def _evaded(model, adv, y):
+    """Per scan: unflagged and answered wrongly (selective mode: the answer is deterministic)."""
+    with torch.no_grad():
+        quiet = ~model.flags_for(model.detector(adv))
+        return quiet & (model(adv).argmax(1) != y)
+
+
+def test_orthogonal_attack_evades_the_detector_at_least_as_well_as_a_fixed_penalty(parts):
+    model = defended(parts, mode="selective")
+    x, y = parts["x"], parts["y"]
+    assert not model.unflagged_stochastic and defended(parts).unflagged_stochastic
+    kwargs = {"eps": 0.06, "alpha": 0.015, "steps": 10, "eot": 1, "seed": 4, "keep_best": True}
+    ortho = OrthogonalPGD(model, **kwargs)(x, y)
+    assert (ortho - x).abs().max() <= 0.06 + 1e-6 and ortho.min() >= 0 and ortho.max() <= 1
+    evaded = _evaded(model, ortho, y)
+    penalty = _evaded(model, DetectorAwarePGD(model, weight=10.0, **kwargs)(x, y), y)
+    assert evaded.float().mean() >= 0.3 and evaded.sum() >= penalty.sum(), (evaded.sum(), penalty.sum())
+    # the unflagged answer it fools is the defense's own: the bare classifier on the scan
+    with torch.no_grad():
+        assert torch.equal(model.unflagged_logits(ortho, 1)[0], model.classifier(ortho))
+
+
+def test_orthogonal_attack_without_a_detector_is_eot_pgd(parts):
+    x, y, model = parts["x"][:8], parts["y"][:8], parts["classifier"]
+    kwargs = {"eps": 0.03, "alpha": 0.01, "steps": 3, "seed": 2, "keep_best": True}
+    assert torch.equal(OrthogonalPGD(model, **kwargs)(x, y), PGD(model, **kwargs)(x, y))
+
+
 class _Quantized(nn.Module):
     """A classifier behind a step function: its gradient is zero everywhere (masked)."""
 
@@ -221,7 +257,7 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
 
 
 def test_parse_attacks():
-    assert parse_attacks("adaptive") == ["eot-pgd", "bpda", "detector-aware", "square"]
+    assert parse_attacks("adaptive") == ["eot-pgd", "bpda", "detector-aware", "orthogonal", "square"]
     assert parse_attacks("square, pgd") == ["pgd", "square"]
     assert parse_attacks("all") == list(SUITE)
     with pytest.raises(ValueError, match="unknown attack"):

@@ -114,11 +114,11 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     suite_dir = tmp_path / "evaluations" / "own-test-suite"
     suite = json.loads((suite_dir / "evaluation.json").read_text())
     assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "bpda", "detector-aware",
-                                    "square"]
+                                    "orthogonal", "square"]
     assert all(p["n"] == 6 for name, p in suite["suite"].items() if name != "clean (whole split)")
     assert suite["suite"]["clean (whole split)"]["n"] == sum(c["n_test"] for c in final.values())
     assert suite["suite"]["eot-pgd"]["settings"]["steps"] == 2 and suite["suite"]["eot-pgd"]["draws"] == 3
-    assert suite["headline"]["attack"] in ("eot-pgd", "bpda", "detector-aware", "square")
+    assert suite["headline"]["attack"] in ("eot-pgd", "bpda", "detector-aware", "orthogonal", "square")
     assert (suite_dir / "robustness.png").is_file() and "Headline" in printed
     assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err

@@ -78,7 +78,7 @@ class AttackConfig:
     eval_every_round: bool = True
     max_eval_per_client: int | None = None  # cap on PGD test scans per client per round
     # the adaptive suite (`medfedpure evaluate --attack ...`): attacks that know the defense
-    adaptive_steps: int = 50  # steps of eot-pgd, bpda and detector-aware (attack.steps stays the paper's PGD)
+    adaptive_steps: int = 50  # steps of eot-pgd, bpda, detector-aware, orthogonal (attack.steps stays the paper's PGD)
     eot: int = 4  # fresh purification draws averaged per gradient step
     loss: str = "ce"  # ce | margin
     detector_weight: float = 1.0  # detector-aware: weight of max(0, score / tau - 0.8)
@@ -86,7 +86,8 @@ class AttackConfig:
     draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
     batch_size: int = 16  # scans attacked together by the suite (larger on a GPU)
     # what `experiment` runs on every method's own test splits after training (empty: nothing)
-    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "bpda", "detector-aware", "square"])
+    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "bpda", "detector-aware", "orthogonal",
+                                                  "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
 
 
@@ -163,7 +164,7 @@ class DefenseConfig:
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
 
-SUITE_NAMES = ("pgd", "eot-pgd", "bpda", "detector-aware", "square")  # medfedpure.attacks.SUITE
+SUITE_NAMES = ("pgd", "eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # medfedpure.attacks.SUITE
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
 
 

@@ -8,19 +8,22 @@ bare or defended (a `DefendedClassifier`):
   over `eot` fresh purification draws per step, each scan keeping its best iterate;
 - `bpda`: the same with purification treated as the identity on the backward pass;
 - `detector-aware`: EOT-PGD plus a term that keeps the detector's score under its threshold;
+- `orthogonal`: orthogonal PGD (Bryniarski et al., 2022): steps that fool the answer an unflagged
+  scan gets and steps that lower the score take turns, each orthogonal to the other's gradient;
 - `square`: gradient-free random search (l_inf), the check for masked gradients.
-On an undefended model the first four are all white-box PGD.
+On an undefended model the first five are all white-box PGD.
 """
 
 from medfedpure.attacks.base import Attack, attack_loss
 from medfedpure.attacks.bpda import BPDA
 from medfedpure.attacks.detector_aware import DetectorAwarePGD
+from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
 from medfedpure.attacks.square import Square
 from medfedpure.config import SUITE_NAMES
 
 SUITE = SUITE_NAMES
-ADAPTIVE = ("eot-pgd", "bpda", "detector-aware", "square")  # the attacks that know the defense
+ADAPTIVE = ("eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # the attacks that know the defense
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -61,6 +64,8 @@ def build_attack(name: str, model, cfg, seed: int) -> Attack:
         return BPDA(model, **adaptive)
     if name == "detector-aware":
         return DetectorAwarePGD(model, weight=cfg.detector_weight, **adaptive)
+    if name == "orthogonal":
+        return OrthogonalPGD(model, **adaptive)
     if name == "square":
         if cfg.norm != "linf":
             raise ValueError("the Square attack here is l_inf only (attack.norm=linf)")
@@ -73,5 +78,5 @@ def _named(attack: Attack, name: str) -> Attack:
     return attack
 
 
-__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "PGD", "SUITE", "Square", "attack_loss", "build_attack",
+__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "OrthogonalPGD", "PGD", "SUITE", "Square", "attack_loss", "build_attack",
            "make_pgd", "parse_attacks", "pgd_label"]

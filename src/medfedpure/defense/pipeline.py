@@ -143,6 +143,24 @@ class DefendedClassifier(nn.Module):
         deterministic, so it runs once for all of them (or takes `scores` already computed)."""
         return torch.stack([self.classify(views) for views in self.purify_draws(images, draws, scores)])
 
+    def unflagged_depths(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """The depth t* of a scan the detector lets through: 0 (selective, off) or t_min (graded)."""
+        quiet = torch.zeros(n, dtype=torch.bool, device=device)
+        return self.depths_for(torch.zeros(n, device=device), quiet)
+
+    @property
+    def unflagged_stochastic(self) -> bool:
+        """Whether the answer for an unflagged scan draws purification noise (graded mode)."""
+        return bool((self.unflagged_depths(1) > 0).any())
+
+    def unflagged_logits(self, images: torch.Tensor, draws: int) -> torch.Tensor:
+        """(draws, B, C): what the defense answers if the detector flags none of `images` (the
+        classifier on the scans themselves, or on their purification at t_min in graded mode);
+        what an attack that evades the detector has to fool."""
+        t_star = self.unflagged_depths(images.shape[0], images.device)
+        return torch.stack([self.classify([self.purify(images, t_star) for _ in range(self.defense.votes)])
+                            for _ in range(draws)])
+
     def details(self, images: torch.Tensor) -> DefenseOutput:
         t0 = time.perf_counter()
         scores, flags, t_star = self.decide(images)

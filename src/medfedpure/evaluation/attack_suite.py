@@ -25,7 +25,7 @@ from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
 KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes", "bpda": "yes",
-                     "detector-aware": "yes", "square": "yes (queries)"}
+                     "detector-aware": "yes", "orthogonal": "yes", "square": "yes (queries)"}
 
 
 def default_suite_dir(run: Path | str) -> Path:

@@ -88,7 +88,7 @@ def reseed(model: nn.Module, seed: int) -> None:
 
 
 # on a model without purifier or detector these attacks are exactly eot-pgd (white-box PGD)
-SAME_AS_PGD_WITHOUT_DEFENSE = ("bpda", "detector-aware")
+SAME_AS_PGD_WITHOUT_DEFENSE = ("bpda", "detector-aware", "orthogonal")
 
 
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
