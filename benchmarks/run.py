@@ -2,14 +2,15 @@
 
     python benchmarks/run.py [--preset br35h-cpu] [--device cpu|cuda] [--out benchmarks/results.json]
 
-Measures, on random [0,1] images at the preset's resolution (no dataset needed): the defense
+Measures, on random [0,1] images at the preset's resolution (no dataset needed, except for the
+realistic Flower round, which reads Br35H from --br35h and is skipped without it): the defense
 as the preset ships it (per stage, clean and flagged, ratio to the bare classifier, default and
 channels-last layout, and the cost of a gradient through it); local-training throughput; Flower
-overhead (the same local work with and without the Flower simulation, on the built-in data); the
-MAE detector in selective mode (the paper's configuration) for clean vs flagged scans and its
-ratio to the bare classifier; purification latency per sampler and step count; PGD cost; the
-deployment runtime against the simulation (wall-time ratio, bytes per round per hospital); and
-peak RSS. Untrained weights: speed does not depend on them.
+overhead (the same local work with and without the Flower simulation: the tiny demo and two
+br35h-cpu rounds); the MAE detector in selective mode (the paper's configuration) for clean vs
+flagged scans and its ratio to the bare classifier; purification latency per sampler and step
+count; PGD cost; the deployment runtime against the simulation (wall-time ratio, bytes per round
+per hospital); and peak RSS. Untrained weights: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -101,11 +102,33 @@ def bench_inference(cfg, device: str, n: int = 32) -> dict:
     return out
 
 
+# defense settings compared under the same attacks (docs/results.md), as changes to the shipped one
+CANDIDATES = {"selective mode": {"mode": "selective"}, "a vote of 3 purifications": {"votes": 3},
+              "deeper: t* in [90, 180]": {"t_min": 90, "t_max": 180}}
+
+
+def _defended_ms(classifier, mae, diffusion, defense, x, bare: float, device: str) -> dict:
+    """A defense's time per clean (never flagged) and flagged scan, per stage, and its ratio to `bare`."""
+    from medfedpure.defense.evaluation import build_detector
+
+    out = {}
+    calib = torch.linspace(0, 1, 100)
+    for label, tau in (("clean", float("inf")), ("flagged", float("-inf"))):
+        defended = DefendedClassifier(classifier, build_detector(defense.detector, mae, diffusion, classifier),
+                                      diffusion, defense, tau, calib).eval()
+        sec = _timed(lambda: (defended(x), _sync(device)))
+        stages = defended.details(x).timings_ms
+        out[label] = {"ms_per_scan": round(1e3 * sec / len(x), 2), "over_bare": round(sec / bare, 2),
+                      "stages_ms": {k: round(v, 2) for k, v in stages.items()}}
+    return out
+
+
 def bench_shipped_default(cfg, device: str, n: int = 64) -> dict:
     """The defense as the preset ships it (its detector, mode, depths), per stage, for a clean
     (never flagged) and a flagged scan, against the bare classifier; then the same in channels-last
     layout (what `predict`/`serve` use); and the cost of one gradient through the whole defended
-    classifier (what an adaptive attack pays per step per EOT draw)."""
+    classifier (what an adaptive attack pays per step per EOT draw); and the other defense
+    settings compared against it (`candidates`, default layout)."""
     from medfedpure.defense.evaluation import build_detector
     from medfedpure.loop import channels_last
 
@@ -126,13 +149,11 @@ def bench_shipped_default(cfg, device: str, n: int = 64) -> dict:
         with torch.inference_mode():
             bare = _timed(lambda: (classifier(x), _sync(device)))
             row["bare_ms_per_scan"] = round(1e3 * bare / n, 2)
-            for label, tau in (("clean", float("inf")), ("flagged", float("-inf"))):
-                defended = DefendedClassifier(classifier, build_detector(d.detector, mae, diffusion, classifier),
-                                              diffusion, d, tau, calib).eval()
-                sec = _timed(lambda: (defended(x), _sync(device)))
-                stages = defended.details(x).timings_ms
-                row[label] = {"ms_per_scan": round(1e3 * sec / n, 2), "over_bare": round(sec / bare, 2),
-                              "stages_ms": {k: round(v, 2) for k, v in stages.items()}}
+            row.update(_defended_ms(classifier, mae, diffusion, d, x, bare, device))
+            if layout == "default":  # the settings issue 12 compared (their accuracies: docs/results.md)
+                out["candidates"] = {name: _defended_ms(classifier, mae, diffusion, dataclasses.replace(d, **change),
+                                                        x, bare, device)
+                                     for name, change in CANDIDATES.items()}
         defended = DefendedClassifier(classifier, build_detector(d.detector, mae, diffusion, classifier),
                                       diffusion, d, 0.5, calib).eval()
 
@@ -146,13 +167,19 @@ def bench_shipped_default(cfg, device: str, n: int = 64) -> dict:
     return out
 
 
-def bench_flower_overhead() -> dict:
-    """The demo's local work as a Flower simulation vs the same calls in one process."""
+def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds: int = 2) -> dict:
+    """The same local work (every client's training and clean test, `rounds` rounds, no defense and
+    no attack) as a Flower simulation and as plain calls in one process. `demo`: the tiny built-in
+    run; `br35h-cpu` with `data`: a realistic round (10 hospitals, K=3 ResNet-18 at 64 px)."""
     from medfedpure.workflows.training import run_federated
 
-    cfg = load_preset("demo")
+    cfg = load_preset(preset)
+    if data is not None:
+        cfg.data.root = data
     cfg.defense.enabled = False
-    cfg.train.rounds, cfg.data.num_clients = 2, 2
+    cfg.train.rounds = rounds
+    if preset == "demo":
+        cfg.data.num_clients = 2
     cfg.attack.eval_every_round = False
 
     def direct():
@@ -165,7 +192,7 @@ def bench_flower_overhead() -> dict:
                 train_local(model, train, cfg, rnd)
                 task.test_local(model, test, cfg, 0, with_attack=False)
 
-    task.data_and_splits(cfg)  # data made once for both
+    task.data_and_splits(cfg)  # data made (or decoded and cached) once for both
     t0 = time.perf_counter()
     direct()
     plain = time.perf_counter() - t0
@@ -173,8 +200,9 @@ def bench_flower_overhead() -> dict:
         t0 = time.perf_counter()
         run_federated(cfg, tmp, progress=False)
         flower = time.perf_counter() - t0
-    return {"work": "demo preset, 2 clients x 2 rounds, small CNN, no attack", "direct_s": round(plain, 2),
-            "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
+    return {"work": f"{preset} preset, {cfg.data.num_clients} clients x {rounds} rounds, "
+                    f"K={cfg.model.num_experts} x {cfg.model.backbone} @ {cfg.data.image_size}px, no defense, no attack",
+            "direct_s": round(plain, 2), "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
 
 def bench_deployment() -> dict:
@@ -213,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="br35h-cpu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results.json")
-    parser.add_argument("--skip-flower", action="store_true", help="leave out the Flower overhead run")
+    parser.add_argument("--skip-flower", action="store_true", help="leave out the Flower overhead runs")
+    parser.add_argument("--br35h", default="../shared/data/br35h",
+                        help="Br35H folder (yes/ no/) for the realistic Flower-overhead round (skipped if absent)")
     parser.add_argument("--skip-deployment", action="store_true",
                         help="leave out the deployment-runtime run (SuperLink + SuperNodes on 127.0.0.1)")
     args = parser.parse_args(argv)
@@ -226,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
               "shipped_default": bench_shipped_default(cfg, args.device)}
     if not args.skip_flower:
         result["flower_overhead"] = bench_flower_overhead()
+        if args.preset == "br35h-cpu" and Path(args.br35h).is_dir():
+            result["flower_overhead_br35h_cpu"] = bench_flower_overhead("br35h-cpu", args.br35h)
+        else:
+            result["flower_overhead_br35h_cpu"] = {"skipped": f"no Br35H scans at {args.br35h} (--br35h DIR)"}
     if not args.skip_deployment:
         result["deployment"] = bench_deployment()
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -179,6 +179,26 @@ def test_unflagged_scans_pass_bit_identical(trained, loaders):
     assert (g.t_star[~g.flags] == 20).all() and (g.t_star >= 20).all()
 
 
+@pytest.mark.parametrize("mode", ["selective", "graded"])
+def test_the_detectors_own_logits_serve_the_scans_left_unpurified(trained, loaders, mode):
+    """The disagreement detector runs the classifier on every scan anyway; a scan left unpurified
+    takes those logits instead of a second classifier call. The answers do not change."""
+    x = next(iter(loaders[1]))[0][:12]
+    defended = _defended(trained, mode, rule="rank", detector="disagreement")
+    defended.generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        out = defended.details(x)
+        defended.generator.manual_seed(3)
+        scores, flags, t_star = defended.decide(x)
+        before = defended.classify([defended.purify(x, t_star)])  # one classifier call on every view
+    assert torch.equal(out.scores, scores) and torch.equal(out.flags, flags) and torch.equal(out.t_star, t_star)
+    assert torch.equal(out.logits.argmax(1), before.argmax(1)) and torch.allclose(out.logits, before, atol=1e-5)
+    quiet = _defended(trained, mode, tau=float("inf"), detector="disagreement")  # nothing flagged
+    with torch.no_grad():
+        logits = quiet(x)
+        assert torch.equal(logits, trained["classifier"](x)) == (mode == "selective")
+
+
 @pytest.mark.parametrize("detector", ["mae", "residual", "disagreement"])
 def test_gradients_reach_the_input_through_the_whole_pipeline(trained, loaders, detector):
     x = next(iter(loaders[1]))[0][:6].clone().requires_grad_(True)

@@ -57,14 +57,20 @@ class DisagreementDetector(nn.Module):
         super().__init__()
         self.diffusion, self.classifier, self.t, self.seed = diffusion, classifier, t, seed
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def scores_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores and, on the way, the classifier's logits on the scans themselves (what a
+        defended classifier answers for a scan it leaves unpurified, without computing it again)."""
         x0 = images * 2 - 1
         noise = _fixed_noise(x0.shape, self.seed, x0.device)
         t = torch.full((x0.shape[0],), self.t, device=x0.device, dtype=torch.long)
         den, _ = self.diffusion.predict_x0(self.diffusion.q_sample(x0, t, noise), t)
-        log_p = F.log_softmax(self.classifier(images), dim=1)
+        logits = self.classifier(images)
+        log_p = F.log_softmax(logits, dim=1)
         log_q = F.log_softmax(self.classifier((den + 1) / 2), dim=1)
-        return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1), logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scores_and_logits(images)[0]
 
 
 DETECTORS = ("mae", "residual", "disagreement")

@@ -13,6 +13,10 @@ Modes:
 With `votes = N > 1` every scan is purified N times with independent noise and the
 classifier's probabilities are averaged (a majority vote in probability), which lowers the
 variance a single draw leaves to chance at N times the purification cost.
+
+Nothing is computed twice: a detector that runs the classifier on the scans anyway (the
+disagreement score) hands those logits over, and a scan left unpurified takes them instead of
+a second classifier call (the answers are the same; tests check it).
 """
 
 from __future__ import annotations
@@ -161,13 +165,33 @@ class DefendedClassifier(nn.Module):
         return torch.stack([self.classify([self.purify(images, t_star) for _ in range(self.defense.votes)])
                             for _ in range(draws)])
 
+    def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scores, the classifier's logits on the scans when the detector computed them anyway)."""
+        if self.defense.mode != "off" and hasattr(self.detector, "scores_and_logits"):
+            return self.detector.scores_and_logits(images)
+        return None, None
+
+    def _classify_reusing(self, views: list[torch.Tensor], t_star: torch.Tensor,
+                          raw_logits: torch.Tensor | None) -> torch.Tensor:
+        """`classify(views)`, except that scans left unpurified (t* = 0, one view) take the logits
+        the detector already computed on them: the classifier runs only on the purified scans."""
+        untouched = t_star <= 0
+        if raw_logits is None or len(views) != 1 or not bool(untouched.any()):
+            return self.classify(views)
+        if bool(untouched.all()):
+            return raw_logits
+        logits = raw_logits.clone()
+        logits[~untouched] = self.classifier(views[0][~untouched])
+        return logits
+
     def details(self, images: torch.Tensor) -> DefenseOutput:
         t0 = time.perf_counter()
-        scores, flags, t_star = self.decide(images)
+        scores, raw_logits = self._scores(images)
+        scores, flags, t_star = self.decide(images, scores)
         t1 = time.perf_counter()
         views = [self.purify(images, t_star) for _ in range(self.defense.votes)]
         t2 = time.perf_counter()
-        logits = self.classify(views)
+        logits = self._classify_reusing(views, t_star, raw_logits)
         t3 = time.perf_counter()
         n = max(images.shape[0], 1)
         timings = {"score_ms": 1e3 * (t1 - t0) / n, "purify_ms": 1e3 * (t2 - t1) / n,
