@@ -1,11 +1,12 @@
 """MedFedPure benchmarks: one command, one JSON.
 
-    python benchmarks/run.py [--preset br35h-cpu] [--device cpu|cuda] [--out benchmarks/results.json]
+    python benchmarks/run.py [--preset br35h-cpu] [--device cpu|cuda] [--out benchmarks/results.json] [--compile]
 
 Measures, on random [0,1] images at the preset's resolution (no dataset needed, except for the
 realistic Flower round, which reads Br35H from --br35h and is skipped without it): the defense
 as the preset ships it (per stage, clean and flagged, ratio to the bare classifier, default and
-channels-last layout, and the cost of a gradient through it); local-training throughput; Flower
+channels-last layout, with --compile also torch.compile, and the cost of a gradient through it) and
+the other defense settings compared with it; local-training throughput; Flower
 overhead (the same local work with and without the Flower simulation: the tiny demo and two
 br35h-cpu rounds); the MAE detector in selective mode (the paper's configuration) for clean vs
 flagged scans and its ratio to the bare classifier; purification latency per sampler and step
@@ -108,7 +109,8 @@ CANDIDATES = {"selective mode": {"mode": "selective"}, "a vote of 3 purification
 
 
 def _defended_ms(classifier, mae, diffusion, defense, x, bare: float, device: str) -> dict:
-    """A defense's time per clean (never flagged) and flagged scan, per stage, and its ratio to `bare`."""
+    """A defense's time per clean (never flagged) and flagged scan, per stage, and its ratio to `bare`;
+    where a clean scan stays unpurified, also without reusing the detector's logits (the gain)."""
     from medfedpure.defense.evaluation import build_detector
 
     out = {}
@@ -120,10 +122,15 @@ def _defended_ms(classifier, mae, diffusion, defense, x, bare: float, device: st
         stages = defended.details(x).timings_ms
         out[label] = {"ms_per_scan": round(1e3 * sec / len(x), 2), "over_bare": round(sec / bare, 2),
                       "stages_ms": {k: round(v, 2) for k, v in stages.items()}}
+        unpurified = defended.unflagged_depths(1).item() == 0
+        if label == "clean" and unpurified and hasattr(defended.detector, "scores_and_logits"):
+            defended.reuse_detector_logits = False
+            sec = _timed(lambda: (defended(x), _sync(device)))
+            out[label]["without_reusing_detector_logits_ms"] = round(1e3 * sec / len(x), 2)
     return out
 
 
-def bench_shipped_default(cfg, device: str, n: int = 64) -> dict:
+def bench_shipped_default(cfg, device: str, n: int = 64, compile_too: bool = False) -> dict:
     """The defense as the preset ships it (its detector, mode, depths), per stage, for a clean
     (never flagged) and a flagged scan, against the bare classifier; then the same in channels-last
     layout (what `predict`/`serve` use); and the cost of one gradient through the whole defended
@@ -139,13 +146,19 @@ def bench_shipped_default(cfg, device: str, n: int = 64) -> dict:
     d = cfg.defense
     out: dict = {"detector": d.detector, "mode": d.mode, "t_min": d.t_min, "t_max": d.t_max,
                  "sampler": f"{d.sampler} x{d.sampler_steps}", "votes": d.votes, "batch": n}
-    for layout in ("default", "channels_last"):
+    for layout in ("default", "channels_last") + (("channels_last_compiled",) if compile_too else ()):
         classifier = new_model(cfg, 2, 0).to(device).eval()
         diffusion = build_diffusion(cfg).to(device).eval()
         mae = build_mae(cfg).to(device).eval()
-        if layout == "channels_last":
-            channels_last(classifier, diffusion)
         row: dict = {}
+        if layout.startswith("channels_last"):
+            channels_last(classifier, diffusion)
+        if layout.endswith("compiled"):  # torch.compile (inductor) of the classifier and the U-Net
+            t0 = time.perf_counter()
+            classifier, diffusion.model = torch.compile(classifier), torch.compile(diffusion.model)
+            with torch.inference_mode():
+                classifier(x), diffusion.model(x * 2 - 1, torch.full((n,), d.t_min, device=device))
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
         with torch.inference_mode():
             bare = _timed(lambda: (classifier(x), _sync(device)))
             row["bare_ms_per_scan"] = round(1e3 * bare / n, 2)
@@ -176,7 +189,7 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
     cfg = load_preset(preset)
     if data is not None:
         cfg.data.root = data
-    cfg.defense.enabled = False
+    cfg.defense.enabled, cfg.defense.purify_training, cfg.defense.adv_share = False, False, 0.0
     cfg.train.rounds = rounds
     if preset == "demo":
         cfg.data.num_clients = 2
@@ -242,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--skip-flower", action="store_true", help="leave out the Flower overhead runs")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the shipped defense with torch.compile (about a minute of compiling)")
     parser.add_argument("--br35h", default="../shared/data/br35h",
                         help="Br35H folder (yes/ no/) for the realistic Flower-overhead round (skipped if absent)")
     parser.add_argument("--skip-deployment", action="store_true",
@@ -253,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"preset": args.preset, "device": args.device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0],
               "training": bench_training(cfg, args.device), "inference": bench_inference(cfg, args.device),
-              "shipped_default": bench_shipped_default(cfg, args.device)}
+              "shipped_default": bench_shipped_default(cfg, args.device, compile_too=args.compile)}
     if not args.skip_flower:
         result["flower_overhead"] = bench_flower_overhead()
         if args.preset == "br35h-cpu" and Path(args.br35h).is_dir():

@@ -76,6 +76,7 @@ class DefendedClassifier(nn.Module):
         self.defense, self.tau = defense, tau
         self.register_buffer("calibration_scores", calibration_scores.detach().flatten().float(), persistent=False)
         self.generator: torch.Generator | None = None  # set for reproducible purification noise
+        self.reuse_detector_logits = True  # False: a second classifier call instead (benchmarks/run.py)
 
     def flags_for(self, scores: torch.Tensor) -> torch.Tensor:
         d = self.defense
@@ -167,7 +168,7 @@ class DefendedClassifier(nn.Module):
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(scores, the classifier's logits on the scans when the detector computed them anyway)."""
-        if self.defense.mode != "off" and hasattr(self.detector, "scores_and_logits"):
+        if self.defense.mode != "off" and self.reuse_detector_logits and hasattr(self.detector, "scores_and_logits"):
             return self.detector.scores_and_logits(images)
         return None, None
 
