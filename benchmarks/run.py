@@ -8,7 +8,7 @@ as the preset ships it (per stage, clean and flagged, ratio to the bare classifi
 channels-last layout, with --compile also torch.compile, and the cost of a gradient through it) and
 the other defense settings compared with it; local-training throughput; Flower
 overhead (the same local work with and without the Flower simulation: the tiny demo and two
-br35h-cpu rounds); the MAE detector in selective mode (the paper's configuration) for clean vs
+br35h-cpu rounds; and what one message with the experts costs); the MAE detector in selective mode (the paper's configuration) for clean vs
 flagged scans and its ratio to the bare classifier; purification latency per sampler and step
 count; PGD cost; the deployment runtime against the simulation (wall-time ratio, bytes per round
 per hospital); and peak RSS. Untrained weights: speed does not depend on them.
@@ -218,6 +218,25 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
             "direct_s": round(plain, 2), "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
 
+def bench_message_cost(cfg) -> dict:
+    """What one Flower message with the preset's experts costs outside the training: their size, turning
+    them into an ArrayRecord and back, pickling it (the simulation's Ray hop), and building the
+    hospital's model that receives them (every message builds it anew)."""
+    import pickle
+
+    from flwr.app import ArrayRecord
+
+    experts = new_model(cfg, 2, 0).expert_state()
+    record = ArrayRecord(experts)
+    blob = pickle.dumps(record)
+    return {"experts_mb": round(sum(v.numel() * v.element_size() for v in experts.values()) / 1e6, 1),
+            "to_array_record_s": round(_timed(lambda: ArrayRecord(experts)), 3),
+            "to_torch_s": round(_timed(record.to_torch_state_dict), 3),
+            "pickle_and_unpickle_s": round(_timed(lambda: pickle.loads(pickle.dumps(record))), 3),
+            "pickled_mb": round(len(blob) / 1e6, 1),
+            "build_model_s": round(_timed(lambda: new_model(cfg, 2, 1)), 3)}
+
+
 def bench_deployment() -> dict:
     """The demo's phase 3 on Flower's deployment runtime (`deploy-local`: SuperLink + 3 SuperNodes on
     127.0.0.1, TLS, node authentication) against the simulation of the same config on the same
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               "training": bench_training(cfg, args.device), "inference": bench_inference(cfg, args.device),
               "shipped_default": bench_shipped_default(cfg, args.device, compile_too=args.compile)}
     if not args.skip_flower:
+        result["message_cost"] = bench_message_cost(cfg)
         result["flower_overhead"] = bench_flower_overhead()
         if args.preset == "br35h-cpu" and Path(args.br35h).is_dir():
             result["flower_overhead_br35h_cpu"] = bench_flower_overhead("br35h-cpu", args.br35h)
