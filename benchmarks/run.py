@@ -6,12 +6,12 @@ Measures, on random [0,1] images at the preset's resolution (no dataset needed, 
 realistic Flower round, which reads Br35H from --br35h and is skipped without it): the defense
 as the preset ships it (per stage, clean and flagged, ratio to the bare classifier, default and
 channels-last layout, with --compile also torch.compile, and the cost of a gradient through it) and
-the other defense settings compared with it; local-training throughput; Flower
-overhead (the same local work with and without the Flower simulation: the tiny demo and two
-br35h-cpu rounds; and what one message with the experts costs); the MAE detector in selective mode (the paper's configuration) for clean vs
-flagged scans and its ratio to the bare classifier; purification latency per sampler and step
-count; PGD cost; the deployment runtime against the simulation (wall-time ratio, bytes per round
-per hospital); and peak RSS. Untrained weights: speed does not depend on them.
+the other defense settings compared with it; local-training throughput; Flower overhead (the same
+local work with and without the Flower simulation: the tiny demo and two br35h-cpu rounds; and
+what one message with the experts costs); the MAE detector in selective mode (the paper's
+configuration) for clean vs flagged scans and its ratio to the bare classifier; purification
+latency per sampler and step count; PGD cost; the deployment runtime against the simulation
+(wall-time ratio, bytes per round per hospital); and peak RSS. Untrained weights: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -122,8 +122,7 @@ def _defended_ms(classifier, mae, diffusion, defense, x, bare: float, device: st
         stages = defended.details(x).timings_ms
         out[label] = {"ms_per_scan": round(1e3 * sec / len(x), 2), "over_bare": round(sec / bare, 2),
                       "stages_ms": {k: round(v, 2) for k, v in stages.items()}}
-        unpurified = defended.unflagged_depths(1).item() == 0
-        if label == "clean" and unpurified and hasattr(defended.detector, "scores_and_logits"):
+        if label == "clean" and not defended.unflagged_stochastic and hasattr(defended.detector, "scores_and_logits"):
             defended.reuse_detector_logits = False
             sec = _timed(lambda: (defended(x), _sync(device)))
             out[label]["without_reusing_detector_logits_ms"] = round(1e3 * sec / len(x), 2)
@@ -214,7 +213,8 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
         run_federated(cfg, tmp, progress=False)
         flower = time.perf_counter() - t0
     return {"work": f"{preset} preset, {cfg.data.num_clients} clients x {rounds} rounds, "
-                    f"K={cfg.model.num_experts} x {cfg.model.backbone} @ {cfg.data.image_size}px, no defense, no attack",
+                    f"K={cfg.model.num_experts} x {cfg.model.backbone} @ {cfg.data.image_size}px, "
+                    "no defense, no attack",
             "direct_s": round(plain, 2), "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
 

@@ -78,5 +78,5 @@ def _named(attack: Attack, name: str) -> Attack:
     return attack
 
 
-__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "OrthogonalPGD", "PGD", "SUITE", "Square", "attack_loss", "build_attack",
-           "make_pgd", "parse_attacks", "pgd_label"]
+__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "OrthogonalPGD", "PGD", "SUITE", "Square", "attack_loss",
+           "build_attack", "make_pgd", "parse_attacks", "pgd_label"]

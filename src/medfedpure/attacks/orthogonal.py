@@ -51,12 +51,11 @@ class OrthogonalPGD(PGD):
         defended = self.model
         x = x.detach().requires_grad_(grads)
         with torch.set_grad_enabled(grads):
-            scores = defended.detector(x)
-            logits = defended.unflagged_logits(x, self._draws())
+            scores, logits = defended.scores_and_unflagged_logits(x, self._draws())
             g_cls = g_det = None
-            if grads:
+            if grads:  # the two share the classifier's call on the scan in selective mode
                 loss = torch.stack([attack_loss(z, labels, self.loss) for z in logits]).mean(0)
-                g_cls, = torch.autograd.grad(loss.sum(), x)
+                g_cls, = torch.autograd.grad(loss.sum(), x, retain_graph=True)
                 g_det, = torch.autograd.grad(-(scores / tau).sum(), x)
         with torch.no_grad():
             margin = torch.stack([attack_loss(z, labels, "margin") for z in logits.detach()]).mean(0)

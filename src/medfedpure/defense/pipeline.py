@@ -166,6 +166,16 @@ class DefendedClassifier(nn.Module):
         return torch.stack([self.classify([self.purify(images, t_star) for _ in range(self.defense.votes)])
                             for _ in range(draws)])
 
+    def scores_and_unflagged_logits(self, images: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The detector's scores and `unflagged_logits`; where an unflagged scan is answered on the
+        scan itself (selective mode, one view), the detector's own logits on it, not computed again."""
+        scores, raw_logits = self._scores(images)
+        if scores is None:
+            scores = self.detector(images)
+        if raw_logits is not None and not self.unflagged_stochastic and self.defense.votes == 1:
+            return scores, raw_logits.unsqueeze(0)
+        return scores, self.unflagged_logits(images, draws)
+
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(scores, the classifier's logits on the scans when the detector computed them anyway)."""
         if self.defense.mode != "off" and self.reuse_detector_logits and hasattr(self.detector, "scores_and_logits"):
