@@ -129,11 +129,17 @@ def test_detector_aware_attack_keeps_the_score_lower(parts):
     model = defended(parts, mode="selective")
     x, y = parts["x"], parts["y"]
     kwargs = {"eps": 0.06, "alpha": 0.015, "steps": 10, "eot": 1, "seed": 4}
+    # how far plain PGD raises the score depends on the tiny models' training (and so on the CPU's
+    # arithmetic): put tau where it flags some of plain PGD's scans, so there is something to evade
+    probe = PGD(model, keep_best=True, **kwargs)(x, y)
+    with torch.no_grad():
+        model.tau = float(model.detector(probe).quantile(0.25))
     plain = PGD(model, keep_best=True, **kwargs)(x, y)
     quiet = DetectorAwarePGD(model, weight=10.0, keep_best=True, **kwargs)(x, y)
     with torch.no_grad():
         s_plain, s_quiet = model.detector(plain), model.detector(quiet)
     tau = model.threshold()
+    assert (s_plain > tau).float().mean() >= 0.1
     assert (s_quiet > tau).float().mean() < (s_plain > tau).float().mean()
     assert s_quiet.mean() < s_plain.mean()
 
