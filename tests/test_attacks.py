@@ -268,3 +268,23 @@ def test_parse_attacks():
     assert parse_attacks("all") == list(SUITE)
     with pytest.raises(ValueError, match="unknown attack"):
         parse_attacks("cw")
+    # a gradient attack may name its loss; each name once, attack.loss's entry first
+    assert parse_attacks("square,eot-pgd:margin, eot-pgd,eot-pgd:margin") == ["eot-pgd", "eot-pgd:margin", "square"]
+    for bad in ("eot-pgd:dlr", "square:ce", "cw:margin"):
+        with pytest.raises(ValueError, match="unknown attack"):
+            parse_attacks(bad)
+
+
+def test_a_named_loss_overrides_the_configured_one_for_that_attack_alone(parts):
+    cfg = AttackConfig(eps=0.03, alpha=0.01, adaptive_steps=2, eot=2, loss="ce")
+    model = defended(parts)
+    assert build_attack("eot-pgd:margin", model, cfg, 0).describe()["loss"] == "margin"
+    assert build_attack("orthogonal:margin", model, cfg, 0).loss == "margin"
+    assert build_attack("eot-pgd", model, cfg, 0).describe()["loss"] == "ce" and cfg.loss == "ce"
+    # on an undefended model bpda:margin repeats eot-pgd:margin, not the CE run
+    x, y = parts["x"][:6], parts["y"][:6]
+    results = run_suite(parts["classifier"], x, y, ["eot-pgd", "eot-pgd:margin", "bpda:margin", "orthogonal:ce"],
+                        cfg, seed=0)
+    assert results["bpda:margin"]["same_as"] == "eot-pgd:margin"
+    assert results["orthogonal:ce"]["same_as"] == "eot-pgd"
+    assert results["eot-pgd:margin"]["settings"]["loss"] == "margin" and "same_as" not in results["eot-pgd:margin"]

@@ -45,6 +45,12 @@ def test_validation_names_the_field():
     cfg = load_preset("br35h-cpu")
     with pytest.raises(ConfigError, match="data.root"):
         cfg.validate()
+    cfg = load_preset("demo")
+    cfg.attack.suite = ["eot-pgd", "eot-pgd:dlr"]
+    with pytest.raises(ConfigError, match="attack.suite"):
+        cfg.validate()
+    cfg.attack.suite = ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
+    cfg.validate()
 
 
 def test_unknown_preset_lists_the_choices():
@@ -66,3 +72,13 @@ def test_wrong_types_name_the_field():
         apply_overrides(load_preset("demo"), ["data.augment=3"])
     cfg = apply_overrides(load_preset("demo"), ["train.lr=1", "data.max_per_class=null"])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.data.max_per_class is None
+
+
+def test_the_shipped_defense_study_parses():
+    from pathlib import Path
+
+    from medfedpure.workflows.compare import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-defenses.yaml")
+    assert spec["attacks"] == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
+    assert len({c["name"] for c in spec["candidates"]}) == len(spec["candidates"]) >= 8

@@ -22,7 +22,7 @@ def tiny(defense: bool = True):
     cfg.train.rounds = 2
     cfg.train.local_epochs = 1
     cfg.attack.max_eval_per_client = 8
-    cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "square"], 3
+    cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "eot-pgd:margin", "square"], 3
     cfg.attack.adaptive_steps, cfg.attack.eot, cfg.attack.square_queries, cfg.attack.draws = 2, 2, 5, 3
     cfg.defense.enabled = defense
     cfg.defense.eval_detectors = ["mae", "disagreement"]
@@ -58,6 +58,9 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert all(r["paper_clean"] is None for r in tables["rows"])  # the paper has no built-in-data row
     suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
     assert tables["rows"][1]["adaptive"] == round(100 * suite["headline"]["first"], 2)  # the defended headline
+    assert suite["suite"]["eot-pgd:margin"]["settings"]["loss"] == "margin"  # both losses, the lower one heads
+    adaptive = ("eot-pgd", "eot-pgd:margin", "square")
+    assert suite["headline"]["first"] == min(suite["suite"][a]["first"] for a in adaptive)
     assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (tmp_path / "tables.md").read_text()
     for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
                  "timings.json", "config.json", "environment.json"):

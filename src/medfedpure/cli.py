@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", metavar="NAME[,NAME]",
                    help="run the attack suite instead of the paper-protocol evaluation: pgd (paper protocol), "
                         "eot-pgd, bpda, detector-aware, orthogonal, square, 'adaptive' (the last five) or 'all'; "
+                        "a gradient attack may name its loss (eot-pgd:margin; otherwise attack.loss); "
                         "budget from attack.adaptive_steps, attack.eot, attack.square_queries, attack.draws")
     p.add_argument("--max-per-client", type=int, metavar="N",
                    help="attack at most N scans per client, spread evenly over its split (default: all)")

@@ -80,14 +80,16 @@ class AttackConfig:
     # the adaptive suite (`medfedpure evaluate --attack ...`): attacks that know the defense
     adaptive_steps: int = 50  # steps of eot-pgd, bpda, detector-aware, orthogonal (attack.steps stays the paper's PGD)
     eot: int = 4  # fresh purification draws averaged per gradient step
-    loss: str = "ce"  # ce | margin
+    loss: str = "ce"  # ce | margin: the loss of a suite attack that does not name its own
     detector_weight: float = 1.0  # detector-aware: weight of max(0, score / tau - 0.8)
     square_queries: int = 500  # Square: queries per scan (each one a defended forward pass, ~45 ms on 2 CPU cores)
     draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
     batch_size: int = 16  # scans attacked together by the suite (larger on a GPU)
     # what `experiment` runs on every method's own test splits after training (empty: nothing)
-    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "bpda", "detector-aware", "orthogonal",
-                                                  "square"])
+    # (`name:loss` runs a gradient attack with that loss instead of attack.loss: the margin loss is
+    # the stronger one against the Br35H defense, so both eot-pgd losses run by default)
+    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "eot-pgd:margin", "bpda", "detector-aware",
+                                                  "orthogonal:margin", "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
 
 
@@ -165,6 +167,20 @@ class DefenseConfig:
 
 
 SUITE_NAMES = ("pgd", "eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # medfedpure.attacks.SUITE
+ATTACK_LOSSES = ("ce", "margin")
+
+
+def split_attack_name(name: str) -> tuple[str, str | None]:
+    """'eot-pgd:margin' -> ('eot-pgd', 'margin'); 'eot-pgd' -> ('eot-pgd', None): a suite entry may
+    name the loss its gradient attack maximizes, overriding `attack.loss` for that entry alone."""
+    base, _, loss = name.strip().partition(":")
+    return base.strip(), loss.strip() or None
+
+
+def valid_attack_name(name: str) -> bool:
+    """A suite name, with an optional ':ce' / ':margin' on a gradient attack (not on square)."""
+    base, loss = split_attack_name(name)
+    return base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
 
 
@@ -267,12 +283,13 @@ class ExperimentConfig:
              "attack.max_eval_per_client", ">= 1 or null (every test scan)"),
             (self.attack.adaptive_steps >= 0, "attack.adaptive_steps", ">= 0"),
             (self.attack.eot >= 1, "attack.eot", ">= 1"),
-            (self.attack.loss in {"ce", "margin"}, "attack.loss", "ce or margin"),
+            (self.attack.loss in ATTACK_LOSSES, "attack.loss", "ce or margin"),
             (self.attack.detector_weight >= 0, "attack.detector_weight", ">= 0"),
             (self.attack.square_queries >= 1, "attack.square_queries", ">= 1"),
             (self.attack.draws >= 1, "attack.draws", ">= 1"),
             (self.attack.batch_size >= 1, "attack.batch_size", ">= 1"),
-            (set(self.attack.suite) <= set(SUITE_NAMES), "attack.suite", "a list of " + ", ".join(SUITE_NAMES)),
+            (all(valid_attack_name(a) for a in self.attack.suite), "attack.suite",
+             "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss: eot-pgd:margin)"),
             (self.attack.suite_max_per_client is None or self.attack.suite_max_per_client >= 1,
              "attack.suite_max_per_client", ">= 1 or null (every scan)"),
             (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),

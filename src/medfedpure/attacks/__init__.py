@@ -11,7 +11,8 @@ bare or defended (a `DefendedClassifier`):
 - `orthogonal`: orthogonal PGD (Bryniarski et al., 2022): steps that fool the answer an unflagged
   scan gets and steps that lower the score take turns, each orthogonal to the other's gradient;
 - `square`: gradient-free random search (l_inf), the check for masked gradients.
-On an undefended model the first five are all white-box PGD.
+On an undefended model the first five are all white-box PGD. A gradient attack's name may carry
+the loss it maximizes, `eot-pgd:margin`, overriding `attack.loss` for that entry.
 """
 
 from medfedpure.attacks.base import Attack, attack_loss
@@ -20,21 +21,31 @@ from medfedpure.attacks.detector_aware import DetectorAwarePGD
 from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
 from medfedpure.attacks.square import Square
-from medfedpure.config import SUITE_NAMES
+from dataclasses import replace
+
+from medfedpure.config import SUITE_NAMES, split_attack_name, valid_attack_name
 
 SUITE = SUITE_NAMES
 ADAPTIVE = ("eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # the attacks that know the defense
 
 
 def parse_attacks(text: str) -> list[str]:
-    """'all', 'adaptive' or a comma-separated list of suite names, in the suite's order."""
+    """'all', 'adaptive' or a comma-separated list of suite names (each gradient attack optionally
+    with its loss, `eot-pgd:margin`), in the suite's order, attack.loss's entry before the others."""
     text = text.strip()
     names = list(SUITE) if text == "all" else list(ADAPTIVE) if text == "adaptive" else \
-        [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in SUITE]
+        [t.strip().replace(" ", "") for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if not valid_attack_name(n)]
     if unknown or not names:
-        raise ValueError(f"unknown attack(s) {unknown or [text]}; choose from {', '.join(SUITE)}, 'adaptive' or 'all'")
-    return [n for n in SUITE if n in names]
+        raise ValueError(f"unknown attack(s) {unknown or [text]}; choose from {', '.join(SUITE)}, 'adaptive' or "
+                         "'all' (a gradient attack may name its loss: eot-pgd:margin)")
+    unique = list(dict.fromkeys(names))
+    return sorted(unique, key=lambda n: (SUITE.index(base_attack(n)), split_attack_name(n)[1] or ""))
+
+
+def base_attack(name: str) -> str:
+    """The suite attack a name runs: 'eot-pgd:margin' -> 'eot-pgd'."""
+    return split_attack_name(name)[0]
 
 
 def make_pgd(model, cfg, seed: int, loss: str = "ce") -> PGD:
@@ -50,7 +61,11 @@ def pgd_label(cfg) -> str:
 
 
 def build_attack(name: str, model, cfg, seed: int) -> Attack:
-    """Suite attack `name` against `model` with the budget of `cfg` (an AttackConfig)."""
+    """Suite attack `name` against `model` with the budget of `cfg` (an AttackConfig); a name with a
+    loss (`eot-pgd:margin`) uses that loss instead of `cfg.loss`."""
+    name, loss = split_attack_name(name)
+    if loss is not None:
+        cfg = replace(cfg, loss=loss)
     defended = hasattr(model, "purify_draws")
     eot = cfg.eot if getattr(model, "stochastic", False) else 1  # a deterministic model needs one pass
     common = {"eps": cfg.eps, "alpha": cfg.alpha, "norm": cfg.norm, "random_start": cfg.random_start,
@@ -79,4 +94,4 @@ def _named(attack: Attack, name: str) -> Attack:
 
 
 __all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "OrthogonalPGD", "PGD", "SUITE", "Square", "attack_loss",
-           "build_attack", "make_pgd", "parse_attacks", "pgd_label"]
+           "base_attack", "build_attack", "make_pgd", "parse_attacks", "pgd_label"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medfedpure.attacks import ADAPTIVE, SUITE
+from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
 from medfedpure.evaluation.robustness import Tally, answer, run_suite
 from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.methods import task
@@ -127,12 +127,12 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                 "seconds_per_scan": seconds / tally.n if "seconds_per_scan" in first else None,
                 "latency_ms": latency / tally.n if first.get("latency_ms") is not None else None}
         rows.append(mean)
-        knows = KNOWS_THE_DEFENSE.get(name.split(" ")[0], "")
+        knows = KNOWS_THE_DEFENSE.get(base_attack(name.split(" ")[0]), "")
         if first.get("same_as"):
             knows = f"= {first['same_as']} (no defense to know)"
         pooled[name] = {**mean, "settings": first.get("settings"), "draws": first.get("draws"), "max_linf": linf,
                         "knows_the_defense": knows}
-    adaptive = [a for a in attacks if a in ADAPTIVE] or list(attacks)
+    adaptive = [a for a in attacks if base_attack(a) in ADAPTIVE] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
     d = cfg.defense
     return {"run": str(r.run), "data": r.data_label, "clients": [c["client"] for c in per_client],

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from medfedpure.attacks import build_attack
+from medfedpure.attacks import base_attack, build_attack
+from medfedpure.config import split_attack_name
 from medfedpure.metrics import clopper_pearson
 
 VERDICTS = ("first", "majority", "worst")
@@ -91,6 +92,16 @@ def reseed(model: nn.Module, seed: int) -> None:
 SAME_AS_PGD_WITHOUT_DEFENSE = ("bpda", "detector-aware", "orthogonal")
 
 
+def _same_run(name: str, done: dict, cfg, defended: bool) -> str | None:
+    """The eot-pgd entry already in `done` that `name` would repeat exactly (an undefended model,
+    the same loss), or None."""
+    if defended or base_attack(name) not in SAME_AS_PGD_WITHOUT_DEFENSE:
+        return None
+    loss = split_attack_name(name)[1] or cfg.loss
+    return next((d for d in done if base_attack(d) == "eot-pgd" and (split_attack_name(d)[1] or cfg.loss) == loss),
+                None)
+
+
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
               batch: int = 16, on_batch=None) -> dict[str, dict]:
     """Clean and every named attack on one client's scans: tallies, share flagged, the bare
@@ -100,8 +111,9 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
     results: dict[str, dict] = {}
     for k, name in enumerate(["clean", *attacks]):
         t0 = time.perf_counter()
-        if name in SAME_AS_PGD_WITHOUT_DEFENSE and "eot-pgd" in results and not hasattr(model, "purify_draws"):
-            results[name] = {**results["eot-pgd"], "same_as": "eot-pgd"}  # not run twice
+        same = _same_run(name, results, cfg, hasattr(model, "purify_draws"))
+        if same is not None:
+            results[name] = {**results[same], "same_as": same}  # not run twice
             if on_batch is not None:
                 on_batch(len(x))
             continue
