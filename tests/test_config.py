@@ -49,7 +49,11 @@ def test_validation_names_the_field():
     cfg.attack.suite = ["eot-pgd", "eot-pgd:dlr"]
     with pytest.raises(ConfigError, match="attack.suite"):
         cfg.validate()
-    cfg.attack.suite = ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
+    cfg.attack.suite = ["eot-pgd", 3]
+    with pytest.raises(ConfigError, match="attack.suite"):
+        cfg.validate()
+    cfg = apply_overrides(load_preset("demo"), ["attack.suite=[eot-pgd, eot-pgd:margin, orthogonal:margin]"])
+    assert cfg.attack.suite == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
     cfg.validate()
 
 

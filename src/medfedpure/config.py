@@ -179,8 +179,12 @@ def split_attack_name(name: str) -> tuple[str, str | None]:
 
 def valid_attack_name(name: str) -> bool:
     """A suite name, with an optional ':ce' / ':margin' on a gradient attack (not on square)."""
+    if not isinstance(name, str):
+        return False
     base, loss = split_attack_name(name)
     return base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
+
+
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
 
 

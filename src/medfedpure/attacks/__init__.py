@@ -15,14 +15,14 @@ On an undefended model the first five are all white-box PGD. A gradient attack's
 the loss it maximizes, `eot-pgd:margin`, overriding `attack.loss` for that entry.
 """
 
+from dataclasses import replace
+
 from medfedpure.attacks.base import Attack, attack_loss
 from medfedpure.attacks.bpda import BPDA
 from medfedpure.attacks.detector_aware import DetectorAwarePGD
 from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
 from medfedpure.attacks.square import Square
-from dataclasses import replace
-
 from medfedpure.config import SUITE_NAMES, split_attack_name, valid_attack_name
 
 SUITE = SUITE_NAMES
