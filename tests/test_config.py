@@ -86,3 +86,21 @@ def test_the_shipped_defense_study_parses():
     spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-defenses.yaml")
     assert spec["attacks"] == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
     assert len({c["name"] for c in spec["candidates"]}) == len(spec["candidates"]) >= 8
+
+
+def test_adversarial_training_attack_is_part_of_a_defended_runs_fingerprint():
+    from medfedpure.methods import fingerprint
+
+    cfg = load_preset("br35h-cpu")
+    pgd = fingerprint(cfg, "train")
+    cfg.method.adv_attack = "n-fgsm"
+    nfgsm = fingerprint(cfg, "train")
+    cfg.method.adv_attack, cfg.method.adv_steps = "pgd", 3
+    fewer_steps = fingerprint(cfg, "train")
+    assert len({pgd, nfgsm, fewer_steps}) == 3  # a run is never resumed with another training attack
+    cfg.method.adv_steps, cfg.attack.channels_last, cfg.attack.eot = None, False, 20
+    assert fingerprint(cfg, "train") == pgd  # evaluation-only fields change no weights
+    cfg.defense.adv_share = 0.0
+    no_adv = fingerprint(cfg, "train")
+    cfg.method.adv_attack = "n-fgsm"
+    assert fingerprint(cfg, "train") == no_adv  # without adversarial training the attack is moot

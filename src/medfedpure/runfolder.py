@@ -61,12 +61,15 @@ EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_mode
                    "votes")
 # attack fields that only the adaptive evaluation after training reads
 ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
-                          "suite_max_per_client", "batch_size")
+                          "suite_max_per_client", "batch_size", "channels_last")
+# method fields that decide how adversarial training crafts its examples (MedFedPure's too)
+ADVERSARIAL_TRAINING = ("adv_attack", "adv_noise", "adv_norm", "adv_eps", "adv_alpha", "adv_steps")
 
 
 # fields added after run folders existed, and their defaults: left out of the fingerprint at the default
 _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
-                 ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None}
+                 ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None,
+                 ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:
@@ -94,6 +97,10 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
         if not defended:
             part.pop("defense")
             part["method"] = method
+        elif raw["defense"].get("adv_share", 0.0) > 0:  # it trains on attacks made with method.adv_*
+            chosen = {k: method[k] for k in ADVERSARIAL_TRAINING if method.get(k) is not None and k in method}
+            if chosen:
+                part["adversarial_training"] = chosen
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,8 @@ bare or defended (a `DefendedClassifier`):
 - `orthogonal`: orthogonal PGD (Bryniarski et al., 2022): steps that fool the answer an unflagged
   scan gets and steps that lower the score take turns, each orthogonal to the other's gradient;
 - `square`: gradient-free random search (l_inf), the check for masked gradients.
+Adversarial training crafts its examples with `make_training_attack`: PGD-k, or a single-step
+attack (`fgsm-rs`, `n-fgsm`, attacks.fgsm) at about 1/k of its cost (`method.adv_attack`).
 On an undefended model the first five are all white-box PGD. A gradient attack's name may carry
 the loss it maximizes, `eot-pgd:margin`, overriding `attack.loss` for that entry.
 """
@@ -20,6 +22,7 @@ from dataclasses import replace
 from medfedpure.attacks.base import Attack, attack_loss
 from medfedpure.attacks.bpda import BPDA
 from medfedpure.attacks.detector_aware import DetectorAwarePGD
+from medfedpure.attacks.fgsm import FGSMRS, NFGSM
 from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
 from medfedpure.attacks.square import Square
@@ -53,6 +56,28 @@ def make_pgd(model, cfg, seed: int, loss: str = "ce") -> PGD:
     paper's evaluation attack, and adversarial training's with its own budget."""
     return PGD(model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm, random_start=cfg.random_start,
                seed=seed, loss=loss)
+
+
+def make_training_attack(model, cfg, seed: int) -> PGD:
+    """The attack adversarial training crafts its examples with (`cfg` an ExperimentConfig):
+    `method.adv_attack` (pgd, fgsm-rs, n-fgsm) with the budget of `cfg.adversarial_training_attack()`
+    (method.adv_* where set, else attack.*). The single-step attacks take their own step (FGSM-RS:
+    1.25 eps, N-FGSM: eps) and N-FGSM its noise (2 eps) unless method.adv_alpha / adv_noise set them."""
+    m, budget = cfg.method, cfg.adversarial_training_attack()
+    if m.adv_attack == "pgd":
+        return make_pgd(model, budget, seed)
+    if budget.norm != "linf":
+        raise ValueError(f"method.adv_attack={m.adv_attack} is l_inf only (method.adv_norm / attack.norm=linf)")
+    if m.adv_attack == "fgsm-rs":
+        return FGSMRS(model, eps=budget.eps, alpha=m.adv_alpha, seed=seed)
+    if m.adv_attack == "n-fgsm":
+        return NFGSM(model, eps=budget.eps, alpha=m.adv_alpha, noise=m.adv_noise, seed=seed)
+    raise ValueError(f"method.adv_attack must be pgd, fgsm-rs or n-fgsm, not '{m.adv_attack}'")
+
+
+def training_attack_label(cfg) -> str:
+    """How tables name adversarial training's attack (`cfg` an ExperimentConfig)."""
+    return make_training_attack(None, cfg, 0).label
 
 
 def pgd_label(cfg) -> str:
@@ -93,5 +118,6 @@ def _named(attack: Attack, name: str) -> Attack:
     return attack
 
 
-__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "OrthogonalPGD", "PGD", "SUITE", "Square", "attack_loss",
-           "base_attack", "build_attack", "make_pgd", "parse_attacks", "pgd_label"]
+__all__ = ["ADAPTIVE", "Attack", "BPDA", "DetectorAwarePGD", "FGSMRS", "NFGSM", "OrthogonalPGD", "PGD", "SUITE", "Square",
+           "attack_loss", "base_attack", "build_attack", "make_pgd", "make_training_attack", "parse_attacks",
+           "pgd_label", "training_attack_label"]

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from medfedpure.attacks import pgd_label
+from medfedpure.attacks import training_attack_label
 from medfedpure.config import METHOD_NAMES, ExperimentConfig
 from medfedpure.methods import baselines, task
 from medfedpure.methods.medfedpure import train_local
@@ -128,7 +128,7 @@ class Method:
             return ""
         share = (f"G={cfg.method.adv_data_share:g} of scans every Q={cfg.method.adv_every} rounds" if self.mixture
                  else f"{cfg.method.adv_share:g} of each batch")
-        return f"; trained on {pgd_label(cfg.adversarial_training_attack())}, {share}"
+        return f"; trained on {training_attack_label(cfg)}, {share}"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

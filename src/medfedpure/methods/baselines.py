@@ -2,7 +2,8 @@
 
 - FedAvg / Local: cross-entropy on a plain classifier (a `LearnerMixture` with K=1).
 - FAT / Local Adv: the same, with a share of every batch replaced by PGD examples made on
-  the client's current model (Madry-style adversarial training, true cross-entropy PGD).
+  the client's current model (Madry-style adversarial training, true cross-entropy PGD; or one
+  N-FGSM / FGSM-RS step with method.adv_attack).
 - FedEM: E-step q_i(m) = softmax_m(log pi_m - loss_m(x_i, y_i)), pi = mean_i q_i, then the
   M-step trains every learner on its q-weighted loss.
 - pFedDef: FedEM where, every Q rounds, a share G of the client's training scans is replaced
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medfedpure.attacks import PGD, make_pgd
+from medfedpure.attacks import PGD, make_training_attack
 from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
 from medfedpure.data.loaders import ImageTensorDataset, drops_lone_sample
@@ -88,7 +89,7 @@ def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg:
                 lr: float, seed: int, adv_share: float = 0.0) -> dict[str, float]:
     """FedAvg / Local (adv_share 0) and FAT / Local Adv (adv_share > 0) local epochs."""
     loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment), cfg.train.batch_size, True, seed)
-    attack = make_pgd(model, cfg.adversarial_training_attack(), seed) if adv_share > 0 else None
+    attack = make_training_attack(model, cfg, seed) if adv_share > 0 else None
 
     def step(batch):
         x, y, _ = batch
@@ -146,7 +147,7 @@ def make_adversarial_set(model: LearnerMixture, data: ImageSet, indices: np.ndar
     m = min(n, math.ceil(share * n))
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:m].sort().values
-    attack = make_pgd(model, cfg.adversarial_training_attack(), seed)
+    attack = make_training_attack(model, cfg, seed)
     clean = ClientTrainingSet(data, np.asarray(indices)[chosen.numpy()], augment=False)
     parts = []
     for x, y, _ in _loader(clean, 64, False, seed):

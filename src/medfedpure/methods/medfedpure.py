@@ -3,8 +3,9 @@ the purifier in the loop (Algorithm 3's optional step, and adversarial training 
 
 With a purifier (a GaussianDiffusion), half of each batch is replaced by its purified
 version, so the experts know both clean and purified scans. With `defense.adv_share` > 0 as
-well, that share of each batch is first replaced by PGD crafted on the model behind the
-purifier (a fresh depth and noise at every step), then purified.
+well, that share of each batch is first replaced by an attack crafted on the model behind the
+purifier (a fresh depth and noise at every gradient; PGD-k, or one N-FGSM / FGSM-RS step with
+`method.adv_attack`), then purified.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from medfedpure.attacks import PGD, make_pgd
+from medfedpure.attacks import PGD, make_training_attack
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.pipeline import RandomDepthPurified
 from medfedpure.loop import fit, make_optimizer
@@ -54,7 +55,7 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
     attack = None
     if purifier is not None and cfg.defense.adv_share > 0:
         target = RandomDepthPurified(model, purifier, cfg.defense, gen)
-        attack = make_pgd(target, cfg.adversarial_training_attack(), seed=cfg.seed * 1_000 + server_round)
+        attack = make_training_attack(target, cfg, seed=cfg.seed * 1_000 + server_round)
 
     def step(batch):
         x, y = (t.to(cfg.device) for t in batch)
