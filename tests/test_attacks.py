@@ -288,3 +288,99 @@ def test_a_named_loss_overrides_the_configured_one_for_that_attack_alone(parts):
     assert results["bpda:margin"]["same_as"] == "eot-pgd:margin"
     assert results["orthogonal:ce"]["same_as"] == "eot-pgd"
     assert results["eot-pgd:margin"]["settings"]["loss"] == "margin" and "same_as" not in results["eot-pgd:margin"]
+
+
+# --------------------------------------------------------------------------- exact savings
+def _full_eot_objective(model, x, y, draws):
+    """The reference computation: the detector run with its autograd graph on every draw."""
+    losses = []
+    for _ in range(draws):
+        scores = model.detector(x)
+        _, _, t_star = model.decide(x, scores)
+        logits = model.classify([model.purify(x, t_star) for _ in range(model.defense.votes)])
+        losses.append(attack_loss(logits, y))
+    return torch.stack(losses).mean(dim=0)
+
+
+@pytest.mark.parametrize("mode", ["graded", "selective"])
+def test_eot_gradient_with_one_graphless_detector_pass_equals_the_full_computation(parts, mode):
+    model = defended(parts, mode=mode)
+    x, y = parts["x"][:12], parts["y"][:12]
+    attack = PGD(model, eps=0.03, alpha=0.01, steps=1, eot=3)
+    model.generator.manual_seed(7)
+    value, grad = attack.value_and_gradient(x, y)
+    model.generator.manual_seed(7)
+    xr = x.clone().requires_grad_(True)
+    expected = _full_eot_objective(model, xr, y, 3)
+    expected_grad, = torch.autograd.grad(expected.sum(), xr)
+    assert grad.abs().sum() > 0
+    assert torch.equal(value, expected.detach()) and torch.equal(grad, expected_grad)
+    # one draw goes through forward(): same gradient as the full computation (the selective mode's
+    # unpurified scans take the detector's logits, computed on a different batch: float rounding)
+    model.generator.manual_seed(9)
+    _, grad1 = PGD(model, eps=0.03, alpha=0.01, steps=1).value_and_gradient(x, y)
+    model.generator.manual_seed(9)
+    xr = x.clone().requires_grad_(True)
+    expected1, = torch.autograd.grad(_full_eot_objective(model, xr, y, 1).sum(), xr)
+    assert torch.allclose(grad1, expected1, atol=1e-6, rtol=1e-4)
+
+
+def test_decisions_build_no_autograd_graph_in_graded_mode(parts):
+    model = defended(parts, mode="graded")
+    x = parts["x"][:4].clone().requires_grad_(True)
+    scores, _, _ = model.decide(x)
+    out = model.details(x)
+    assert not scores.requires_grad and not out.scores.requires_grad and out.logits.requires_grad
+    # selective mode keeps the graph of the detector's logits: an unflagged scan's answer is them
+    quiet = defended(parts, mode="selective")
+    quiet.tau = float("inf")
+    assert quiet.details(x).logits.requires_grad
+
+
+# --------------------------------------------------------------------------- single-step training attacks
+def test_single_step_attacks_stay_in_their_budgets_hurt_and_take_one_gradient(parts):
+    from medfedpure.attacks import FGSMRS, NFGSM
+
+    x, y, model = parts["x"], parts["y"], parts["classifier"]
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        rs = FGSMRS(model, eps=0.06, seed=1)(x, y)
+        assert len(calls) == 1
+        nf = NFGSM(model, eps=0.06, seed=1)(x, y)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert (rs - x).abs().max() <= 0.06 + 1e-6 and rs.min() >= 0 and rs.max() <= 1
+    # N-FGSM: noise 2 eps, a step of eps, no projection: up to 3 eps, and past eps somewhere
+    assert (nf - x).abs().max() <= 0.18 + 1e-6 and (nf - x).abs().max() > 0.06 and nf.min() >= 0 and nf.max() <= 1
+    assert torch.equal(nf, NFGSM(model, eps=0.06, seed=1)(x, y))  # seeded: reproducible
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean()
+        for adv in (rs, nf):
+            assert (model(adv).argmax(1) == y).float().mean() < clean
+    assert torch.equal(NFGSM(model, eps=0.0, seed=1)(x, y), x)
+    with pytest.raises(ValueError, match="noise"):
+        NFGSM(model, eps=0.06, noise=-1.0)
+
+
+def test_training_attack_follows_the_config():
+    from medfedpure.attacks import FGSMRS, NFGSM, make_training_attack, training_attack_label
+    from medfedpure.config import ConfigError
+
+    cfg = load_preset("br35h-cpu")
+    cfg.data.root = "data/br35h"  # validation only names it
+    assert type(make_training_attack(None, cfg, 0)) is PGD and make_training_attack(None, cfg, 0).steps == 7
+    cfg.method.adv_attack = "n-fgsm"
+    a = make_training_attack(None, cfg, 0)
+    assert isinstance(a, NFGSM) and (a.eps, a.alpha, a.noise) == (0.015, 0.015, 0.03)
+    assert training_attack_label(cfg) == "N-FGSM linf eps=0.015 alpha=0.015 noise=0.03"
+    cfg.method.adv_attack, cfg.method.adv_eps, cfg.method.adv_alpha = "fgsm-rs", 0.02, 0.01
+    a = make_training_attack(None, cfg, 0)
+    assert isinstance(a, FGSMRS) and (a.eps, a.alpha) == (0.02, 0.01)
+    cfg.method.adv_norm = "l2"
+    with pytest.raises(ConfigError, match="method.adv_attack"):
+        cfg.validate()
+    cfg.method.adv_norm, cfg.method.adv_attack = None, "fgsm"
+    with pytest.raises(ConfigError, match="method.adv_attack"):
+        cfg.validate()

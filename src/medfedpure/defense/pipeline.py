@@ -14,9 +14,11 @@ With `votes = N > 1` every scan is purified N times with independent noise and t
 classifier's probabilities are averaged (a majority vote in probability), which lowers the
 variance a single draw leaves to chance at N times the purification cost.
 
-Nothing is computed twice: a detector that runs the classifier on the scans anyway (the
-disagreement score) hands those logits over, and a scan left unpurified takes them instead of
-a second classifier call (the answers are the same; tests check it).
+Nothing is computed twice or kept for nothing: a detector that runs the classifier on the scans
+anyway (the disagreement score) hands those logits over, and a scan left unpurified takes them
+instead of a second classifier call; scores that only feed the discrete flag / t* decisions
+are computed without an autograd graph, and an EOT attack's draws share one detector pass (the
+answers and gradients are the same as the full computation's; tests check it).
 """
 
 from __future__ import annotations
@@ -110,10 +112,15 @@ class DefendedClassifier(nn.Module):
 
     def decide(self, images: torch.Tensor, scores: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores (differentiable), flags and depths t* (discrete decisions taken from them)."""
+        """Scores, flags and depths t* (discrete decisions taken from the scores). Scores computed
+        here carry no autograd graph: no gradient flows through a discrete decision, so the graph
+        would be built and thrown away (an attack that differentiates the score, as the
+        detector-aware one does, calls the detector itself and may pass its `scores` in)."""
         if scores is None:
-            scores = (torch.zeros(images.shape[0], device=images.device) if self.defense.mode == "off"
-                      else self.detector(images))
+            scores = torch.zeros(images.shape[0], device=images.device) if self.defense.mode == "off" else None
+        if scores is None:
+            with torch.no_grad():
+                scores = self.detector(images)
         flags = self.flags_for(scores)
         return scores, flags, self.depths_for(scores, flags)
 
@@ -169,18 +176,24 @@ class DefendedClassifier(nn.Module):
     def scores_and_unflagged_logits(self, images: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The detector's scores and `unflagged_logits`; where an unflagged scan is answered on the
         scan itself (selective mode, one view), the detector's own logits on it, not computed again."""
-        scores, raw_logits = self._scores(images)
-        if scores is None:
-            scores = self.detector(images)
+        if self.defense.mode != "off" and self.reuse_detector_logits and hasattr(self.detector, "scores_and_logits"):
+            scores, raw_logits = self.detector.scores_and_logits(images)
+        else:
+            scores, raw_logits = self.detector(images), None
         if raw_logits is not None and not self.unflagged_stochastic and self.defense.votes == 1:
             return scores, raw_logits.unsqueeze(0)
         return scores, self.unflagged_logits(images, draws)
 
     def _scores(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(scores, the classifier's logits on the scans when the detector computed them anyway)."""
-        if self.defense.mode != "off" and self.reuse_detector_logits and hasattr(self.detector, "scores_and_logits"):
+        """(scores, the classifier's logits on the scans when the detector computed them anyway and a
+        scan left unpurified may take them). Only those logits keep an autograd graph: the scores feed
+        discrete decisions alone. Where every scan is purified (graded mode) nothing here does."""
+        if self.defense.mode == "off":
+            return None, None
+        if self.reuse_detector_logits and hasattr(self.detector, "scores_and_logits") and not self.unflagged_stochastic:
             return self.detector.scores_and_logits(images)
-        return None, None
+        with torch.no_grad():
+            return self.detector(images), None
 
     def _classify_reusing(self, views: list[torch.Tensor], t_star: torch.Tensor,
                           raw_logits: torch.Tensor | None) -> torch.Tensor:
