@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
 from medfedpure.evaluation.robustness import Tally, answer, run_suite
 from medfedpure.evaluation.runs import RunUnderTest, open_run
+from medfedpure.loop import channels_last
 from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
@@ -78,6 +79,8 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
         for i, (x, y, n_split) in scans.items():
             bar.set_postfix(client=i)
             model = r.model(i)
+            if cfg.attack.channels_last:
+                channels_last(model, *([r.diffusion] if r.defended else []))
             target = r.defended_model(i, model) if r.defended else model
             seed = task.client_seed(cfg, i, 30_000)
             results = run_suite(target, x.to(device), y.to(device), attacks, cfg.attack, seed,
