@@ -1,6 +1,7 @@
 """MedFedPure benchmarks: one command, one JSON.
 
     python benchmarks/run.py [--preset br35h-cpu] [--device cpu|cuda] [--out benchmarks/results.json] [--compile]
+                             [--only SECTION,...]
 
 Measures, on random [0,1] images at the preset's resolution (no dataset needed, except for the
 realistic Flower round, which reads Br35H from --br35h and is skipped without it): the defense
@@ -12,6 +13,13 @@ what one message with the experts costs); the MAE detector in selective mode (th
 configuration) for clean vs flagged scans and its ratio to the bare classifier; purification
 latency per sampler and step count; PGD cost; the deployment runtime against the simulation
 (wall-time ratio, bytes per round per hospital); and peak RSS. Untrained weights: speed does not depend on them.
+
+Where the research loop's time goes: `defended_gradient` (one gradient through the shipped defense, by
+stage, as the old `.backward()` and as an attack takes it, and per draw of an EOT step) and
+`experiment_breakdown` (the br35h-cpu experiment by phase and stage, each stage timed on one hospital
+and multiplied out; phase 3 with PGD-k and with N-FGSM adversarial training, the PGD evaluation every
+round and in the final round only). `--only` runs some sections and keeps the others' figures from
+--out; `measured` says when each section was measured.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import resource
 import sys
@@ -33,7 +42,7 @@ from medfedpure.config import ExperimentConfig, load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import moe_optimizer, train_local
-from medfedpure.storage import write_json
+from medfedpure.storage import read_json, write_json
 
 
 def _timed(fn, repeat: int = 3) -> float:
@@ -179,6 +188,206 @@ def bench_shipped_default(cfg, device: str, n: int = 64, compile_too: bool = Fal
     return out
 
 
+def _stopwatch():
+    """(add, totals): add(stage, seconds) sums a stage's time."""
+    totals: dict[str, float] = {}
+
+    def add(stage: str, seconds: float) -> None:
+        totals[stage] = totals.get(stage, 0.0) + seconds
+    return add, totals
+
+
+def _hospital(cfg, br35h: str | None):
+    """Hospital 0's loaders: its real split (Br35H where the scans are here, or the built-in synthetic
+    scans), else random scans of the br35h-cpu hospital's sizes (speed does not depend on the pixels;
+    the defended evaluation's flags do, a little)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    real = cfg.data.dataset == "synthetic" or (cfg.data.dataset == "br35h" and br35h is not None)
+    if real:
+        if cfg.data.dataset == "br35h":
+            cfg.data.root = br35h
+        train, test, _ = task.client_loaders(cfg, 0, 1)
+        return train, test, task.validation_loader(cfg, 0), f"{cfg.data.dataset}, hospital 0 ({cfg.data.root or 'built in'})"
+    n_train, n_test, n_val, size = 168, 48, 24, cfg.data.image_size  # br35h-cpu's split of 2400 scans
+
+    def scans(n: int, batch: int, shuffle: bool) -> DataLoader:
+        ds = TensorDataset(torch.rand(n, 3, size, size), torch.randint(0, 2, (n,)))
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+    return (scans(n_train, cfg.train.batch_size, True), scans(n_test, 64, False), scans(n_val, 64, False),
+            f"random scans ({n_train} train / {n_test} test / {n_val} validation, the br35h-cpu hospital's sizes)")
+
+
+def _phase3_epoch(cfg, model, diffusion, loader, server_round: int = 1) -> dict[str, float]:
+    """One local epoch of MedFedPure's phase 3 as `methods.medfedpure.train_local` runs it (its
+    `defended_training_batch`), with a stopwatch per stage: crafting the adversarial share through
+    the purifier, purifying, the experts' forward, backward and optimizer step."""
+    from medfedpure.attacks import make_training_attack
+    from medfedpure.defense.pipeline import RandomDepthPurified
+    from medfedpure.methods.medfedpure import defended_training_batch
+
+    add, totals = _stopwatch()
+    optimizer = moe_optimizer(model, cfg, cfg.train.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + server_round)
+    attack = make_training_attack(RandomDepthPurified(model, diffusion, cfg.defense, gen), cfg, 0)
+
+    def timed_attack(x, y):
+        t0 = time.perf_counter()
+        try:
+            return attack(x, y)
+        finally:
+            add("craft_adversarial_s", time.perf_counter() - t0)
+
+    model.train()
+    for x, y in loader:
+        t0 = time.perf_counter()
+        crafted = totals.get("craft_adversarial_s", 0.0)
+        if cfg.defense.purify_training:
+            x = defended_training_batch(x, y, diffusion, timed_attack, cfg.defense.adv_share, cfg, gen)
+        add("purify_s", time.perf_counter() - t0 - (totals.get("craft_adversarial_s", 0.0) - crafted))
+        t0 = time.perf_counter()
+        loss, _ = model.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        add("experts_step_s", time.perf_counter() - t0)
+    return totals
+
+
+def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = None) -> dict:
+    """Where the time of `medfedpure experiment --preset <preset> --methods medfedpure --no-suite
+    --no-transfer` goes, by phase and stage: every stage timed once on one hospital (one local
+    epoch of each phase, one per-round evaluation, one defended evaluation) and multiplied by how
+    often the preset runs it (epochs x rounds x hospitals). A projection, not a run of the
+    experiment: Flower's own overhead is added from the measured br35h-cpu round (`flower`) where
+    given. Phase 3 is projected for adversarial training with PGD-k (the preset's) and with one
+    N-FGSM step, and for the PGD evaluation every round and in the final round only."""
+    from medfedpure.defense.evaluation import evaluate_defense
+    from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), attack=dataclasses.replace(cfg.attack),
+                              method=dataclasses.replace(cfg.method), defense=dataclasses.replace(cfg.defense))
+    train, test, val, source = _hospital(cfg, br35h)
+    clients, rounds = cfg.data.num_clients, cfg.train.rounds
+    out: dict = {"scans": source, "hospitals": clients, "rounds": rounds}
+    models = {}
+    for name in ("diffusion", "mae"):  # phases 1-2: FedAvg of the whole model on clean scans
+        phase, settings = PHASES[name], PHASES[name].settings(cfg)
+        model = phase.build(cfg)
+        loader = train if source.startswith("random") else \
+            task.client_loaders(cfg, 0, 1, batch_size=settings.batch_size)[0]
+        t0 = time.perf_counter()
+        train_epochs(phase, model, loader, 1, settings.lr, cfg.device)
+        epoch = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eval_loss(phase, model, test, cfg.device)
+        ev = time.perf_counter() - t0
+        models[name] = model.eval()
+        n = settings.rounds * clients
+        out[f"phase_{name}"] = {"local_epoch_s": round(epoch, 2), "evaluation_s": round(ev, 2),
+                                "projected_s": round(n * (settings.local_epochs * epoch + ev), 1),
+                                "runs": f"{settings.rounds} rounds x {clients} hospitals x {settings.local_epochs} epochs"}
+    phase3: dict = {}
+    for label, attack_name in (("pgd", "pgd"), ("n-fgsm", "n-fgsm")):
+        cfg.method.adv_attack = attack_name
+        torch.manual_seed(0)
+        model = new_model(cfg, 2, 0)
+        stages = _phase3_epoch(cfg, model, models["diffusion"], train)
+        phase3[f"local_epoch_{label}"] = {k: round(v, 2) for k, v in stages.items()}
+    cfg.method.adv_attack = "pgd"
+    model.eval()
+    t0 = time.perf_counter()
+    task.test_local(model, test, cfg, 0, with_attack=False)
+    clean_eval = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    task.test_local(model, test, cfg, 0, with_attack=True)
+    attacked_eval = time.perf_counter() - t0
+    phase3["evaluation_clean_s"], phase3["evaluation_with_pgd_s"] = round(clean_eval, 2), round(attacked_eval, 2)
+    d = cfg.defense
+    t0 = time.perf_counter()
+    evaluate_defense(model, models["mae"], models["diffusion"], val, test, make_pgd(model, cfg.attack, 0), d,
+                     list(d.eval_detectors), list(d.eval_modes), 0)
+    phase3["defended_evaluation_s"] = round(time.perf_counter() - t0, 2)
+    phase3["defended_evaluation"] = f"{len(d.eval_detectors)} detectors x {len(d.eval_modes)} modes, paper protocol"
+    overhead = 0.0
+    if flower and "flower_simulation_s" in flower:
+        overhead = (flower["flower_simulation_s"] - flower["direct_s"]) / (clients * int(flower.get("rounds", 2)))
+        phase3["flower_overhead_from"] = flower["work"]
+        phase3["flower_overhead_s_per_hospital_round"] = round(overhead, 2)
+    n = rounds * clients
+    epochs = cfg.train.local_epochs
+    projected = {}
+    for label in ("pgd", "n-fgsm"):
+        stages = phase3[f"local_epoch_{label}"]
+        for every_round in (True, False):
+            evals = n * clean_eval + (n if every_round else clients) * (attacked_eval - clean_eval)
+            total = {**{k: round(n * epochs * v, 1) for k, v in stages.items()},
+                     "per_round_evaluation_s": round(evals, 1),
+                     "defended_evaluation_s": round(clients * phase3["defended_evaluation_s"], 1),
+                     "flower_overhead_s": round(n * overhead, 1)}
+            total["phase3_s"] = round(sum(total.values()), 1)
+            total["experiment_s"] = round(total["phase3_s"] + out["phase_diffusion"]["projected_s"]
+                                          + out["phase_mae"]["projected_s"], 1)
+            projected[f"adv_{label}, PGD evaluation {'every round' if every_round else 'final round only'}"] = total
+    out["phase3"] = phase3
+    out["projected"] = projected
+    return out
+
+
+def bench_defended_gradient(cfg, device: str, n: int = 32) -> dict:
+    """One gradient through the shipped defended classifier, by stage, per scan (batch `n`): the
+    detector's forward pass (no graph: it only decides flag and t*), purification forward and
+    backward, the classifier forward and backward; the whole as `shipped_default` times it
+    (`.backward()`, weight gradients included), as an attack takes it (the input's gradient
+    alone), and per draw of one EOT-4 step (the detector shared by the draws); default and
+    channels-last layouts."""
+    from medfedpure.attacks import PGD
+    from medfedpure.defense.evaluation import build_detector
+    from medfedpure.loop import channels_last
+
+    size = cfg.data.image_size
+    x = torch.rand(n, 3, size, size, device=device)
+    y = torch.randint(0, 2, (n,), device=device)
+    d = cfg.defense
+    out: dict = {"batch": n, "detector": d.detector, "mode": d.mode}
+    for layout in ("default", "channels_last"):
+        classifier = new_model(cfg, 2, 0).to(device).eval()
+        diffusion = build_diffusion(cfg).to(device).eval()
+        if layout == "channels_last":
+            channels_last(classifier, diffusion)
+        detector = build_detector(d.detector, build_mae(cfg).to(device).eval(), diffusion, classifier)
+        defended = DefendedClassifier(classifier, detector, diffusion, d, 0.5, torch.linspace(0, 1, 100)).eval()
+        with torch.no_grad():
+            _, _, t_star = defended.decide(x)
+
+        def through(fn):
+            xg = x.clone().requires_grad_(True)
+            torch.autograd.grad(fn(xg).sum(), xg)
+            _sync(device)
+
+        def full_backward():
+            xg = x.clone().requires_grad_(True)
+            torch.nn.functional.cross_entropy(defended(xg), y).backward()
+            _sync(device)
+
+        def per_scan(fn, repeat=3):
+            return round(1e3 * _timed(fn, repeat) / n, 2)
+
+        with torch.no_grad():
+            row = {"detector_forward_ms": per_scan(lambda: (detector(x), _sync(device))),
+                   "purify_forward_ms": per_scan(lambda: (defended.purify(x, t_star), _sync(device))),
+                   "classifier_forward_ms": per_scan(lambda: (classifier(x), _sync(device)))}
+        row["purify_forward_backward_ms"] = per_scan(lambda: through(lambda v: defended.purify(v, t_star)))
+        row["classifier_forward_backward_ms"] = per_scan(lambda: through(classifier))
+        row["defended_gradient_ms_per_scan"] = per_scan(full_backward)
+        row["attack_gradient_ms_per_scan"] = per_scan(
+            lambda: through(lambda v: torch.nn.functional.cross_entropy(defended(v), y, reduction="none")))
+        eot = PGD(defended, eps=cfg.attack.eps, alpha=cfg.attack.alpha, steps=1, eot=4)
+        row["eot4_step_ms_per_scan_and_draw"] = round(per_scan(lambda: eot.value_and_gradient(x, y)) / 4, 2)
+        out[layout] = row
+    return out
+
+
 def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds: int = 2) -> dict:
     """The same local work (every client's training and clean test, `rounds` rounds, no defense and
     no attack) as a Flower simulation and as plain calls in one process. `demo`: the tiny built-in
@@ -215,6 +424,7 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
     return {"work": f"{preset} preset, {cfg.data.num_clients} clients x {rounds} rounds, "
                     f"K={cfg.model.num_experts} x {cfg.model.backbone} @ {cfg.data.image_size}px, "
                     "no defense, no attack",
+            "clients": cfg.data.num_clients, "rounds": rounds,
             "direct_s": round(plain, 2), "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
 
@@ -268,37 +478,82 @@ def bench_deployment() -> dict:
             "per_round": rounds}
 
 
+SECTION_KEYS = ("training", "inference", "shipped_default", "defended_gradient", "message_cost", "flower_overhead",
+                "flower_overhead_br35h_cpu", "deployment", "experiment_breakdown")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+SECTIONS = ("training", "inference", "shipped_default", "defended_gradient", "flower", "deployment", "breakdown")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="br35h-cpu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results.json")
+    parser.add_argument("--only", default="",
+                        help="comma-separated sections to run (" + ", ".join(SECTIONS) + "); the others keep "
+                             "their figures from --out, each section saying when it was measured")
     parser.add_argument("--skip-flower", action="store_true", help="leave out the Flower overhead runs")
     parser.add_argument("--compile", action="store_true",
                         help="also time the shipped defense with torch.compile (about a minute of compiling)")
     parser.add_argument("--br35h", default="../shared/data/br35h",
-                        help="Br35H folder (yes/ no/) for the realistic Flower-overhead round (skipped if absent)")
+                        help="Br35H folder (yes/ no/) for the realistic Flower-overhead round and the experiment "
+                             "breakdown (random scans of the same sizes without it)")
     parser.add_argument("--skip-deployment", action="store_true",
                         help="leave out the deployment-runtime run (SuperLink + SuperNodes on 127.0.0.1)")
     args = parser.parse_args(argv)
+    only = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = [t for t in only if t not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    run = set(only or SECTIONS) - ({"flower"} if args.skip_flower else set()) \
+        - ({"deployment"} if args.skip_deployment else set())
     cfg = load_preset(args.preset)
     cfg.device = args.device
     torch.manual_seed(0)
-    result = {"preset": args.preset, "device": args.device, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0],
-              "training": bench_training(cfg, args.device), "inference": bench_inference(cfg, args.device),
-              "shipped_default": bench_shipped_default(cfg, args.device, compile_too=args.compile)}
-    if not args.skip_flower:
-        result["message_cost"] = bench_message_cost(cfg)
-        result["flower_overhead"] = bench_flower_overhead()
-        if args.preset == "br35h-cpu" and Path(args.br35h).is_dir():
-            result["flower_overhead_br35h_cpu"] = bench_flower_overhead("br35h-cpu", args.br35h)
-        else:
-            result["flower_overhead_br35h_cpu"] = {"skipped": f"no Br35H scans at {args.br35h} (--br35h DIR)"}
-    if not args.skip_deployment:
-        result["deployment"] = bench_deployment()
+    out_path = Path(args.out)
+    result = read_json(out_path) if only and out_path.is_file() else {}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    result.update({"preset": args.preset, "device": args.device, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]})
+    measured = result.setdefault("measured", {})
+    for key in SECTION_KEYS:  # figures kept from a run that did not date its sections
+        if key in result and key not in measured:
+            measured[key] = "an earlier run (undated, perhaps another machine)"
+    result["cpu"] = _cpu_name()
+    br35h = args.br35h if Path(args.br35h).is_dir() else None
+
+    def section(name: str, key: str, fn) -> None:
+        if name in run:
+            result[key] = fn()
+            measured[key] = stamp
+
+    section("training", "training", lambda: bench_training(cfg, args.device))
+    section("inference", "inference", lambda: bench_inference(cfg, args.device))
+    section("shipped_default", "shipped_default", lambda: bench_shipped_default(cfg, args.device,
+                                                                                compile_too=args.compile))
+    section("defended_gradient", "defended_gradient", lambda: bench_defended_gradient(cfg, args.device))
+    section("flower", "message_cost", lambda: bench_message_cost(cfg))
+    section("flower", "flower_overhead", bench_flower_overhead)
+    if args.preset == "br35h-cpu" and br35h:
+        section("flower", "flower_overhead_br35h_cpu", lambda: bench_flower_overhead("br35h-cpu", br35h))
+    else:
+        section("flower", "flower_overhead_br35h_cpu", lambda: {"skipped": f"no Br35H scans at {args.br35h} (--br35h DIR)"})
+    section("deployment", "deployment", bench_deployment)
+    section("breakdown", "experiment_breakdown",
+            lambda: bench_experiment_breakdown(cfg, br35h, result.get("flower_overhead_br35h_cpu")))
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    write_json(Path(args.out), result)
+    write_json(out_path, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -23,3 +23,17 @@ def test_benchmark_command_writes_its_json(tmp_path):
     assert shipped["detector"] == "disagreement" and shipped["mode"] == "selective"  # the demo's
     for layout in ("default", "channels_last"):
         assert shipped[layout]["clean"]["over_bare"] > 1 and shipped[layout]["defended_gradient_ms_per_scan"] > 0
+        stages = result["defended_gradient"][layout]
+        assert 0 < stages["detector_forward_ms"] and 0 < stages["attack_gradient_ms_per_scan"]
+    breakdown = result["experiment_breakdown"]
+    assert breakdown["scans"].startswith("synthetic") and breakdown["phase_diffusion"]["projected_s"] > 0
+    projected = breakdown["projected"]
+    assert len(projected) == 4 and all(p["experiment_s"] > p["phase3_s"] > 0 for p in projected.values())
+    assert set(result["measured"]) >= {"training", "inference", "shipped_default", "defended_gradient",
+                                       "experiment_breakdown"}
+    # --only runs the named sections and keeps the others' figures
+    done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--only", "training", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads(out.read_text())
+    assert again["inference"] == inference and again["measured"]["training"] >= result["measured"]["training"]
