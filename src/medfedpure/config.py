@@ -86,7 +86,7 @@ class AttackConfig:
     draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
     batch_size: int = 16  # scans attacked together by the suite (larger on a GPU)
     # the suite runs the classifier and the U-Net in channels-last layout, as `serve` does: faster
-    # convolutions on CPU (a defended gradient 1.6x), the same answers up to float rounding
+    # convolutions on CPU (benchmarks/results.json, defended_gradient), the same answers up to float rounding
     channels_last: bool = True
     # what `experiment` runs on every method's own test splits after training (empty: nothing)
     # (`name:loss` runs a gradient attack with that loss instead of attack.loss: the margin loss is

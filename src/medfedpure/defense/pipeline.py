@@ -116,9 +116,9 @@ class DefendedClassifier(nn.Module):
         here carry no autograd graph: no gradient flows through a discrete decision, so the graph
         would be built and thrown away (an attack that differentiates the score, as the
         detector-aware one does, calls the detector itself and may pass its `scores` in)."""
-        if scores is None:
-            scores = torch.zeros(images.shape[0], device=images.device) if self.defense.mode == "off" else None
-        if scores is None:
+        if scores is None and self.defense.mode == "off":
+            scores = torch.zeros(images.shape[0], device=images.device)
+        elif scores is None:
             with torch.no_grad():
                 scores = self.detector(images)
         flags = self.flags_for(scores)
