@@ -52,6 +52,9 @@ def test_validation_names_the_field():
     cfg.attack.suite = ["eot-pgd", 3]
     with pytest.raises(ConfigError, match="attack.suite"):
         cfg.validate()
+    for width in ("model.width=12", "model.width=32"):  # not a multiple of 8; the demo's backbone is small_cnn
+        with pytest.raises(ConfigError, match="model.width"):
+            apply_overrides(load_preset("demo"), [width]).validate()
     cfg = apply_overrides(load_preset("demo"), ["attack.suite=[eot-pgd, eot-pgd:margin, orthogonal:margin]"])
     assert cfg.attack.suite == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
     cfg.validate()

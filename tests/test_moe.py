@@ -71,6 +71,25 @@ def test_backbones(name, dim):
     assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, dim)
 
 
+def test_narrow_resnet18_has_the_same_layout_at_a_fraction_of_the_weights():
+    full, _ = build_backbone("resnet18")
+    narrow, dim = build_backbone("resnet18", width=32)
+    assert dim == 256 and narrow.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 256)
+    assert [n for n, _ in narrow.named_children()][:4] == ["conv1", "bn1", "act1", "maxpool"]
+    assert [len(getattr(narrow, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]  # ResNet-18's blocks
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert 0.2 < count(narrow) / count(full) < 0.3
+    grouped, _ = build_backbone("resnet18", width=32, norm="group", small_input_stem=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.modules())
+    assert grouped.conv1.stride == (1, 1) and grouped.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 256)
+    with pytest.raises(ValueError, match="width"):
+        build_backbone("resnet18", pretrained_weights="imagenet", width=32)
+    with pytest.raises(ValueError, match="width"):
+        build_backbone("mobilenet_v2", width=32)
+    model = PersonalizedMoE(2, ModelConfig(backbone="resnet18", num_experts=2, width=32))
+    assert all(e.backbone.layer4[-1].conv2.out_channels == 256 for e in model.experts)
+
+
 @pytest.mark.parametrize("name, last_block, side", [("resnet18", "layer4", 4), ("mobilenet_v2", "features", 2)])
 def test_small_input_stem_keeps_resolution(name, last_block, side):
     sizes = {}

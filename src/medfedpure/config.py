@@ -52,6 +52,7 @@ class ModelConfig:
     pretrained_weights: str | None = None  # local torchvision state-dict file, or "imagenet"
     small_input_stem: bool = False  # stride-1 stem for 32-px images (CIFAR-style), see backbones.py
     norm: str = "batch"  # batch | group (GroupNorm: no running statistics to average, see backbones.py)
+    width: int = 64  # resnet18's first-stage channels (64: torchvision's, the paper's; narrower: docs/results.md)
     beta: float = 1e-4  # L2 on attention nets (Eq. 9)
     gamma: float = 1e-2  # gate-entropy weight (Eq. 9)
 
@@ -282,6 +283,11 @@ class ExperimentConfig:
             (self.model.backbone in {"resnet18", "mobilenet_v2", "small_cnn"}, "model.backbone",
              "one of resnet18, mobilenet_v2, small_cnn"),
             (self.model.num_experts >= 1, "model.num_experts", ">= 1"),
+            (self.model.width >= 8 and self.model.width % 8 == 0, "model.width", "a multiple of 8, >= 8"),
+            (self.model.width == 64 or self.model.backbone == "resnet18", "model.width",
+             "64 unless model.backbone is resnet18"),
+            (self.model.width == 64 or not self.model.pretrained_weights, "model.width",
+             "64 with model.pretrained_weights (the pretrained networks are full width)"),
             (self.train.rounds >= 1, "train.rounds", ">= 1"),
             (self.train.local_epochs >= 1, "train.local_epochs", ">= 1"),
             (self.train.batch_size >= 1, "train.batch_size", ">= 1"),

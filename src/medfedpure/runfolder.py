@@ -69,7 +69,8 @@ ADVERSARIAL_TRAINING = ("adv_attack", "adv_noise", "adv_norm", "adv_eps", "adv_a
 # fields added after run folders existed, and their defaults: left out of the fingerprint at the default
 _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
                  ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None,
-                 ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None}
+                 ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None,
+                 ("model", "width"): 64}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:

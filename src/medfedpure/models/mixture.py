@@ -27,7 +27,8 @@ class LearnerMixture(nn.Module):
         self.normalize = Normalize()
         experts = []
         for _ in range(learners):
-            backbone, dim = build_backbone(cfg.backbone, cfg.pretrained_weights, cfg.small_input_stem, cfg.norm)
+            backbone, dim = build_backbone(cfg.backbone, cfg.pretrained_weights, cfg.small_input_stem, cfg.norm,
+                                           cfg.width)
             experts.append(Expert(backbone, dim, num_classes, cfg.head_hidden))
         self.experts = nn.ModuleList(experts)
         # log pi, uniform at the start (FedEM's initial learners_weights)

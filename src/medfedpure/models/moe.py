@@ -58,7 +58,8 @@ class PersonalizedMoE(nn.Module):
         self.normalize = Normalize()
         experts, attention = [], []
         for _ in range(cfg.num_experts):
-            backbone, dim = build_backbone(cfg.backbone, cfg.pretrained_weights, cfg.small_input_stem, cfg.norm)
+            backbone, dim = build_backbone(cfg.backbone, cfg.pretrained_weights, cfg.small_input_stem, cfg.norm,
+                                           cfg.width)
             experts.append(Expert(backbone, dim, num_classes, cfg.head_hidden))
             attention.append(nn.Sequential(nn.Linear(dim, cfg.attention_hidden), nn.ReLU(inplace=True),
                                            nn.Linear(cfg.attention_hidden, 1)))
