@@ -13,7 +13,7 @@ from medfedpure.config import AttackConfig, DefenseConfig, load_preset
 from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
-from medfedpure.evaluation.robustness import Tally, answer, run_suite
+from medfedpure.evaluation.robustness import Tally, answer, mcnemar, run_suite, scan_ids
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
 
@@ -246,6 +246,20 @@ def test_first_majority_and_worst_of_n():
     assert r["n"] == 8 and r["first"] == 0.75 and r["worst"] == 0.25
     assert r["first_ci"][0] < 0.75 < r["first_ci"][1]
     assert Tally().rates()["first"] is None  # a rate over nothing is not 0%
+    assert Tally.verdicts(correct) == {"first": "1101", "majority": "1101", "worst": "1000"}
+
+
+def test_mcnemar_exact_test_on_paired_outcomes():
+    r = mcnemar("000000" + "1111", "111111" + "1111")  # 6 discordant scans, all won by b
+    assert (r["only_a"], r["only_b"], r["n"]) == (0, 6, 10)
+    assert r["p_value"] == pytest.approx(2 * 0.5 ** 6)  # exact two-sided binomial tail
+    assert mcnemar("1010", "1010")["p_value"] == 1.0  # no discordant pair: no evidence either way
+    assert mcnemar("10" * 10, "01" * 10)["p_value"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same scans"):
+        mcnemar("101", "10")
+    x = torch.rand(3, 3, 8, 8)
+    assert scan_ids(x) == scan_ids(x.clone()) and len(set(scan_ids(x))) == 3
+    assert scan_ids(x)[0] != scan_ids(x + 1e-3)[0]
 
 
 def test_run_suite_scores_every_attack_on_the_same_scans(parts):
@@ -256,6 +270,7 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
     assert list(results) == ["clean", *SUITE]
     for name, r in results.items():
         assert r["tally"].n == 8 and r["draws"] == 3
+        assert len(r["outcomes"]["first"]) == 8 and r["outcomes"]["first"].count("1") == r["tally"].first
         assert 0 <= r["flagged"] <= 1 and r["linf"] <= 0.03 + 1e-6
     assert results["eot-pgd"]["settings"]["eot"] == 2 and results["square"]["settings"]["queries"] == 5
     again = run_suite(defended(parts), x, y, ["eot-pgd"], cfg, seed=0)

@@ -141,6 +141,15 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert [r["name"] for r in table["rows"]] == ["graded", "selective votes 3", "the suite above"]
     assert table["rows"][1]["defense"]["votes"] == 3 and table["rows"][1]["robust_n"] == 6
     assert table["rows"][2]["robust"] == suite["suite"]["eot-pgd"]["first"]
+    # paired with the first candidate on the same scans (McNemar): counts that agree with the accuracies
+    assert "paired" not in table["rows"][0]
+    for row in table["rows"][1:]:
+        p = row["paired"]
+        assert p["against"] == "graded" and p["attack"] == row["strongest"] and p["n"] == 6
+        assert p["b_correct"] - p["a_correct"] == p["only_b"] - p["only_a"] and 0 <= p["p_value"] <= 1
+        assert p["b_correct"] == round(row["per_attack"][p["attack"]] * 6)
+    assert len(suite["scans"]["id"]) == 6 and len(suite["suite"]["eot-pgd"]["outcomes"]["worst"]) == 6
+    assert "McNemar" in (frontier / "candidates.md").read_text()
     assert (frontier / "candidates.png").is_file() and not (frontier / "the-suite-above").exists()
     stamp = (frontier / "graded" / "evaluation.json").stat().st_mtime_ns
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0

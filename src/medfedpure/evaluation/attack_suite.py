@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
-from medfedpure.evaluation.robustness import Tally, answer, run_suite
+from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, run_suite, scan_ids
 from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
 from medfedpure.methods import task
@@ -89,7 +89,7 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
                 xs, ys = zip(*r.loaders[i])
                 correct = answer(target, torch.cat(xs).to(device), torch.cat(ys).to(device), cfg.attack.draws)
                 results["clean (whole split)"] = {"tally": Tally.from_draws(correct.cpu())}
-            per_client.append({"client": i, "results": results})
+            per_client.append({"client": i, "results": results, "scan_ids": scan_ids(x)})
     finally:
         bar.close()
     result = _summarize(r, attacks, per_client, max_per_client)
@@ -135,6 +135,9 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             knows = f"= {first['same_as']} (no defense to know)"
         pooled[name] = {**mean, "settings": first.get("settings"), "draws": first.get("draws"), "max_linf": linf,
                         "knows_the_defense": knows}
+        if "outcomes" in first:  # per scan, in the order of `scans` below
+            pooled[name]["outcomes"] = {v: "".join(c["results"][name]["outcomes"][v] for c in per_client)
+                                        for v in VERDICTS}
     adaptive = [a for a in attacks if base_attack(a) in ADAPTIVE] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
     d = cfg.defense
@@ -144,6 +147,8 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                          "t_min": d.t_min, "t_max": d.t_max, "sampler": d.sampler, "sampler_steps": d.sampler_steps,
                          "votes": d.votes} if r.defended else None),
             "attack_config": asdict(cfg.attack), "attacks": attacks, "suite": pooled,
+            "scans": {"client": [c["client"] for c in per_client for _ in c["scan_ids"]],
+                      "id": [s for c in per_client for s in c["scan_ids"]]},
             "headline": {"attack": worst, "first": pooled[worst]["first"], "first_ci": pooled[worst]["first_ci"],
                          "n": pooled[worst]["n"], "settings": pooled[worst]["settings"]},
             "rows": rows}

@@ -11,10 +11,12 @@ every rate carries its 95% Clopper-Pearson interval.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
 from medfedpure.attacks import base_attack, build_attack
@@ -41,6 +43,14 @@ class Tally:
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    @staticmethod
+    def verdicts(correct: torch.Tensor) -> dict[str, str]:
+        """Per scan, each verdict as a string of '1' (correct) and '0' (wrong), in scan order: the
+        per-scan outcomes a paired test of two defenses on the same scans needs."""
+        votes = correct.float().mean(dim=0)
+        rows = {"first": correct[0], "majority": votes > 0.5, "worst": correct.all(dim=0)}
+        return {k: "".join("1" if bool(v) else "0" for v in row) for k, row in rows.items()}
 
     def rates(self) -> dict:
         """Accuracy and interval per verdict; None where nothing was counted."""
@@ -79,6 +89,26 @@ def latency_ms(model: nn.Module, x: torch.Tensor, batch: int = 64) -> float:
     for i in range(0, len(x), batch):
         model(x[i:i + batch])
     return 1e3 * (time.perf_counter() - t0) / max(len(x), 1)
+
+
+def scan_ids(x: torch.Tensor) -> list[str]:
+    """A short content hash per scan (its float32 pixels), so a paired test can check that two
+    evaluations attacked the very same scans, in the same order."""
+    flat = x.detach().float().cpu().contiguous().reshape(len(x), -1).numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:12] for row in flat]
+
+
+def mcnemar(a: str, b: str) -> dict:
+    """McNemar's exact test on two defenses' per-scan outcomes ('1' correct, '0' wrong) on the same
+    scans: the two-sided binomial test of the discordant pairs (Fagerland et al., 2013)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired test needs outcomes on the same scans (got {len(a)} and {len(b)})")
+    only_a = sum(1 for u, v in zip(a, b) if u == "1" and v == "0")
+    only_b = sum(1 for u, v in zip(a, b) if u == "0" and v == "1")
+    discordant = only_a + only_b
+    p = float(binomtest(only_a, discordant, 0.5).pvalue) if discordant else 1.0
+    return {"n": len(a), "a_correct": a.count("1"), "b_correct": b.count("1"), "only_a": only_a,
+            "only_b": only_b, "p_value": p}
 
 
 def reseed(model: nn.Module, seed: int) -> None:
@@ -134,7 +164,8 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
         correct = answer(model, x_adv, y, cfg.draws).cpu()
         with torch.no_grad():
             bare_correct = int((torch.cat([bare(x_adv[i:i + 64]) for i in range(0, len(x), 64)]).argmax(1) == y).sum())
-        results[name] = {"tally": Tally.from_draws(correct), "draws": int(correct.shape[0]),
+        results[name] = {"tally": Tally.from_draws(correct), "outcomes": Tally.verdicts(correct),
+                         "draws": int(correct.shape[0]),
                          "flagged": flagged(model, x_adv), "bare_correct": bare_correct, "settings": described,
                          "seconds_per_scan": seconds / max(len(x), 1), "latency_ms": latency,
                          "linf": float((x_adv - x).abs().max()) if len(x) else 0.0}

@@ -20,6 +20,7 @@ import yaml
 from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
 from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, suite_done, suite_request
+from medfedpure.evaluation.robustness import mcnemar
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, read_json, write_json
 
@@ -69,10 +70,11 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
             _reuse(c, spec)
         elif not (Path(c["run"]) / "config.json").is_file():
             raise FileNotFoundError(f"candidate '{c['name']}': run folder '{c['run']}' has no config.json")
-    rows = []
+    rows, evaluations = [], []
     for c in spec["candidates"]:
         if "from" in c:
-            rows.append(_row(c, _reuse(c, spec)))
+            evaluations.append(_reuse(c, spec))
+            rows.append(_row(c, evaluations[-1]))
             continue
         folder = out / slug(c["name"])
         overrides = [*spec.get("overrides", []), *c.get("overrides", [])]
@@ -82,7 +84,10 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
                 print(f"candidate {c['name']}: {c['run']} {' '.join(overrides)}", flush=True)
             evaluate_suite(c["run"], None, spec["attacks"], overrides=overrides, out=folder,
                            max_per_client=spec.get("max_per_client"), progress=progress)
-        rows.append(_row(c, read_json(folder / "evaluation.json")))
+        evaluations.append(read_json(folder / "evaluation.json"))
+        rows.append(_row(c, evaluations[-1]))
+    for row, ev in zip(rows[1:], evaluations[1:]):
+        row["paired"] = paired_test(evaluations[0], ev, row["strongest"], rows[0]["name"])
     result = {"spec": str(spec_path), "attacks": spec["attacks"], "max_per_client": spec.get("max_per_client"),
               "overrides": spec.get("overrides", []), "rows": rows}
     write_json(out / "candidates.json", result)
@@ -114,6 +119,28 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     return ev
 
 
+def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> dict:
+    """McNemar's exact test of evaluation `b` against `a` under `attack` (`verdict` answers), on
+    the same scans; the reason instead where the two cannot be paired."""
+    out = {"against": against, "attack": attack, "verdict": verdict}
+    outcomes = [ev["suite"].get(attack, {}).get("outcomes") for ev in (a, b)]
+    if not all(outcomes):
+        return {**out, "unavailable": "no per-scan outcomes under that attack (an evaluation made before they were "
+                                      "kept: run it again)"}
+    if a.get("scans", {}).get("id") != b.get("scans", {}).get("id"):
+        return {**out, "unavailable": "not the same scans"}
+    return {**out, **mcnemar(outcomes[0][verdict], outcomes[1][verdict])}
+
+
+def _paired_cell(row: dict) -> str:
+    p = row.get("paired")
+    if p is None:
+        return "(reference)"
+    if "unavailable" in p:
+        return "n/a"
+    return f"{p['only_b']} vs {p['only_a']}, p = {p['p_value']:.3g}"
+
+
 def _row(candidate: dict, ev: dict) -> dict:
     suite = ev["suite"]
     clean = suite.get("clean (whole split)", suite["clean"])
@@ -139,16 +166,21 @@ def candidates_markdown(result: dict) -> str:
              "first-draw accuracy over these attacks (95% Clopper-Pearson interval); clean = first draw on "
              "every scan of the test splits.", "",
              "| candidate | clean % [CI] | robust % [CI] | strongest attack | majority | worst of N | "
-             + " | ".join(attacks) + " | ms / scan |",
-             "|---|---|---|---|---|---|" + "---|" * len(attacks) + "---|"]
+             + " | ".join(attacks) + " | ms / scan | paired with the first |",
+             "|---|---|---|---|---|---|" + "---|" * len(attacks) + "---|---|"]
     for r in result["rows"]:
         latency = "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
         lines.append(f"| {r['name']} | {pct(r['clean'])} [{pct(r['clean_ci'][0])}, {pct(r['clean_ci'][1])}] | "
                      f"{pct(r['robust'])} [{pct(r['robust_ci'][0])}, {pct(r['robust_ci'][1])}] | "
                      f"{r['strongest']} ({r['budget']}) | {pct(r['robust_majority'])} | {pct(r['robust_worst'])} | "
                      + " | ".join(pct(r["per_attack"].get(a)) for a in attacks)
-                     + f" | {latency} |")
-    lines += ["", "Candidates:", ""]
+                     + f" | {latency} | {_paired_cell(r)} |")
+    missing = [f"{r['name']}: {r['paired']['unavailable']}" for r in result["rows"]
+               if "unavailable" in r.get("paired", {})]
+    lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
+              "this candidate answers correctly (first draw) vs those only the first one does, and McNemar's exact "
+              "p; a candidate beats the first when it is more accurate with p < 0.05."
+              + (f" n/a: {'; '.join(missing)}." if missing else ""), "", "Candidates:", ""]
     lines += [f"- **{r['name']}**: `{r['run']}` {' '.join(r['overrides'])}" + (f" ({r['note']})" if r["note"] else "")
               for r in result["rows"]]
     return "\n".join(lines) + "\n"
