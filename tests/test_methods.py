@@ -320,3 +320,38 @@ def test_experiment_compares_methods_and_resumes(tmp_path):
     again = run_experiment(cfg, tmp_path, progress=False, methods=["fedavg", "local"])
     assert summary.stat().st_mtime_ns == stamp  # nothing retrained
     assert again["rows"] == tables["rows"]
+
+
+@pytest.mark.parametrize("name", ["medfedpure", "fat"])
+def test_a_round_trains_in_channels_last_and_leaves_the_default_layout(name):
+    """train.channels_last changes the layout, not the recipe: a training step's loss and gradients
+    agree with the default layout's to float rounding (over a round, training amplifies rounding, so
+    whole rounds are not compared); the round runs in that layout and the model leaves contiguous
+    (it is shared and saved)."""
+    from medfedpure.loop import channels_last
+    from medfedpure.methods import LocalRound, method_of, new_model
+
+    cfg = load_preset("demo")
+    cfg.method.name, cfg.data.num_clients, cfg.defense.purify_training = name, 2, False
+    cfg.model.backbone, cfg.model.width = "resnet18", 8  # ResNet-18's layout at demo size
+    cfg.train.local_epochs = 1
+    for layout in (False, True):
+        cfg.train.channels_last = layout
+        model = new_model(cfg, 2, 0)
+        seen = []
+        conv = model.experts[0].backbone.conv1
+        conv.register_forward_pre_hook(lambda m, _: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+        method_of(cfg).train_round(model, LocalRound(cfg, 0, 1))
+        assert seen and all(s == layout for s in seen)
+        assert all(t.is_contiguous() for t in model.state_dict().values())
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    models = [new_model(cfg, 2, 0) for _ in range(2)]
+    channels_last(models[1])
+    losses = []
+    for m in models:
+        loss = m.train().loss(x, y)[0] if name == "medfedpure" else torch.nn.functional.cross_entropy(m.train()(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (key, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-5), key

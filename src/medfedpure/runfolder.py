@@ -79,6 +79,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
     changes nothing, so it is left out; its method settings are in)."""
     raw = cfg.to_dict()
     raw["data"].pop("cache_dir", None)
+    raw["train"].pop("channels_last", None)  # a layout, not the weights' recipe
     raw.pop("federation", None)
     raw.pop("name", None)
     method = raw.pop("method", {})

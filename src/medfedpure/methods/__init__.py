@@ -20,6 +20,7 @@ from torch import nn
 
 from medfedpure.attacks import training_attack_label
 from medfedpure.config import METHOD_NAMES, ExperimentConfig
+from medfedpure.loop import channels_last
 from medfedpure.methods import baselines, task
 from medfedpure.methods.medfedpure import train_local
 from medfedpure.models import LearnerMixture, build_model
@@ -81,7 +82,18 @@ class Method:
         return config_fingerprint(cfg, phase, self.defended)
 
     def train_round(self, model: nn.Module, job: LocalRound) -> tuple[dict[str, float], int]:
-        """One local round on the client's training split: (metrics, number of training scans)."""
+        """One local round on the client's training split: (metrics, number of training scans), with
+        the networks in channels-last layout while they train (`train.channels_last`); the model
+        leaves in the default layout, so what it shares and saves is contiguous."""
+        if not job.cfg.train.channels_last:
+            return self._train_round(model, job)
+        channels_last(model, *([job.purifier] if job.purifier is not None else []))
+        try:
+            return self._train_round(model, job)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
+
+    def _train_round(self, model: nn.Module, job: LocalRound) -> tuple[dict[str, float], int]:
         cfg, client, rnd = job.cfg, job.client, job.server_round
         if self.defended:
             loader = task.client_loaders(cfg, client, rnd)[0]
