@@ -1,7 +1,7 @@
 """MedFedPure benchmarks: one command, one JSON.
 
     python benchmarks/run.py [--preset br35h-cpu] [--device cpu|cuda] [--out benchmarks/results.json] [--compile]
-                             [--only SECTION,...]
+                             [--only SECTION,...] [section.field=value ...]
 
 Measures, on random [0,1] images at the preset's resolution (no dataset needed, except for the
 realistic Flower round, which reads Br35H from --br35h and is skipped without it): the defense
@@ -19,7 +19,9 @@ stage, as the old `.backward()` and as an attack takes it, and per draw of an EO
 `experiment_breakdown` (the br35h-cpu experiment by phase and stage, each stage timed on one hospital
 and multiplied out; phase 3 with PGD-k and with N-FGSM adversarial training, the PGD evaluation every
 round and in the final round only). `--only` runs some sections and keeps the others' figures from
---out; `measured` says when each section was measured.
+--out; `measured` says when each section was measured. Overrides (`model.width=32`, as the CLI takes them)
+change the preset for the sections that use it (not the Flower and deployment runs, which build their own):
+a candidate configuration is measured into another --out, and results.json keeps the shipped default's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from medfedpure.attacks import make_pgd
-from medfedpure.config import ExperimentConfig, load_preset
+from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import moe_optimizer, train_local
@@ -221,11 +223,18 @@ def _hospital(cfg, br35h: str | None):
 def _phase3_epoch(cfg, model, diffusion, loader, server_round: int = 1) -> dict[str, float]:
     """One local epoch of MedFedPure's phase 3 as `methods.medfedpure.train_local` runs it (its
     `defended_training_batch`), with a stopwatch per stage: crafting the adversarial share through
-    the purifier, purifying, the experts' forward, backward and optimizer step."""
+    the purifier, purifying, the experts' forward, backward and optimizer step; in channels-last
+    layout where the preset trains that way (`train.channels_last`), the model left in the default one."""
+    import copy
+
     from medfedpure.attacks import make_training_attack
     from medfedpure.defense.pipeline import RandomDepthPurified
+    from medfedpure.loop import channels_last
     from medfedpure.methods.medfedpure import defended_training_batch
 
+    if cfg.train.channels_last:
+        diffusion = copy.deepcopy(diffusion)
+        channels_last(model, diffusion)
     add, totals = _stopwatch()
     optimizer = moe_optimizer(model, cfg, cfg.train.lr)
     gen = torch.Generator().manual_seed(cfg.seed + server_round)
@@ -251,6 +260,7 @@ def _phase3_epoch(cfg, model, diffusion, loader, server_round: int = 1) -> dict[
         loss.backward()
         optimizer.step()
         add("experts_step_s", time.perf_counter() - t0)
+    model.to(memory_format=torch.contiguous_format)
     return totals
 
 
@@ -389,8 +399,9 @@ def bench_defended_gradient(cfg, device: str, n: int = 32) -> dict:
 
 
 def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds: int = 2) -> dict:
-    """The same local work (every client's training and clean test, `rounds` rounds, no defense and
-    no attack) as a Flower simulation and as plain calls in one process. `demo`: the tiny built-in
+    """The same local work (every client's training and test, `rounds` rounds, no defense; the PGD
+    test in the last round only, as the simulation runs it) as a Flower simulation and as plain calls
+    in one process: the difference is Flower's (and Ray's start-up, about 15 s, spread over the rounds). `demo`: the tiny built-in
     run; `br35h-cpu` with `data`: a realistic round (10 hospitals, K=3 ResNet-18 at 64 px)."""
     from medfedpure.workflows.training import run_federated
 
@@ -411,7 +422,8 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
                 model.load_experts(experts)
                 train, test, _ = task.client_loaders(cfg, client, rnd)
                 train_local(model, train, cfg, rnd)
-                task.test_local(model, test, cfg, 0, with_attack=False)
+                # as the simulation does: clean every round, PGD too in the last one (attack.eval_every_round off)
+                task.test_local(model, test, cfg, 0, with_attack=rnd == cfg.train.rounds)
 
     task.data_and_splits(cfg)  # data made (or decoded and cached) once for both
     t0 = time.perf_counter()
@@ -423,7 +435,7 @@ def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds:
         flower = time.perf_counter() - t0
     return {"work": f"{preset} preset, {cfg.data.num_clients} clients x {rounds} rounds, "
                     f"K={cfg.model.num_experts} x {cfg.model.backbone} @ {cfg.data.image_size}px, "
-                    "no defense, no attack",
+                    "no defense, PGD test in the last round",
             "clients": cfg.data.num_clients, "rounds": rounds,
             "direct_s": round(plain, 2), "flower_simulation_s": round(flower, 2), "ratio": round(flower / plain, 2)}
 
@@ -511,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                              "breakdown (random scans of the same sizes without it)")
     parser.add_argument("--skip-deployment", action="store_true",
                         help="leave out the deployment-runtime run (SuperLink + SuperNodes on 127.0.0.1)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value changes to --preset (a candidate)")
     args = parser.parse_args(argv)
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = [t for t in only if t not in SECTIONS]
@@ -518,13 +531,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     run = set(only or SECTIONS) - ({"flower"} if args.skip_flower else set()) \
         - ({"deployment"} if args.skip_deployment else set())
-    cfg = load_preset(args.preset)
+    try:
+        cfg = apply_overrides(load_preset(args.preset), args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
     cfg.device = args.device
     torch.manual_seed(0)
     out_path = Path(args.out)
     result = read_json(out_path) if only and out_path.is_file() else {}
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    result.update({"preset": args.preset, "device": args.device, "torch": torch.__version__,
+    if result and (result.get("preset"), result.get("overrides", [])) != (args.preset, list(args.overrides)):
+        parser.error(f"{out_path} holds figures of --preset {result.get('preset')} {result.get('overrides', [])}: "
+                     "measure another configuration into another --out")
+    result.update({"preset": args.preset, "overrides": list(args.overrides), "device": args.device,
+                   "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]})
     measured = result.setdefault("measured", {})
     for key in SECTION_KEYS:  # figures kept from a run that did not date its sections

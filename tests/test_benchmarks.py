@@ -37,3 +37,13 @@ def test_benchmark_command_writes_its_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     again = json.loads(out.read_text())
     assert again["inference"] == inference and again["measured"]["training"] >= result["measured"]["training"]
+    # a candidate configuration (overrides) is measured, and never mixed into another configuration's file
+    done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--only", "training", "--out", str(out),
+                           "train.batch_size=8"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "another --out" in done.stderr
+    candidate = tmp_path / "candidate.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--only", "training", "--out",
+                           str(candidate), "train.batch_size=8"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(candidate.read_text())["overrides"] == ["train.batch_size=8"]
+    assert json.loads(out.read_text()) == again  # untouched
