@@ -398,6 +398,26 @@ def bench_defended_gradient(cfg, device: str, n: int = 32) -> dict:
     return out
 
 
+def bench_training_layout(cfg, br35h: str | None, repeats: int = 2) -> dict:
+    """One local epoch of phase 3 (the preset's adversarial training through the purifier, N-FGSM) on
+    hospital 0's split, in the default and in channels-last layout (`train.channels_last`), alternated
+    `repeats` times so that drift on the machine falls on both."""
+    from medfedpure.defense.trainer import PHASES
+
+    train = _hospital(cfg, br35h)[0]
+    diffusion = PHASES["diffusion"].build(cfg).eval()
+    out: dict = {"work": "one phase-3 epoch, hospital 0, N-FGSM", "default_s": [], "channels_last_s": []}
+    for _ in range(repeats):
+        for layout in (False, True):
+            run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=layout),
+                                      method=dataclasses.replace(cfg.method, adv_attack="n-fgsm"))
+            torch.manual_seed(0)
+            stages = _phase3_epoch(run, new_model(run, 2, 0), diffusion, train)
+            out["channels_last_s" if layout else "default_s"].append(round(sum(stages.values()), 2))
+    out["ratio"] = round(sum(out["channels_last_s"]) / sum(out["default_s"]), 3)
+    return out
+
+
 def bench_flower_overhead(preset: str = "demo", data: str | None = None, rounds: int = 2) -> dict:
     """The same local work (every client's training and test, `rounds` rounds, no defense; the PGD
     test in the last round only, as the simulation runs it) as a Flower simulation and as plain calls
@@ -491,7 +511,7 @@ def bench_deployment() -> dict:
 
 
 SECTION_KEYS = ("training", "inference", "shipped_default", "defended_gradient", "message_cost", "flower_overhead",
-                "flower_overhead_br35h_cpu", "deployment", "experiment_breakdown")
+                "flower_overhead_br35h_cpu", "deployment", "experiment_breakdown", "training_layout")
 
 
 def _cpu_name() -> str:
@@ -504,7 +524,8 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-SECTIONS = ("training", "inference", "shipped_default", "defended_gradient", "flower", "deployment", "breakdown")
+SECTIONS = ("training", "inference", "shipped_default", "defended_gradient", "flower", "deployment", "breakdown",
+            "training_layout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     section("deployment", "deployment", bench_deployment)
     section("breakdown", "experiment_breakdown",
             lambda: bench_experiment_breakdown(cfg, br35h, result.get("flower_overhead_br35h_cpu")))
+    section("training_layout", "training_layout", lambda: bench_training_layout(cfg, br35h))
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_json(out_path, result)
     print(json.dumps(result, indent=2))

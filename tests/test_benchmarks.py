@@ -29,8 +29,10 @@ def test_benchmark_command_writes_its_json(tmp_path):
     assert breakdown["scans"].startswith("synthetic") and breakdown["phase_diffusion"]["projected_s"] > 0
     projected = breakdown["projected"]
     assert len(projected) == 4 and all(p["experiment_s"] > p["phase3_s"] > 0 for p in projected.values())
+    layout = result["training_layout"]
+    assert len(layout["default_s"]) == len(layout["channels_last_s"]) == 2 and layout["ratio"] > 0
     assert set(result["measured"]) >= {"training", "inference", "shipped_default", "defended_gradient",
-                                       "experiment_breakdown"}
+                                       "experiment_breakdown", "training_layout"}
     # --only runs the named sections and keeps the others' figures
     done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--only", "training", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)

@@ -68,7 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # a round's networks in channels-last layout (the experts, and the purifier behind the training attack):
-    # about 10% off phase 3's step on 2 CPU cores; float rounding, not bit-exact; not part of a run's fingerprint
+    # 0.915x phase 3's epoch here (benchmarks: training_layout); float rounding, not bit-exact; not part of a run's fingerprint
     channels_last: bool = True
 
 
