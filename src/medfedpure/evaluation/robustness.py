@@ -35,11 +35,15 @@ class Tally:
     majority: int = 0
     worst: int = 0
 
+    @staticmethod
+    def per_scan(correct: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each verdict per scan, from `correct`: (draws, n) booleans, one row per answer of the model."""
+        return {"first": correct[0], "majority": correct.float().mean(dim=0) > 0.5, "worst": correct.all(dim=0)}
+
     @classmethod
     def from_draws(cls, correct: torch.Tensor) -> "Tally":
-        """`correct`: (draws, n) booleans, one row per answer of the model."""
-        votes = correct.float().mean(dim=0)
-        return cls(correct.shape[1], int(correct[0].sum()), int((votes > 0.5).sum()), int(correct.all(dim=0).sum()))
+        rows = cls.per_scan(correct)
+        return cls(correct.shape[1], *(int(rows[v].sum()) for v in VERDICTS))
 
     def __add__(self, other: "Tally") -> "Tally":
         return Tally(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
@@ -48,9 +52,7 @@ class Tally:
     def verdicts(correct: torch.Tensor) -> dict[str, str]:
         """Per scan, each verdict as a string of '1' (correct) and '0' (wrong), in scan order: the
         per-scan outcomes a paired test of two defenses on the same scans needs."""
-        votes = correct.float().mean(dim=0)
-        rows = {"first": correct[0], "majority": votes > 0.5, "worst": correct.all(dim=0)}
-        return {k: "".join("1" if bool(v) else "0" for v in row) for k, row in rows.items()}
+        return {k: "".join("1" if bool(v) else "0" for v in row) for k, row in Tally.per_scan(correct).items()}
 
     def rates(self) -> dict:
         """Accuracy and interval per verdict; None where nothing was counted."""
