@@ -13,7 +13,8 @@ from medfedpure.config import AttackConfig, DefenseConfig, load_preset
 from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
-from medfedpure.evaluation.robustness import Tally, answer, mcnemar, run_suite, scan_ids
+from medfedpure.config import parse_attack_name, valid_attack_name
+from medfedpure.evaluation.robustness import Tally, answer, fixed_noise, mcnemar, run_suite, scan_ids
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
 
@@ -269,7 +270,7 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
     results = run_suite(model, x, y, list(SUITE), cfg, seed=0)
     assert list(results) == ["clean", *SUITE]
     for name, r in results.items():
-        assert r["tally"].n == 8 and r["draws"] == 3
+        assert r["tally"].n == 8 and r["draws"] == (1 if name == "fixed-noise" else 3)
         assert len(r["outcomes"]["first"]) == 8 and r["outcomes"]["first"].count("1") == r["tally"].first
         assert 0 <= r["flagged"] <= 1 and r["linf"] <= 0.03 + 1e-6
     assert results["eot-pgd"]["settings"]["eot"] == 2 and results["square"]["settings"]["queries"] == 5
@@ -288,6 +289,50 @@ def test_parse_attacks():
     for bad in ("eot-pgd:dlr", "square:ce", "cw:margin"):
         with pytest.raises(ValueError, match="unknown attack"):
             parse_attacks(bad)
+
+
+def test_an_attack_may_name_its_own_budget():
+    assert parse_attack_name("eot-pgd:margin@200x20") == ("eot-pgd", "margin", (200, 20))
+    assert parse_attack_name("bpda@5X2") == ("bpda", None, (5, 2)) and parse_attack_name("square")[2] is None
+    for bad in ("eot-pgd@200", "eot-pgd@0x4", "eot-pgd@x", "eot-pgd@2x-1", "square@10x2", "pgd@5x1", 3):
+        assert not valid_attack_name(bad), bad
+    assert parse_attacks("eot-pgd@200x20,eot-pgd,square") == ["eot-pgd", "eot-pgd@200x20", "square"]
+    cfg = AttackConfig(adaptive_steps=50, eot=4)
+    attack = build_attack("eot-pgd:margin@7x3", nn.Linear(2, 2), cfg, 0)
+    assert (attack.steps, attack.loss) == (7, "margin") and cfg.adaptive_steps == 50
+    with pytest.raises(ValueError, match="unknown attack"):
+        build_attack("eot-pgd@0x1", nn.Linear(2, 2), cfg, 0)
+
+
+def test_fixed_noise_is_the_same_draw_for_attacker_and_defender(parts):
+    model = defended(parts, votes=2)
+    x, y = parts["x"][:6], parts["y"][:6]
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # fresh noise on every call
+        with fixed_noise(model, 5):
+            once = model(x)
+            assert torch.equal(once, model(x))
+            assert all(torch.equal(once, z) for z in model.sample_logits(x, 3))  # what an attack's draws see
+            assert torch.equal(model.unflagged_logits(x, 2)[0], model.unflagged_logits(x, 2)[1])
+        with fixed_noise(model, 6):
+            assert not torch.equal(once, model(x))  # another seed, another draw
+    assert model.noise_seed is None
+    cfg = AttackConfig(eps=0.03, alpha=0.01, adaptive_steps=3, eot=4, draws=4)
+    results = run_suite(model, x, y, ["eot-pgd", "fixed-noise"], cfg, seed=0, batch=4)
+    fixed = results["fixed-noise"]
+    assert fixed["draws"] == 1 and fixed["settings"]["eot"] == 1 and fixed["linf"] <= 0.03 + 1e-6
+    assert fixed["tally"].first == fixed["tally"].worst  # one answer per scan
+    # the defender's answer is the draw the attacker optimized against: rerunning it under that noise agrees
+    attack = build_attack("fixed-noise", model, cfg, 1_000 * 2)
+    for start in (0, 4):
+        xb, yb = x[start:start + 4], y[start:start + 4]
+        with fixed_noise(model, 1_000 * 2 + 1 + start):
+            adv = attack(xb, yb)
+            seen = model(adv).argmax(1) == yb
+        assert fixed["outcomes"]["first"][start:start + 4] == "".join("1" if v else "0" for v in seen)
+    # on an undefended model it is eot-pgd itself, not run twice
+    bare = run_suite(parts["classifier"], x, y, ["eot-pgd", "fixed-noise"], cfg, seed=0)
+    assert bare["fixed-noise"]["same_as"] == "eot-pgd"
 
 
 def test_a_named_loss_overrides_the_configured_one_for_that_attack_alone(parts):

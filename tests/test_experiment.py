@@ -116,8 +116,9 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     printed = capsys.readouterr().out
     suite_dir = tmp_path / "evaluations" / "own-test-suite"
     suite = json.loads((suite_dir / "evaluation.json").read_text())
-    assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "bpda", "detector-aware",
-                                    "orthogonal", "square"]
+    assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "fixed-noise", "bpda",
+                                    "detector-aware", "orthogonal", "square"]
+    assert suite["suite"]["fixed-noise"]["draws"] == 1 and suite["suite"]["fixed-noise"]["settings"]["eot"] == 1
     assert all(p["n"] == 6 for name, p in suite["suite"].items() if name != "clean (whole split)")
     assert suite["suite"]["clean (whole split)"]["n"] == sum(c["n_test"] for c in final.values())
     assert suite["suite"]["eot-pgd"]["settings"]["steps"] == 2 and suite["suite"]["eot-pgd"]["draws"] == 3
@@ -125,6 +126,18 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert (suite_dir / "robustness.png").is_file() and "Headline" in printed
     assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+    # the convergence check: the same attack at a stronger budget on the same scans, compared in the report
+    checked = tmp_path / "evaluations" / "convergence"
+    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
+                 "--max-per-client", "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2",
+                 "attack.eot=2", "attack.draws=2"]) == 0
+    conv = json.loads((checked / "evaluation.json").read_text())
+    assert conv["suite"]["eot-pgd@3x3"]["settings"]["steps"] == 3 and conv["suite"]["eot-pgd@3x3"]["settings"]["eot"] == 3
+    (c,) = conv["convergence"]
+    assert (c["attack"], c["stronger"]) == ("eot-pgd", "eot-pgd@3x3")
+    assert c["lower_beyond_interval"] == (c["stronger_first"] < c["first_ci"][0])
+    assert conv["headline"]["first"] == min(conv["suite"][a]["first"] for a in ("eot-pgd", "eot-pgd@3x3"))
+    assert "Convergence: eot-pgd@3x3" in (checked / "evaluation.md").read_text()
 
     # defense candidates under the same attacks on the same scans; a rerun redoes nothing; the suite
     # above stands in for a candidate because it ran the same attack on the same scans with the same budget

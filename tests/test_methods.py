@@ -310,14 +310,22 @@ def test_experiment_compares_methods_and_resumes(tmp_path):
     cfg.data.synthetic_per_class = 60
     cfg.train.rounds = 1
     cfg.attack.max_eval_per_client = 8
-    tables = run_experiment(cfg, tmp_path, progress=False, methods=["fedavg", "local"])
+    tables = run_experiment(cfg, tmp_path, progress=False, methods=["fat", "local"])
     rows = {r["method"]: r for r in tables["rows"]}
-    assert set(rows) == {"FedAvg", "Local"} and all(r["clean"] is not None for r in rows.values())
-    assert {r["method"] for r in tables["transfer"]} == {"FedAvg", "Local"}
+    assert set(rows) == {"FAT", "Local"} and all(r["clean"] is not None for r in rows.values())
+    assert {r["method"] for r in tables["transfer"]} == {"FAT", "Local"}
     assert (tmp_path / "methods.png").is_file() and (tmp_path / "tables.md").is_file()
+    # every other method's suite is paired with FAT's on the same scans (McNemar), in the tables
+    suites = {m["method"]: m for m in tables["suites"]}
+    p = suites["Local"]["paired"]
+    assert "paired" not in suites["FAT"] and p["against"] == "FAT" and p["attack"] == suites["Local"]["headline"]["attack"]
+    outcomes = suites["Local"]["suite"][p["attack"]]["outcomes"]["first"]
+    assert p["n"] == len(outcomes) == suites["Local"]["scans"] and p["b_correct"] == outcomes.count("1")
+    assert p["beats"] == (p["b_correct"] > p["a_correct"] and p["p_value"] < 0.05)
+    assert "Paired with FAT" in (tmp_path / "tables.md").read_text()
     summary = tmp_path / "baselines" / "local" / "summary.json"
     stamp = summary.stat().st_mtime_ns
-    again = run_experiment(cfg, tmp_path, progress=False, methods=["fedavg", "local"])
+    again = run_experiment(cfg, tmp_path, progress=False, methods=["fat", "local"])
     assert summary.stat().st_mtime_ns == stamp  # nothing retrained
     assert again["rows"] == tables["rows"]
 

@@ -309,9 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="each client's own test split from the run (e.g. a stronger attack: attack.steps=50)")
     p.add_argument("--attack", metavar="NAME[,NAME]",
                    help="run the attack suite instead of the paper-protocol evaluation: pgd (paper protocol), "
-                        "eot-pgd, bpda, detector-aware, orthogonal, square, 'adaptive' (the last five) or 'all'; "
-                        "a gradient attack may name its loss (eot-pgd:margin; otherwise attack.loss); "
-                        "budget from attack.adaptive_steps, attack.eot, attack.square_queries, attack.draws")
+                        "eot-pgd, fixed-noise (the purifier's noise fixed, attacker and defender alike), bpda, "
+                        "detector-aware, orthogonal, square, 'adaptive' (eot-pgd, bpda, detector-aware, orthogonal, "
+                        "square) or 'all'; a gradient attack may name its loss (eot-pgd:margin; otherwise "
+                        "attack.loss) and its budget, steps x EOT draws (eot-pgd:margin@200x20: the convergence "
+                        "check); budget from attack.adaptive_steps, attack.eot, attack.square_queries, attack.draws")
     p.add_argument("--max-per-client", type=int, metavar="N",
                    help="attack at most N scans per client, spread evenly over its split (default: all)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")

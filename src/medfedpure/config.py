@@ -87,7 +87,8 @@ class AttackConfig:
     loss: str = "ce"  # ce | margin: the loss of a suite attack that does not name its own
     detector_weight: float = 1.0  # detector-aware: weight of max(0, score / tau - 0.8)
     square_queries: int = 500  # Square: queries per scan (each one a defended forward pass, ~45 ms on 2 CPU cores)
-    draws: int = 5  # a stochastic defense answers each attacked scan this many times (majority, worst of N)
+    draws: int = 10  # a stochastic defense answers each attacked scan this many times (majority, worst of N:
+    # DiffHammer, NeurIPS 2024, scores worst of 10 resubmissions)
     batch_size: int = 16  # scans attacked together by the suite (larger on a GPU)
     # the suite runs the classifier and the U-Net in channels-last layout, as `serve` does: faster
     # convolutions on CPU (benchmarks/results.json, defended_gradient), the same answers up to float rounding
@@ -173,23 +174,40 @@ class DefenseConfig:
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
 
 
-SUITE_NAMES = ("pgd", "eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # medfedpure.attacks.SUITE
+SUITE_NAMES = ("pgd", "eot-pgd", "fixed-noise", "bpda", "detector-aware", "orthogonal",
+               "square")  # medfedpure.attacks.SUITE
 ATTACK_LOSSES = ("ce", "margin")
+BUDGETED = ("eot-pgd", "fixed-noise", "bpda", "detector-aware", "orthogonal")  # take `@STEPSxDRAWS`
+
+
+def parse_attack_name(name: str) -> tuple[str, str | None, tuple[int, int] | None]:
+    """'eot-pgd:margin@200x20' -> ('eot-pgd', 'margin', (200, 20)): a suite entry may name the loss its
+    gradient attack maximizes (overriding `attack.loss`) and its own budget, steps x EOT draws
+    (overriding `attack.adaptive_steps` and `attack.eot`), for that entry alone. A budget that is not
+    two positive integers parses as (0, 0), which `valid_attack_name` refuses."""
+    head, at, budget = name.strip().partition("@")
+    base, _, loss = head.partition(":")
+    parsed = None
+    if at:
+        steps, x, draws = budget.strip().lower().partition("x")
+        parsed = (int(steps), int(draws)) if x and steps.isdigit() and draws.isdigit() else (0, 0)
+    return base.strip(), loss.strip() or None, parsed
 
 
 def split_attack_name(name: str) -> tuple[str, str | None]:
-    """'eot-pgd:margin' -> ('eot-pgd', 'margin'); 'eot-pgd' -> ('eot-pgd', None): a suite entry may
-    name the loss its gradient attack maximizes, overriding `attack.loss` for that entry alone."""
-    base, _, loss = name.strip().partition(":")
-    return base.strip(), loss.strip() or None
+    """'eot-pgd:margin' -> ('eot-pgd', 'margin'); 'eot-pgd' -> ('eot-pgd', None) (a budget is dropped)."""
+    base, loss, _ = parse_attack_name(name)
+    return base, loss
 
 
 def valid_attack_name(name: str) -> bool:
-    """A suite name, with an optional ':ce' / ':margin' on a gradient attack (not on square)."""
+    """A suite name, with an optional ':ce' / ':margin' on a gradient attack (not on square) and an
+    optional '@STEPSxDRAWS' on an attack that knows the defense's gradient."""
     if not isinstance(name, str):
         return False
-    base, loss = split_attack_name(name)
-    return base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
+    base, loss, budget = parse_attack_name(name)
+    return (base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
+            and (budget is None or (base in BUDGETED and min(budget) >= 1)))
 
 
 ADV_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")  # adversarial training's attacks (attacks.make_training_attack)
@@ -311,7 +329,8 @@ class ExperimentConfig:
             (self.attack.draws >= 1, "attack.draws", ">= 1"),
             (self.attack.batch_size >= 1, "attack.batch_size", ">= 1"),
             (all(valid_attack_name(a) for a in self.attack.suite), "attack.suite",
-             "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss: eot-pgd:margin)"),
+             "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss and budget: "
+             "eot-pgd:margin@200x20)"),
             (self.attack.suite_max_per_client is None or self.attack.suite_max_per_client >= 1,
              "attack.suite_max_per_client", ">= 1 or null (every scan)"),
             (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),

@@ -6,6 +6,9 @@ bare or defended (a `DefendedClassifier`):
 - `pgd`: PGD crafted on the classifier alone, then met by the defense (the paper's protocol);
 - `eot-pgd`: PGD with exact gradients through the whole defended classifier, the loss averaged
   over `eot` fresh purification draws per step, each scan keeping its best iterate;
+- `fixed-noise`: the same with the purification noise fixed, one draw known to the attacker and
+  reused by the defender's answer (the fixed-randomness setting, Liu et al., ICLR 2025): not a
+  threat a defense that draws fresh noise faces, so reported beside the headline, not in it;
 - `bpda`: the same with purification treated as the identity on the backward pass;
 - `detector-aware`: EOT-PGD plus a term that keeps the detector's score under its threshold;
 - `orthogonal`: orthogonal PGD (Bryniarski et al., 2022): steps that fool the answer an unflagged
@@ -13,8 +16,10 @@ bare or defended (a `DefendedClassifier`):
 - `square`: gradient-free random search (l_inf), the check for masked gradients.
 Adversarial training crafts its examples with `make_training_attack`: PGD-k, or a single-step
 attack (`fgsm-rs`, `n-fgsm`, attacks.fgsm) at about 1/k of its cost (`method.adv_attack`).
-On an undefended model the first five are all white-box PGD. A gradient attack's name may carry
-the loss it maximizes, `eot-pgd:margin`, overriding `attack.loss` for that entry.
+On an undefended model the first six are all white-box PGD. A gradient attack's name may carry
+the loss it maximizes, `eot-pgd:margin`, overriding `attack.loss` for that entry, and an attack
+that knows the defense its budget, `eot-pgd:margin@200x20` (steps x EOT draws), overriding
+`attack.adaptive_steps` and `attack.eot` (the convergence check of a headline).
 """
 
 from dataclasses import replace
@@ -26,10 +31,11 @@ from medfedpure.attacks.fgsm import FGSMRS, NFGSM
 from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
 from medfedpure.attacks.square import Square
-from medfedpure.config import SUITE_NAMES, split_attack_name, valid_attack_name
+from medfedpure.config import SUITE_NAMES, parse_attack_name, split_attack_name, valid_attack_name
 
 SUITE = SUITE_NAMES
 ADAPTIVE = ("eot-pgd", "bpda", "detector-aware", "orthogonal", "square")  # the attacks that know the defense
+# (fixed-noise knows it too, and its noise: a diagnostic, not in the headline)
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -41,9 +47,10 @@ def parse_attacks(text: str) -> list[str]:
     unknown = [n for n in names if not valid_attack_name(n)]
     if unknown or not names:
         raise ValueError(f"unknown attack(s) {unknown or [text]}; choose from {', '.join(SUITE)}, 'adaptive' or "
-                         "'all' (a gradient attack may name its loss: eot-pgd:margin)")
+                         "'all' (a gradient attack may name its loss and budget: eot-pgd:margin@200x20)")
     unique = list(dict.fromkeys(names))
-    return sorted(unique, key=lambda n: (SUITE.index(base_attack(n)), split_attack_name(n)[1] or ""))
+    return sorted(unique, key=lambda n: (SUITE.index(base_attack(n)), split_attack_name(n)[1] or "",
+                                         parse_attack_name(n)[2] or (0, 0)))
 
 
 def base_attack(name: str) -> str:
@@ -87,10 +94,16 @@ def pgd_label(cfg) -> str:
 
 def build_attack(name: str, model, cfg, seed: int) -> Attack:
     """Suite attack `name` against `model` with the budget of `cfg` (an AttackConfig); a name with a
-    loss (`eot-pgd:margin`) uses that loss instead of `cfg.loss`."""
-    name, loss = split_attack_name(name)
+    loss (`eot-pgd:margin`) uses that loss instead of `cfg.loss`, one with a budget
+    (`eot-pgd@200x20`) those steps and EOT draws instead of `cfg.adaptive_steps` and `cfg.eot`."""
+    if not valid_attack_name(name):
+        raise ValueError(f"unknown attack '{name}'; choose from {', '.join(SUITE)} (a gradient attack may name its "
+                         "loss and budget: eot-pgd:margin@200x20)")
+    name, loss, budget = parse_attack_name(name)
     if loss is not None:
         cfg = replace(cfg, loss=loss)
+    if budget is not None:
+        cfg = replace(cfg, adaptive_steps=budget[0], eot=budget[1])
     defended = hasattr(model, "purify_draws")
     eot = cfg.eot if getattr(model, "stochastic", False) else 1  # a deterministic model needs one pass
     common = {"eps": cfg.eps, "alpha": cfg.alpha, "norm": cfg.norm, "random_start": cfg.random_start,
@@ -100,6 +113,8 @@ def build_attack(name: str, model, cfg, seed: int) -> Attack:
     adaptive = {"steps": cfg.adaptive_steps, "eot": eot, "keep_best": True, **common}
     if name == "eot-pgd":
         return _named(PGD(model, **adaptive), "eot-pgd")
+    if name == "fixed-noise":  # one draw: the noise is the same on every call (evaluation.robustness.fixed_noise)
+        return _named(PGD(model, **{**adaptive, "eot": 1}), "fixed-noise")
     if name == "bpda":
         return BPDA(model, **adaptive)
     if name == "detector-aware":

@@ -78,7 +78,17 @@ class DefendedClassifier(nn.Module):
         self.defense, self.tau = defense, tau
         self.register_buffer("calibration_scores", calibration_scores.detach().flatten().float(), persistent=False)
         self.generator: torch.Generator | None = None  # set for reproducible purification noise
+        # set (`fixed_noise`): every call draws the very same purification noise, the generator
+        # reseeded with it first: the fixed-randomness setting (Liu et al., ICLR 2025)
+        self.noise_seed: int | None = None
         self.reuse_detector_logits = True  # False: a second classifier call instead (benchmarks/run.py)
+
+    def _fresh_call(self) -> None:
+        """Where a call starts drawing noise: with `noise_seed` set, the same noise as every other call."""
+        if self.noise_seed is not None:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.manual_seed(self.noise_seed)
 
     def flags_for(self, scores: torch.Tensor) -> torch.Tensor:
         d = self.defense
@@ -146,8 +156,12 @@ class DefendedClassifier(nn.Module):
 
     def purify_draws(self, images: torch.Tensor, draws: int, scores: torch.Tensor | None = None
                      ) -> list[list[torch.Tensor]]:
-        """`draws` independent defended inputs, each a list of `votes` purified views."""
+        """`draws` independent defended inputs, each a list of `votes` purified views (with the noise
+        fixed, `draws` copies of the same one)."""
         _, _, t_star = self.decide(images, scores)
+        if self.noise_seed is not None:
+            self._fresh_call()
+            return [[self.purify(images, t_star) for _ in range(self.defense.votes)]] * draws
         return [[self.purify(images, t_star) for _ in range(self.defense.votes)] for _ in range(draws)]
 
     def sample_logits(self, images: torch.Tensor, draws: int, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,6 +184,10 @@ class DefendedClassifier(nn.Module):
         classifier on the scans themselves, or on their purification at t_min in graded mode);
         what an attack that evades the detector has to fool."""
         t_star = self.unflagged_depths(images.shape[0], images.device)
+        if self.noise_seed is not None:  # the same noise on every draw
+            self._fresh_call()
+            return self.classify([self.purify(images, t_star) for _ in range(self.defense.votes)]).expand(
+                draws, -1, -1)
         return torch.stack([self.classify([self.purify(images, t_star) for _ in range(self.defense.votes)])
                             for _ in range(draws)])
 
@@ -210,6 +228,7 @@ class DefendedClassifier(nn.Module):
 
     def details(self, images: torch.Tensor) -> DefenseOutput:
         t0 = time.perf_counter()
+        self._fresh_call()
         scores, raw_logits = self._scores(images)
         scores, flags, t_star = self.decide(images, scores)
         t1 = time.perf_counter()

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
-from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, run_suite, scan_ids
+from medfedpure.config import parse_attack_name
+from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, mcnemar, run_suite, scan_ids
 from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
 from medfedpure.methods import task
@@ -25,7 +26,8 @@ from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
-KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes", "bpda": "yes",
+KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes",
+                     "fixed-noise": "yes, and its noise (not in the headline)", "bpda": "yes",
                      "detector-aware": "yes", "orthogonal": "yes", "square": "yes (queries)"}
 
 
@@ -140,6 +142,15 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                                         for v in VERDICTS}
     adaptive = [a for a in attacks if base_attack(a) in ADAPTIVE] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
+    convergence = []  # each attack run at its own budget beside the same attack at the suite's
+    for name in attacks:
+        base, loss, budget = parse_attack_name(name)
+        usual = base + (f":{loss}" if loss else "")
+        if budget is not None and usual in pooled:
+            weak, strong = pooled[usual], pooled[name]
+            convergence.append({"attack": usual, "stronger": name, "first": weak["first"], "first_ci": weak["first_ci"],
+                                "stronger_first": strong["first"], "stronger_first_ci": strong["first_ci"],
+                                "lower_beyond_interval": strong["first"] < weak["first_ci"][0]})
     d = cfg.defense
     return {"run": str(r.run), "data": r.data_label, "clients": [c["client"] for c in per_client],
             "max_per_client": cap, "defended": r.defended,
@@ -149,9 +160,24 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             "attack_config": asdict(cfg.attack), "attacks": attacks, "suite": pooled,
             "scans": {"client": [c["client"] for c in per_client for _ in c["scan_ids"]],
                       "id": [s for c in per_client for s in c["scan_ids"]]},
+            "convergence": convergence,
             "headline": {"attack": worst, "first": pooled[worst]["first"], "first_ci": pooled[worst]["first_ci"],
                          "n": pooled[worst]["n"], "settings": pooled[worst]["settings"]},
             "rows": rows}
+
+
+def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> dict:
+    """McNemar's exact test of evaluation `b` against `a` under `attack` (`verdict` answers), on
+    the same scans; the reason instead where the two cannot be paired."""
+    out = {"against": against, "attack": attack, "verdict": verdict}
+    outcomes = [ev["suite"].get(attack, {}).get("outcomes") for ev in (a, b)]
+    if not all(outcomes):
+        return {**out, "unavailable": "no per-scan outcomes under that attack (an evaluation made before they were "
+                                      "kept: run it again)"}
+    if a.get("scans", {}).get("id") != b.get("scans", {}).get("id"):
+        return {**out, "unavailable": "not the same scans"}
+    test = mcnemar(outcomes[0][verdict], outcomes[1][verdict])
+    return {**out, **test, "beats": test["b_correct"] > test["a_correct"] and test["p_value"] < 0.05}
 
 
 def budget_label(settings: dict | None) -> str:
@@ -194,7 +220,13 @@ def suite_markdown(result: dict) -> str:
     lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {_pct(h['first'])}% "
                   f"[{_pct(h['first_ci'][0])}, {_pct(h['first_ci'][1])}] under {h['attack']} "
                   f"({budget_label(h['settings'])}), {h['n']} scans.**", ""]
+    for c in result.get("convergence", []):
+        verdict = ("lower beyond the interval: the headline takes the stronger budget" if c["lower_beyond_interval"]
+                   else "within the interval: the suite's budget has converged")
+        lines += [f"Convergence: {c['stronger']} {_pct(c['stronger_first'])}% against {c['attack']} "
+                  f"{_pct(c['first'])}% [{_pct(c['first_ci'][0])}, {_pct(c['first_ci'][1])}] on the same scans: "
+                  f"{verdict}.", ""]
     return "\n".join(lines)
 
 
-__all__ = ["SUITE", "evaluate_suite", "suite_markdown"]
+__all__ = ["SUITE", "evaluate_suite", "paired_test", "suite_markdown"]

@@ -7,12 +7,16 @@ purification noise. Per scan that gives three verdicts:
 - worst of N: correct on every draw (an attacker who may resubmit N times, DiffHammer).
 A deterministic model answers once, and the three agree. Counts are pooled over clients and
 every rate carries its 95% Clopper-Pearson interval.
+
+`fixed-noise` scores the fixed-randomness setting (Liu et al., ICLR 2025): each batch of scans
+gets one purification noise, known to the attacker and used again by the defender's one answer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +24,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from medfedpure.attacks import base_attack, build_attack
-from medfedpure.config import split_attack_name
+from medfedpure.config import parse_attack_name
 from medfedpure.metrics import clopper_pearson
 
 VERDICTS = ("first", "majority", "worst")
@@ -120,18 +124,47 @@ def reseed(model: nn.Module, seed: int) -> None:
         model.generator.manual_seed(seed)
 
 
+@contextmanager
+def fixed_noise(model: nn.Module, seed: int):
+    """Within the block, every call of a defended `model` draws the same purification noise (`seed`)."""
+    previous = getattr(model, "noise_seed", None)
+    model.noise_seed = seed
+    try:
+        yield model
+    finally:
+        model.noise_seed = previous
+
+
 # on a model without purifier or detector these attacks are exactly eot-pgd (white-box PGD)
-SAME_AS_PGD_WITHOUT_DEFENSE = ("bpda", "detector-aware", "orthogonal")
+SAME_AS_PGD_WITHOUT_DEFENSE = ("fixed-noise", "bpda", "detector-aware", "orthogonal")
 
 
 def _same_run(name: str, done: dict, cfg, defended: bool) -> str | None:
     """The eot-pgd entry already in `done` that `name` would repeat exactly (an undefended model,
-    the same loss), or None."""
-    if defended or base_attack(name) not in SAME_AS_PGD_WITHOUT_DEFENSE:
+    the same loss and steps), or None."""
+    base, loss, budget = parse_attack_name(name)
+    if defended or base not in SAME_AS_PGD_WITHOUT_DEFENSE:
         return None
-    loss = split_attack_name(name)[1] or cfg.loss
-    return next((d for d in done if base_attack(d) == "eot-pgd" and (split_attack_name(d)[1] or cfg.loss) == loss),
-                None)
+
+    def key(loss_, budget_):  # an undefended model takes one draw per step whatever the budget says
+        return loss_ or cfg.loss, (budget_ or (cfg.adaptive_steps, 1))[0]
+
+    return next((d for d in done if parse_attack_name(d)[0] == "eot-pgd" and key(*parse_attack_name(d)[1:]) ==
+                 key(loss, budget)), None)
+
+
+def _attack_fixed_noise(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, batch: int,
+                        on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed-randomness attack and its answer: per batch one noise (seed + batch start), the
+    same for every step of the attack and for the defender's single answer. (adversarial scans, (1, n) correctness)"""
+    parts, rows = [], []
+    for i in range(0, len(x), batch):
+        with fixed_noise(model, seed + i):
+            parts.append(attack(x[i:i + batch], y[i:i + batch]))
+            rows.append(answer(model, parts[-1], y[i:i + batch], 1))
+        if on_batch is not None:
+            on_batch(len(parts[-1]))
+    return torch.cat(parts), torch.cat(rows, dim=1)
 
 
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
@@ -149,8 +182,13 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
             if on_batch is not None:
                 on_batch(len(x))
             continue
+        correct = None
         if name == "clean":
             x_adv, described = x, {"attack": "none"}
+        elif parse_attack_name(name)[0] == "fixed-noise" and hasattr(model, "purify_draws"):
+            attack = build_attack(name, model, cfg, seed + 1_000 * k)
+            x_adv, correct = _attack_fixed_noise(attack, model, x, y, seed + 1_000 * k + 1, batch, on_batch)
+            described = attack.describe()
         else:
             attack = build_attack(name, model, cfg, seed + 1_000 * k)
             reseed(model, seed + 1_000 * k + 1)
@@ -162,8 +200,10 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
             x_adv, described = torch.cat(parts), attack.describe()
         seconds = time.perf_counter() - t0
         latency = latency_ms(model, x_adv) if name == "clean" else None
-        reseed(model, seed + 1_000 * k + 2)  # the answers' noise: independent of the attack's
-        correct = answer(model, x_adv, y, cfg.draws).cpu()
+        if correct is None:
+            reseed(model, seed + 1_000 * k + 2)  # the answers' noise: independent of the attack's
+            correct = answer(model, x_adv, y, cfg.draws)
+        correct = correct.cpu()
         with torch.no_grad():
             bare_correct = int((torch.cat([bare(x_adv[i:i + 64]) for i in range(0, len(x), 64)]).argmax(1) == y).sum())
         results[name] = {"tally": Tally.from_draws(correct), "outcomes": Tally.verdicts(correct),

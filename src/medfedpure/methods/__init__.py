@@ -55,6 +55,7 @@ class Method:
     adversarial: bool = False  # trains on PGD examples
     communicates: bool = True  # its experts travel (Local and Local Adv keep them)
     mixture: bool = False  # FedEM-style: K learners with per-client mixture weights
+    reference: bool = False  # the robustness baseline every other method is paired with (McNemar): FAT
 
     def configure(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """The experiment as this method trains it (a baseline has no defense)."""
@@ -149,7 +150,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedavg", "FedAvg", "one model, all weights averaged"),
     Method("local", "Local", "one model per client, no communication", communicates=False),
     Method("fedem", "FedEM", "K learners averaged per learner, per-client mixture weights pi (EM)", mixture=True),
-    Method("fat", "FAT", "FedAvg with adversarial training (a share of every batch is PGD)", adversarial=True),
+    Method("fat", "FAT", "FedAvg with adversarial training (a share of every batch is PGD)", adversarial=True,
+           reference=True),
     Method("local-adv", "Local Adv", "local training with adversarial training", adversarial=True,
            communicates=False),
     Method("pfeddef", "pFedDef", "FedEM + a share G of the training scans replaced by PGD every Q rounds",
@@ -157,6 +159,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 assert tuple(METHODS) == METHOD_NAMES
 OURS = next(m for m in METHODS.values() if m.defended)
+REFERENCE = next(m for m in METHODS.values() if m.reference)  # "beats plain federated adversarial training"
 
 
 def method_of(cfg: ExperimentConfig) -> Method:
@@ -183,5 +186,5 @@ def fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     return method_of(cfg).fingerprint(cfg, phase)
 
 
-__all__ = ["METHODS", "OURS", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
+__all__ = ["METHODS", "OURS", "REFERENCE", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
            "parse_methods"]

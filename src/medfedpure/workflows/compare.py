@@ -19,8 +19,7 @@ import yaml
 
 from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
-from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, suite_done, suite_request
-from medfedpure.evaluation.robustness import mcnemar
+from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, paired_test, suite_done, suite_request
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, read_json, write_json
 
@@ -117,19 +116,6 @@ def _reuse(candidate: dict, spec: dict) -> dict:
                           f"(missing attacks {missing}; differs in {problems or 'nothing else'}; data {ev['data']})")
     ev["attacks"] = spec["attacks"]
     return ev
-
-
-def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> dict:
-    """McNemar's exact test of evaluation `b` against `a` under `attack` (`verdict` answers), on
-    the same scans; the reason instead where the two cannot be paired."""
-    out = {"against": against, "attack": attack, "verdict": verdict}
-    outcomes = [ev["suite"].get(attack, {}).get("outcomes") for ev in (a, b)]
-    if not all(outcomes):
-        return {**out, "unavailable": "no per-scan outcomes under that attack (an evaluation made before they were "
-                                      "kept: run it again)"}
-    if a.get("scans", {}).get("id") != b.get("scans", {}).get("id"):
-        return {**out, "unavailable": "not the same scans"}
-    return {**out, **mcnemar(outcomes[0][verdict], outcomes[1][verdict])}
 
 
 def _paired_cell(row: dict) -> str:

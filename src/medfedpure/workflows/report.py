@@ -8,8 +8,8 @@ from pathlib import Path
 
 from medfedpure.attacks import pgd_label
 from medfedpure.config import ExperimentConfig
-from medfedpure.evaluation.attack_suite import budget_label, default_suite_dir
-from medfedpure.methods import METHODS, OURS
+from medfedpure.evaluation.attack_suite import budget_label, default_suite_dir, paired_test
+from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 
@@ -82,6 +82,9 @@ def build_tables(run: Path) -> dict:
         if method.defended:
             detection = _detection_rows(summary)
         transfer += _transfer_rows(method, folder)
+    reference = next((m for m in suites if m["method"] == REFERENCE.label), None)
+    if reference is not None:  # "beats plain federated adversarial training" is a paired test against it
+        _pair_with(reference, reference["method"], suites)
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
             "suites": suites,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
@@ -146,7 +149,18 @@ def _suite(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     ev = read_json(path)
-    return {"headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"], "scans": ev["headline"]["n"]}
+    return {"headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"], "scans": ev["headline"]["n"],
+            "scan_ids": ev.get("scans")}
+
+
+def _pair_with(reference: dict, label: str, suites: list[dict]) -> None:
+    """Each other method's suite paired with `reference`'s under that method's strongest attack
+    (McNemar's exact test on the first-draw outcomes of the same scans), as `paired`."""
+    ref = {"suite": reference["suite"], "scans": reference["scan_ids"]}
+    for m in suites:
+        if m is not reference:
+            m["paired"] = paired_test(ref, {"suite": m["suite"], "scans": m["scan_ids"]}, m["headline"]["attack"],
+                                      label)
 
 
 def _adaptive(suite: dict | None) -> dict:
@@ -207,6 +221,15 @@ def _suite_lines(m: dict) -> list[str]:
         lines.append(f"| {name} | {budget_label(p['settings'])} | {p['n']} | {100 * p['first']:.1f} "
                      f"[{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}] | "
                      f"{100 * p['majority']:.1f} | {100 * p['worst']:.1f} | {flagged} |")
+    paired = m.get("paired")
+    if paired and "unavailable" in paired:
+        lines += ["", f"Paired with {paired['against']}: n/a ({paired['unavailable']})."]
+    elif paired:
+        lines += ["", f"Paired with {paired['against']} under {paired['attack']} (first draw, the same {paired['n']} "
+                      f"scans): {paired['b_correct']} vs {paired['a_correct']} correct; right only here on "
+                      f"{paired['only_b']} scans, only under {paired['against']} on {paired['only_a']}; McNemar's exact "
+                      f"p = {paired['p_value']:.3g}: " + ("**beats it** (more accurate, p < 0.05)." if paired["beats"]
+                                                         else "does not beat it (beating needs more accuracy and p < 0.05).")]
     return lines
 
 
