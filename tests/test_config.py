@@ -58,6 +58,21 @@ def test_validation_names_the_field():
     cfg = apply_overrides(load_preset("demo"), ["attack.suite=[eot-pgd, eot-pgd:margin, orthogonal:margin]"])
     assert cfg.attack.suite == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
     cfg.validate()
+    cfg.attack.suite = ["eot-pgd:margin@200x20", "bpda@5x2"]  # a budget per entry (the convergence check)
+    cfg.validate()
+    for bad in (["eot-pgd@200"], ["square@10x2"], ["pgd@5x1"]):
+        cfg.attack.suite = bad
+        with pytest.raises(ConfigError, match="attack.suite"):
+            cfg.validate()
+    # phase 4 fine-tunes the U-Net the experts were trained through: it needs purify_training
+    for overrides, field in ((["defense.purifier.rounds=2"], "defense.purifier.rounds"),
+                             (["defense.purify_training=true", "defense.purifier.rounds=-1"], "defense.purifier.rounds"),
+                             (["defense.purify_training=true", "defense.purifier.rounds=1",
+                               "defense.purifier.clean_weight=-1"], "defense.purifier.clean_weight"),
+                             (["defense.purifier.lr=0"], "defense.purifier")):
+        with pytest.raises(ConfigError, match=field):
+            apply_overrides(load_preset("demo"), overrides).validate()
+    apply_overrides(load_preset("demo"), ["defense.purify_training=true", "defense.purifier.rounds=1"]).validate()
 
 
 def test_unknown_preset_lists_the_choices():

@@ -277,3 +277,40 @@ def test_channels_last_changes_only_float_rounding_of_the_classifier_and_the_pur
     (logits_a, x0_a), (logits_b, x0_b) = results
     assert torch.allclose(logits_a, logits_b, atol=1e-5) and torch.equal(logits_a.argmax(1), logits_b.argmax(1))
     assert torch.allclose(x0_a, x0_b, atol=1e-5)
+
+
+def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg, trained, loaders):
+    """The U-Net learns; the classifier (weights, BatchNorm statistics, mode, requires_grad) is left
+    exactly as it was; the objective is the sum of its three terms; held-out figures are reproducible."""
+    import copy
+
+    from medfedpure.defense.finetune import _target, evaluate_purifier, finetune_purifier, purifier_loss
+
+    train, test, _, _ = loaders
+    c = copy.deepcopy(cfg)
+    c.defense.t_min, c.defense.t_max, c.attack.steps = 20, 60, 2
+    c.defense.purifier.rounds, c.defense.purifier.lr = 1, 1e-3
+    classifier, diffusion = copy.deepcopy(trained["classifier"]), copy.deepcopy(trained["diffusion"])
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in diffusion.state_dict().items()}
+    x, y = next(iter(test))
+    held_out = [(x[:8], y[:8])]
+    first = evaluate_purifier(diffusion, classifier, held_out, c)
+    assert first == evaluate_purifier(diffusion, classifier, held_out, c)  # fixed seed: the same figures
+    assert 0 <= first["adv_acc"] <= first["clean_acc"] + 0.25 and first["denoise_loss"] > 0
+    stats = finetune_purifier(diffusion, classifier, [(x[8:24], y[8:24])] * 3, c, seed=5)
+    assert {"loss", "adv_loss", "clean_loss", "denoise_loss", "adv_acc", "clean_acc"} <= set(stats)
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
+    assert not classifier.training and all(p.requires_grad for p in classifier.parameters())
+    assert any(not torch.equal(unet_before[k], v) for k, v in diffusion.state_dict().items())
+    # the objective is the adversarial term plus the weighted clean and denoising terms
+    target, attack = _target(classifier, diffusion, c, seed=1)
+    x_adv = attack(x[:4], y[:4])
+    c.defense.purifier.clean_weight, c.defense.purifier.denoise_weight = 0.0, 0.0
+    target.generator.manual_seed(0)
+    alone, parts = purifier_loss(target, x[:4], x_adv, y[:4], c)
+    target.generator.manual_seed(0)
+    assert float(alone.detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(target(x_adv), y[:4])))
+    assert set(parts) == {"adv_loss", "adv_correct"}
+    alone.backward()  # through the purification into the U-Net's weights
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in diffusion.parameters())

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from medfedpure.cli import main
 from medfedpure.config import load_preset
@@ -272,3 +273,38 @@ def test_environment_records_uncommitted_changes(tmp_path):
     (tmp_path / "preset.yaml").write_text("lr: 0.0001\n")
     assert git_dirty(tmp_path) is True
     assert git_commit(tmp_path / "missing") is None and git_dirty(tmp_path / "missing") is None
+
+
+def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
+    """defense.purifier.rounds > 0: after phase 3 the U-Net is fine-tuned against the hospitals'
+    classifiers (FedAvg), the defended evaluation runs with it, a rerun redoes nothing, and every
+    later evaluation purifies with it. Phase 3's fingerprint ignores phase 4, so adding phase 4 to a
+    finished run does not retrain it."""
+    from medfedpure.evaluation.runs import open_run
+    from medfedpure.methods import fingerprint
+    from medfedpure.runfolder import PURIFIER
+    from medfedpure.storage import load_tensors
+
+    cfg = tiny()
+    cfg.defense.purify_training, cfg.defense.adv_share = True, 0.5
+    cfg.defense.eval_detectors, cfg.defense.eval_modes = ["disagreement"], ["graded"]
+    cfg.defense.detector, cfg.defense.mode = "disagreement", "graded"
+    cfg.attack.suite, cfg.attack.steps, cfg.method.adv_attack = [], 2, "n-fgsm"  # cheap attacks: a test
+    without = fingerprint(cfg, "train")
+    cfg.defense.purifier.rounds, cfg.defense.purifier.lr = 2, 1e-3
+    assert fingerprint(cfg, "train") == without and fingerprint(cfg, "purifier") != without
+    run_experiment(cfg, tmp_path, progress=False, transfer=False)
+    tuned, phase1 = load_tensors(tmp_path / PURIFIER), load_tensors(tmp_path / "diffusion.safetensors")
+    assert tuned.keys() == phase1.keys() and any(not torch.equal(tuned[k], phase1[k]) for k in tuned)
+    rows = json.loads((tmp_path / "purifier_metrics.json").read_text())["rows"]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all({"train_loss", "test_loss", "train_adv_acc", "test_adv_acc", "test_clean_acc"} <= set(r) for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["purifier"] == fingerprint(cfg, "purifier") and "defense" in summary
+    assert json.loads((tmp_path / "config.json").read_text())["defense"]["purifier"]["rounds"] == 2
+    # a rerun redoes nothing; an evaluation of the run purifies with phase 4's U-Net
+    stamp = (tmp_path / "summary.json").stat().st_mtime_ns
+    run_experiment(cfg, tmp_path, progress=False, transfer=False)
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp
+    r = open_run(tmp_path, None)
+    assert all(torch.equal(v, tuned[k]) for k, v in r.diffusion.state_dict().items())

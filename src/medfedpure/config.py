@@ -151,6 +151,21 @@ class DiffusionSettings:
 
 
 @dataclass
+class PurifierSettings:
+    """Phase 4 (off at rounds 0): federated adversarial fine-tuning of the U-Net after phase 3. Each
+    hospital fine-tunes the shared U-Net so that its own classifier (experts + its gate, frozen)
+    answers right on the purification of the training attack crafted through the purifier, and on
+    purified clean scans, with the denoising loss kept so it stays a purifier (AToP, ADBM); FedAvg."""
+
+    rounds: int = 0  # federated rounds (0: no phase 4)
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-4
+    clean_weight: float = 1.0  # weight of the classifier's loss on purified clean scans
+    denoise_weight: float = 1.0  # weight of the U-Net's own denoising loss (Eq. 16)
+
+
+@dataclass
 class DefenseConfig:
     enabled: bool = True
     training: str = "federated"  # federated | central (phases 1-2)
@@ -172,6 +187,7 @@ class DefenseConfig:
     eval_detectors: list = field(default_factory=lambda: ["mae", "residual", "disagreement"])
     mae: MAESettings = field(default_factory=MAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    purifier: PurifierSettings = field(default_factory=PurifierSettings)
 
 
 SUITE_NAMES = ("pgd", "eot-pgd", "fixed-noise", "bpda", "detector-aware", "orthogonal",
@@ -349,6 +365,13 @@ class ExperimentConfig:
             (self.defense.adv_share == 0 or self.defense.purify_training, "defense.adv_share",
              "0 unless defense.purify_training is on (the purifier is what the attack goes through)"),
             (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
+            (self.defense.purifier.rounds >= 0, "defense.purifier.rounds", ">= 0 (0: no fine-tuning)"),
+            (self.defense.purifier.local_epochs >= 1 and self.defense.purifier.batch_size >= 1
+             and self.defense.purifier.lr > 0, "defense.purifier", "local_epochs, batch_size >= 1 and lr > 0"),
+            (self.defense.purifier.rounds == 0 or self.defense.purify_training, "defense.purifier.rounds",
+             "0 unless defense.purify_training is on (the experts must know purified scans)"),
+            (self.defense.purifier.clean_weight >= 0 and self.defense.purifier.denoise_weight >= 0,
+             "defense.purifier.clean_weight/denoise_weight", ">= 0"),
             (self.model.norm in {"batch", "group"}, "model.norm", "batch or group"),
             (self.method.name in METHOD_NAMES, "method.name", "one of " + ", ".join(METHOD_NAMES)),
             (self.method.learners >= 1, "method.learners", ">= 1"),
@@ -421,7 +444,7 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
 
 _SECTIONS: dict[str, type] = {c.__name__: c for c in (
     DataConfig, ModelConfig, TrainConfig, AttackConfig, FederationConfig, PretrainConfig, MAESettings,
-    DiffusionSettings, DefenseConfig, MethodConfig)}
+    DiffusionSettings, PurifierSettings, DefenseConfig, MethodConfig)}
 
 
 def preset_names() -> list[str]:

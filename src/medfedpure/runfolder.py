@@ -4,6 +4,8 @@
 <run>/config.json, partition.json, environment.json     what the run was asked for and got
 <run>/diffusion.safetensors, mae.safetensors             phases 1-2 (the defense models)
 <run>/global_experts.safetensors, summary.json, ...      phase 3 and its evaluation
+<run>/purifier.safetensors                               phase 4 (defense.purifier.rounds > 0): the
+                                                         fine-tuned U-Net the defense then uses
 <run>/clients/client_NN/                                 what a hospital keeps (gate, calibration, history)
 <run>/checkpoints/<phase>.safetensors + <phase>.json     the last finished round, for resume
 <run>/baselines/<method>/                                another method trained on the same federation
@@ -29,6 +31,7 @@ from medfedpure.storage import load_tensors, save_tensors, tensor_metadata, writ
 
 # the defense models of phases 1-2, by phase
 CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
+PURIFIER = "purifier.safetensors"  # phase 4: the U-Net fine-tuned against the phase-3 classifiers
 
 
 class ResumeError(ValueError):
@@ -49,6 +52,12 @@ def need(path: Path, what: str) -> Path:
     if not path.is_file():
         raise RunFolderError(f"run folder is incomplete: {what} '{path}' is missing")
     return path
+
+
+def purifier_file(run: Path | str, cfg: ExperimentConfig) -> Path:
+    """The U-Net the defense purifies with: phase 4's where the config fine-tunes one
+    (`defense.purifier.rounds` > 0), else phase 1's. The config decides, not what the folder holds."""
+    return Path(run) / (PURIFIER if cfg.defense.purifier.rounds > 0 else CHECKPOINTS["diffusion"])
 
 
 def saved_round(path: Path | str) -> int:
@@ -94,8 +103,9 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
                 phase: raw["defense"][phase]}
     else:
         part = raw
+        purifier = raw["defense"].get("purifier")
         part["defense"] = {k: v for k, v in raw["defense"].items()
-                           if k not in EVALUATION_ONLY + ("mae", "training")}
+                           if k not in EVALUATION_ONLY + ("mae", "training", "purifier")}
         if not defended:
             part.pop("defense")
             part["method"] = method
@@ -103,6 +113,11 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
             chosen = {k: method[k] for k in ADVERSARIAL_TRAINING if method.get(k) is not None and k in method}
             if chosen:
                 part["adversarial_training"] = chosen
+        if phase == "purifier":  # phase 4 starts from phase 3's weights, with its own settings
+            part["purifier"] = purifier
+            if raw["defense"].get("adv_share", 0.0) <= 0:  # its attack follows method.adv_* as well
+                part["adversarial_training"] = {k: method[k] for k in ADVERSARIAL_TRAINING
+                                                if method.get(k) is not None and k in method}
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -49,10 +49,15 @@ def _client_scans(r: RunUnderTest, client: int, cap: int | None) -> tuple[torch.
 
 def suite_request(run: Path | str, data: Path | str | None, attacks: list[str], clients: str = "all",
                   overrides: list[str] | None = None, max_per_client: int | None = None) -> dict:
-    """What a suite evaluation was asked for (saved beside it, so a rerun can tell it is done)."""
-    return {"run": str(Path(run).resolve()), "data": None if data is None else str(Path(data).resolve()),
-            "attacks": list(attacks), "clients": str(clients), "overrides": list(overrides or []),
-            "max_per_client": max_per_client}
+    """What a suite evaluation was asked for (saved beside it, so a rerun can tell it is done),
+    with the U-Net the run's defended evaluation used (phase 4's, once it has one)."""
+    summary = Path(run) / "summary.json"
+    request = {"run": str(Path(run).resolve()), "data": None if data is None else str(Path(data).resolve()),
+               "attacks": list(attacks), "clients": str(clients), "overrides": list(overrides or []),
+               "max_per_client": max_per_client}
+    saved = read_json(summary) if summary.is_file() else {}
+    purifier = saved.get("purifier") if isinstance(saved, dict) else None
+    return {**request, "purifier": purifier} if purifier else request
 
 
 def suite_done(out: Path | str, request: dict) -> bool:

@@ -23,7 +23,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from medfedpure.attacks import base_attack, build_attack
+from medfedpure.attacks import build_attack
 from medfedpure.config import parse_attack_name
 from medfedpure.metrics import clopper_pearson
 

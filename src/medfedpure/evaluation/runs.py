@@ -19,7 +19,7 @@ from medfedpure.defense.evaluation import build_detector
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import RunFolderError, client_dir, need
+from medfedpure.runfolder import CHECKPOINTS, RunFolderError, client_dir, need, purifier_file
 from medfedpure.storage import load_tensors, read_json
 
 
@@ -131,10 +131,17 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
         loaders = dict.fromkeys(ids, make_loader(images, np.arange(len(images)), 64, train=False))
         n_images = len(images)
     experts = load_tensors(need(run / "global_experts.safetensors", "global experts"))
-    defended = cfg.defense.enabled and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file()
-    mae = load_pretrained("mae", cfg, run / "mae.safetensors") if defended else None
-    diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors") if defended else None
+    diffusion, mae = load_defense_models(run, cfg)
     return RunUnderTest(run, cfg, classes, loaders, n_images, own_test, experts, mae, diffusion)
+
+
+def load_defense_models(run: Path, cfg: ExperimentConfig) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the U-Net the defense purifies with, the MAE), or (None, None) for a run without a defense
+    (disabled, or phases 1-2 not run). The U-Net is phase 4's where the config fine-tunes one."""
+    if not (cfg.defense.enabled and all((run / f).is_file() for f in CHECKPOINTS.values())):
+        return None, None
+    purifier = need(purifier_file(run, cfg), "the purifier (phase 4's U-Net: run `medfedpure experiment` again)")
+    return load_pretrained("diffusion", cfg, purifier), load_pretrained("mae", cfg, run / CHECKPOINTS["mae"])
 
 
 def defended_classifier(run: Path, cfg: ExperimentConfig, client: int, model: nn.Module, mae, diffusion

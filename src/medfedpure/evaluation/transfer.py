@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 from medfedpure.attacks import make_pgd
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.pipeline import DefendedClassifier
-from medfedpure.defense.trainer import load_pretrained
-from medfedpure.evaluation.runs import defended_classifier, load_client_model
-from medfedpure.methods import fingerprint, method_of, task
+from medfedpure.evaluation.runs import defended_classifier, load_client_model, load_defense_models
+from medfedpure.methods import fingerprint, method_of, purifier_tag, task
 from medfedpure.metrics import attacked_index, attacked_positions, batched_accuracy
 from medfedpure.reporting.plots import plot_transfer
 from medfedpure.runfolder import RunFolderError
@@ -71,12 +70,9 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     n = cfg.data.num_clients
     n_classes = task.num_classes(cfg)
     models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
-    defended = (method_of(cfg).defended and cfg.defense.enabled
-                and (run / "mae.safetensors").is_file() and (run / "diffusion.safetensors").is_file())
+    diffusion, mae = load_defense_models(run, cfg) if method_of(cfg).defended else (None, None)
     victims = {"bare": models}
-    if defended:
-        mae = load_pretrained("mae", cfg, run / "mae.safetensors")
-        diffusion = load_pretrained("diffusion", cfg, run / "diffusion.safetensors")
+    if diffusion is not None:
         victims["defended"] = [defended_classifier(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
     matrices = {kind: np.zeros((n, n)) for kind in victims}
     clean = {kind: np.zeros((n, n)) for kind in victims}
@@ -93,7 +89,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "
                           "scans; every victim classifies them (rows: victim, columns: attacker)",
-              "fingerprint": fingerprint(cfg, "train"),
+              "fingerprint": fingerprint(cfg, "train"), "purifier": purifier_tag(cfg),
               **{kind: {"matrix": m.round(6).tolist(), **_summary(m),
                         "clean_matrix": clean[kind].round(6).tolist(), **_summary(clean[kind], "clean_")}
                  for kind, m in matrices.items()}}
@@ -115,4 +111,5 @@ def transfer_done(run: Path, cfg: ExperimentConfig) -> bool:
         return False
     saved = read_json(path)
     return (saved.get("fingerprint") == fingerprint(cfg, "train")
+            and saved.get("purifier") == purifier_tag(cfg)
             and "clean_matrix" in saved.get("bare", {}))

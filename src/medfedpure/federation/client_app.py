@@ -4,7 +4,8 @@ The experiment config arrives in each message's ConfigRecord, so the same app ru
 simulation and on a real SuperNode. On a SuperNode the node config names the hospital
 (`partition-id`), its own class folders (`data-dir`) and where it keeps its state (`state-dir`).
 What a round does is the method's (`methods`); what the hospital keeps between rounds is
-`client_state`'s. Messages with the `pretrain` action train the defense models (phases 1-2).
+`client_state`'s. Messages with the `pretrain` action train the defense models (phases 1-2),
+those with the `finetune` action fine-tune the U-Net against the hospital's classifier (phase 4).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 from medfedpure.attacks import make_pgd
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.evaluation import evaluate_defense
+from medfedpure.defense.finetune import evaluate_purifier, finetune_purifier
 from medfedpure.defense.trainer import PHASES, build_pretrained, eval_loss, train_epochs
 from medfedpure.federation.client_state import HospitalState
 from medfedpure.methods import LocalRound, fingerprint, method_of, new_model, task
@@ -55,10 +57,12 @@ def _state_folder(msg: Message, context: Context, partition: int) -> Path | None
     return client_dir(str(conf["out-dir"]), partition) if "out-dir" in conf else None
 
 
-def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, state: HospitalState, up_to_round: int):
-    """Global experts from the message + this client's own gate (the latest by `up_to_round`)."""
+def _personal_model(cfg: ExperimentConfig, partition: int, msg: Message, state: HospitalState, up_to_round: int,
+                    experts: str = "arrays"):
+    """Global experts from the message (its `experts` record) + this client's own gate (the latest by
+    `up_to_round`)."""
     model = new_model(cfg, task.num_classes(cfg), init_seed=task.client_seed(cfg, partition))
-    model.load_experts(msg.content["arrays"].to_torch_state_dict())
+    model.load_experts(msg.content[experts].to_torch_state_dict())
     gate = state.gate(up_to_round)
     if gate is not None:
         model.load_gate(gate)
@@ -175,4 +179,41 @@ def pretrain_loss(msg: Message, context: Context) -> Message:
     test_loader = task.client_loaders(cfg, partition, server_round)[1]
     loss = eval_loss(phase, model, test_loader, cfg.device)
     metrics = MetricRecord({"partition-id": partition, "num-examples": len(test_loader.dataset), "test_loss": loss})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- phase 4
+PHASE4_SEED = 40_000  # offset of phase 4's seeds from a hospital's round seeds
+
+
+def _finetune_setup(msg: Message, context: Context):
+    """(config, partition, round, the U-Net from the message, this hospital's classifier: the phase-3
+    experts sent beside it and its own last gate)."""
+    cfg, partition, server_round, state = _setup(msg, context)
+    diffusion = build_pretrained("diffusion", cfg, msg.content["arrays"].to_torch_state_dict(), "the server's U-Net")
+    classifier = _personal_model(cfg, partition, msg, state, cfg.train.rounds, experts="experts").eval()
+    return cfg, partition, server_round, diffusion, classifier
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    """Fine-tune the U-Net so that this hospital's classifier answers right behind it (defense.purifier)."""
+    cfg, partition, server_round, diffusion, classifier = _finetune_setup(msg, context)
+    seed = task.client_seed(cfg, partition, PHASE4_SEED + server_round)
+    task.set_seed(seed)  # augmentation draws from the global RNG
+    loader = task.client_loaders(cfg, partition, server_round, batch_size=cfg.defense.purifier.batch_size)[0]
+    stats = finetune_purifier(diffusion.train(), classifier, loader, cfg, seed)
+    metrics = MetricRecord({"partition-id": partition, "num-examples": len(loader.dataset),
+                            **{f"train_{k}": v for k, v in stats.items()}})
+    return Message(content=RecordDict({"arrays": ArrayRecord(diffusion.state_dict()), "metrics": metrics}),
+                   reply_to=msg)
+
+
+@app.evaluate("finetune")
+def finetune_loss(msg: Message, context: Context) -> Message:
+    cfg, partition, _, diffusion, classifier = _finetune_setup(msg, context)
+    test_loader = task.client_loaders(cfg, partition)[1]
+    stats = evaluate_purifier(diffusion, classifier, test_loader, cfg, seed=task.client_seed(cfg, partition, PHASE4_SEED))
+    metrics = MetricRecord({"partition-id": partition, "num-examples": len(test_loader.dataset),
+                            **{f"test_{k}": v for k, v in stats.items()}})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

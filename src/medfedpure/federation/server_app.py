@@ -90,12 +90,16 @@ def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: 
 
 
 def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRecord, strategy: PretrainFedAvg,
-                             rounds: int, on_done: Callable[[ArrayRecord], None]) -> ServerApp:
+                             rounds: int, on_done: Callable[[ArrayRecord], None],
+                             out_dir: str | None = None) -> ServerApp:
+    """FedAvg of one whole defense model: phases 1-2, or phase 4 (`strategy` a PurifierFedAvg; `out_dir`
+    the run folder, where a simulated hospital keeps its gate)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = ConfigRecord({"experiment": cfg.to_json(), "phase": phase})
+        config = ConfigRecord({"experiment": cfg.to_json(), "phase": phase,
+                               **({"out-dir": out_dir} if out_dir is not None else {})})
         _wait_for_hospitals(grid, cfg)
         if rounds - strategy.round_offset > 0:
             strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - strategy.round_offset,

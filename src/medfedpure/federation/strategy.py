@@ -244,7 +244,8 @@ class PretrainFedAvg(ResumableFedAvg):
         replies, _ = self.accept(replies, f"pretraining round {server_round}")
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.latest_arrays = arrays
-        self.rows.setdefault(server_round, {"round": server_round})["train_loss"] = float(metrics["train_loss"])
+        self.rows.setdefault(server_round, {"round": server_round}).update(
+            {k: float(v) for k, v in metrics.items() if k.startswith("train_")})
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round, replies):
@@ -253,8 +254,26 @@ class PretrainFedAvg(ResumableFedAvg):
         metrics = super().aggregate_evaluate(server_round, replies)
         row = self.rows.setdefault(server_round, {"round": server_round})
         row["test_loss"] = float(metrics["test_loss"]) if metrics is not None else None
+        row.update({k: float(v) for k, v in (metrics or {}).items() if k.startswith("test_") and k != "test_loss"})
         self.on_round_end(server_round, row)
         return metrics
+
+
+class PurifierFedAvg(PretrainFedAvg):
+    """Phase 4: FedAvg of the U-Net each hospital fine-tunes against its own classifier. Its messages
+    carry the `finetune` action and the phase-3 experts beside the U-Net (each hospital adds its gate)."""
+
+    ACTION = "finetune"
+
+    def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], experts: ArrayRecord,
+                 **kwargs) -> None:
+        super().__init__(num_clients, on_round_end, **kwargs)
+        ExpertFedAvg.check_keys(experts.keys(), "server -> client purifier message")
+        self.experts = experts
+
+    def _construct_messages(self, record, node_ids, message_type):
+        record["experts"] = self.experts
+        return super()._construct_messages(record, node_ids, message_type)
 
 
 def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:

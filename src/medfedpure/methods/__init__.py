@@ -166,6 +166,12 @@ def method_of(cfg: ExperimentConfig) -> Method:
     return METHODS[cfg.method.name]
 
 
+def purifier_tag(cfg: ExperimentConfig) -> str | None:
+    """Which U-Net the defense purifies with, for the records of what an evaluation used: phase 4's
+    fingerprint where the config fine-tunes one, None for phase 1's (or a method without a defense)."""
+    return fingerprint(cfg, "purifier") if cfg.defense.purifier.rounds > 0 and method_of(cfg).defended else None
+
+
 def parse_methods(text: str) -> list[str]:
     """'all' or a comma-separated list, in the registry's order."""
     names = list(METHODS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
@@ -186,5 +192,5 @@ def fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     return method_of(cfg).fingerprint(cfg, phase)
 
 
-__all__ = ["METHODS", "OURS", "REFERENCE", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
+__all__ = ["METHODS", "OURS", "REFERENCE", "purifier_tag", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
            "parse_methods"]

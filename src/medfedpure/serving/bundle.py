@@ -24,7 +24,7 @@ from medfedpure.defense.evaluation import build_detector
 from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import RunFolderError, need
+from medfedpure.runfolder import RunFolderError, need, purifier_file
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 FORMAT, VERSION = "medfedpure-model", 1
@@ -59,8 +59,8 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
     classes = read_json(need(run / "partition.json", "partition record"))["classes"]
     model = load_client_model(run, cfg, client, len(classes))
     mae = build_pretrained("mae", cfg, load_tensors(need(run / "mae.safetensors", "MAE")), "the run's MAE")
-    diffusion = build_pretrained("diffusion", cfg, load_tensors(need(run / "diffusion.safetensors", "U-Net")),
-                                 "the run's U-Net")
+    purifier = need(purifier_file(run, cfg), "U-Net")  # phase 4's where the run fine-tuned one
+    diffusion = build_pretrained("diffusion", cfg, load_tensors(purifier), f"the run's U-Net ({purifier.name})")
     defended = defended_classifier(run, cfg, client, model, mae, diffusion)
     tensors = {**_prefixed("classifier", model), **_prefixed("mae", mae), **_prefixed("diffusion", diffusion),
                "calibration.scores": defended.calibration_scores.clone()}

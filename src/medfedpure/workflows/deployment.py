@@ -26,9 +26,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig, apply_overrides, load_preset
 from medfedpure.methods import method_of, task
-from medfedpure.workflows.experiment import PHASE_ORDER, phase_done
+from medfedpure.workflows.experiment import phase_done, phases_of, run_phase
 from medfedpure.workflows.report import write_report
-from medfedpure.workflows.training import run_federated, run_pretraining
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,9 @@ def run_deployment(cfg: ExperimentConfig, out: Path, grid: Grid, context: Contex
     """Every phase MedFedPure needs that `out` does not hold yet, on the deployment's grid."""
     method = method_of(cfg)
     mcfg = method.configure(cfg)
-    phases = PHASE_ORDER if method.defended and mcfg.defense.enabled else ("train",)
-    for phase in phases:
+    for phase in phases_of(method, mcfg):
         if phase_done(mcfg, out, phase):
             log.info("phase %s: already done in %s, not redone", phase, out)
-        elif phase == "train":
-            run_federated(mcfg, out, progress=False, deployment=(grid, context))
         else:
-            run_pretraining(mcfg, phase, out, progress=False, deployment=(grid, context))
+            run_phase(mcfg, phase, out, progress=False, deployment=(grid, context))
     return write_report(out)

@@ -14,33 +14,59 @@ from pathlib import Path
 from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 from medfedpure.methods import METHODS, fingerprint
-from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, ResumeError
+from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError
 from medfedpure.storage import read_json, tensor_metadata, write_json
 from medfedpure.evaluation.attack_suite import default_suite_dir, evaluate_suite, suite_done, suite_request
 from medfedpure.workflows.report import write_report
-from medfedpure.workflows.training import run_federated, run_pretraining
+from medfedpure.workflows.training import run_federated, run_pretraining, run_purifier
 
 log = logging.getLogger(__name__)
 
-PHASE_ORDER = ("diffusion", "mae", "train")
+PHASE_ORDER = ("diffusion", "mae", "train", "purifier")
+
+
+def phases_of(method, cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The phases a method trains under this config, in order (phase 4 only where it is asked for)."""
+    if not (method.defended and cfg.defense.enabled):
+        return ("train",)
+    return PHASE_ORDER if cfg.defense.purifier.rounds > 0 else PHASE_ORDER[:-1]
+
+
+def _weights_done(path: Path, expected: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return tensor_metadata(path).get("fingerprint") == expected
+    except ValueError as err:
+        raise ResumeError(f"{err}; delete it to train that phase again") from err
 
 
 def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
-    """Whether `out` already holds this phase's final result for this config."""
+    """Whether `out` already holds this phase's final result for this config (phase 3 and 4: with the
+    defended evaluation made with the U-Net the config asks for)."""
     if phase in CHECKPOINTS:
-        path = out / CHECKPOINTS[phase]
-        if not path.is_file():
-            return False
-        try:
-            return tensor_metadata(path).get("fingerprint") == fingerprint(cfg, phase)
-        except ValueError as err:
-            raise ResumeError(f"{err}; delete it to train that phase again") from err
+        return _weights_done(out / CHECKPOINTS[phase], fingerprint(cfg, phase))
     path = out / "summary.json"
     if not path.is_file():
         return False
     summary = read_json(path)
-    return (summary.get("fingerprint") == fingerprint(cfg, "train")
-            and (not cfg.defense.enabled or "defense" in summary))
+    if summary.get("fingerprint") != fingerprint(cfg, "train"):
+        return False
+    if phase == "purifier":
+        return "defense" in summary and summary.get("purifier") == fingerprint(cfg, "purifier")
+    return not cfg.defense.enabled or cfg.defense.purifier.rounds > 0 or "defense" in summary
+
+
+def run_phase(cfg: ExperimentConfig, phase: str, out: Path, **options):
+    """Train one phase into `out`; phase 4 fine-tunes the U-Net (unless done) and then runs phase 3's
+    defended evaluation again with it (phase 3's rounds are done, so only the evaluation runs)."""
+    if phase == "train":
+        return run_federated(cfg, out, **options)
+    if phase != "purifier":
+        return run_pretraining(cfg, phase, out, **options)
+    if not _weights_done(out / PURIFIER, fingerprint(cfg, "purifier")):
+        run_purifier(cfg, out, **options)
+    return run_federated(cfg, out, **options)
 
 
 def evaluation_overrides(cfg: ExperimentConfig, trained: ExperimentConfig) -> list[str]:
@@ -79,13 +105,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
         method = METHODS[name]
         mcfg = method.configure(cfg)
         folder = method.folder(out)
-        for phase in PHASE_ORDER if method.defended and mcfg.defense.enabled else ("train",):
+        for phase in phases_of(method, mcfg):
             if phase_done(mcfg, folder, phase):
                 log.info("%s phase %s: already done in %s, not redone", name, phase, folder)
-            elif phase == "train":
-                timings.run("train" if method.defended else f"train:{name}", run_federated, mcfg, folder, **options)
             else:
-                timings.run(phase, run_pretraining, mcfg, phase, folder, **options)
+                key = f"train:{name}" if phase == "train" and not method.defended else phase
+                timings.run(key, run_phase, mcfg, phase, folder, **options)
         if transfer and not transfer_done(folder, mcfg):
             timings.run(f"transfer:{name}", transfer_matrix, folder, progress=progress)
         if suite and mcfg.attack.suite:

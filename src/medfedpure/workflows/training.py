@@ -5,7 +5,10 @@ The same ServerApp and ClientApp code runs both ways.
 Phases 1-2 (`run_pretraining`): the diffusion U-Net and the MAE, FedAvg of the whole model
 (or pooled, `defense.training=central`). Phase 3 (`run_federated`): the method's classifier,
 evaluated every round, then the defended evaluation on every client when the folder holds
-the two defense models. Every finished round is checkpointed, so a killed run resumes.
+the two defense models. Phase 4 (`run_purifier`, where `defense.purifier.rounds` > 0): the
+U-Net fine-tuned against each hospital's classifier, FedAvg; the defended evaluation then runs
+with it (`run_federated` again: its rounds are done, so only the evaluation runs). Every
+finished round is checkpointed, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation.client_app import app as client_app
 from medfedpure.federation.server_app import make_pretrain_server_app, make_server_app, make_strategy
 from medfedpure.federation.simulation import flower_environment, run_flower
-from medfedpure.federation.strategy import FederationError, PretrainFedAvg
-from medfedpure.methods import fingerprint, method_of, new_model, task
+from medfedpure.federation.strategy import FederationError, PretrainFedAvg, PurifierFedAvg
+from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.runfolder import CHECKPOINTS, load_round, save_round
+from medfedpure.runfolder import CHECKPOINTS, PURIFIER, load_round, need, purifier_file, save_round
 from medfedpure.storage import load_tensors, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -128,8 +131,10 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
 
 
 def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings, rows: list[dict], record,
-                        progress: bool, flower_log_level: int, deployment: Deployment | None) -> None:
-    """FedAvg of the whole model over the clients' clean scans, one checkpoint per round."""
+                        progress: bool, flower_log_level: int, deployment: Deployment | None,
+                        experts: ArrayRecord | None = None, out: Path | None = None) -> None:
+    """FedAvg of the whole model over the clients' scans, one checkpoint per round (phase 4: with the
+    phase-3 `experts` beside it, and the run folder `out` where each hospital keeps its gate)."""
     bar = tqdm(total=settings.rounds, initial=len(rows), desc=f"{phase_name} rounds", unit="round",
                disable=not progress)
 
@@ -140,11 +145,12 @@ def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings,
         bar.update(1)
 
     final: list[ArrayRecord] = []
-    strategy = PretrainFedAvg(cfg.data.num_clients, on_round_end, round_offset=len(rows),
-                              min_fit_fraction=cfg.federation.min_fit_fraction,
-                              rejoin_wait_s=cfg.federation.rejoin_wait_s)
+    options = {"round_offset": len(rows), "min_fit_fraction": cfg.federation.min_fit_fraction,
+               "rejoin_wait_s": cfg.federation.rejoin_wait_s}
+    strategy = (PretrainFedAvg(cfg.data.num_clients, on_round_end, **options) if experts is None
+                else PurifierFedAvg(cfg.data.num_clients, on_round_end, experts, **options))
     server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
-                                          settings.rounds, final.append)
+                                          settings.rounds, final.append, None if out is None else str(out))
     try:
         _run_flower(server_app, cfg, flower_log_level, deployment)
     finally:
@@ -170,6 +176,42 @@ def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, done: int, 
                model.state_dict())
 
 
+# --------------------------------------------------------------------------- phase 4
+def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                 flower_log_level: int = logging.ERROR, deployment: Deployment | None = None) -> dict:
+    """Fine-tune phase 1's U-Net against every hospital's phase-3 classifier (`defense.purifier`),
+    FedAvg; writes `purifier.safetensors` and `purifier_metrics.json`. Phase 3 must be done."""
+    cfg = method_of(cfg).configure(cfg).validate()
+    out = Path(out_dir).resolve()
+    settings = cfg.defense.purifier
+    if settings.rounds < 1 or not method_of(cfg).defended:
+        raise ValueError("defense.purifier.rounds is 0 (or the method has no defense): there is no phase 4 to run")
+    experts = ArrayRecord(load_tensors(need(out / "global_experts.safetensors", "phase 3's experts")))
+    unet = need(out / CHECKPOINTS["diffusion"], "phase 1's U-Net")
+    run = fingerprint(cfg, "purifier")
+    resumed = load_round(out, "purifier", run)
+    t0 = time.time()
+    task.set_seed(cfg.seed)
+    model = PHASES["diffusion"].build(cfg).to(cfg.device)
+    model.load_state_dict(resumed.arrays if resumed is not None else load_tensors(unet))
+    rows: list[dict] = list(resumed.state["rows"]) if resumed else []
+    metrics_path = out / "purifier_metrics.json"
+
+    def record(row: dict, state: dict) -> None:
+        rows.append(row)
+        save_round(out, "purifier", run, row["round"], state, {"rows": rows})
+        write_json(metrics_path, {"phase": "purifier", "rows": rows})
+
+    _pretrain_federated(cfg, "purifier", model, settings, rows, record, progress, flower_log_level, deployment,
+                        experts=experts, out=out)
+    wall = time.time() - t0
+    save_tensors(out / PURIFIER, model.state_dict(), {"phase": "purifier", "config": cfg.to_json(),
+                                                      "wall_time_s": f"{wall:.1f}", "fingerprint": run})
+    summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), "fingerprint": run}
+    write_json(metrics_path, summary)
+    return summary
+
+
 # --------------------------------------------------------------------------- phase 3
 def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays: bool = False,
                   progress: bool = True, flower_log_level: int = logging.ERROR,
@@ -188,10 +230,13 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     if resumed is not None:
         model.load_experts(resumed.arrays)
         log.info("resuming after round %d of %d (checkpoints/train.json)", resumed.round, cfg.train.rounds)
-    run_defense = cfg.defense.enabled and len(defense_models) == 2
-    if cfg.defense.enabled and not run_defense:
+    run_defense = cfg.defense.enabled and {"mae", "purifier"} <= set(defense_models)
+    if cfg.defense.enabled and not {"mae", "diffusion"} <= set(defense_models):
         log.warning("no defended evaluation: %s lacks %s (run pretrain-diffusion and pretrain-mae with the same "
                     "--out first)", out, " and ".join(CHECKPOINTS.values()))
+    elif cfg.defense.enabled and not run_defense:
+        log.info("the defended evaluation waits for phase 4 (%s): `medfedpure experiment` runs it next",
+                 out / PURIFIER)
     strategy, final_arrays, defense_results = _federate(cfg, out, model, resumed, defense_models, run_defense,
                                                         keep_client_arrays, progress, flower_log_level, deployment)
     if not final_arrays or len(strategy.history) < cfg.train.rounds:
@@ -205,10 +250,13 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
 
 def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, dict[str, ArrayRecord]]:
     """The config as the method trains it, and the defense models the folder holds (they travel to
-    the hospitals with the messages that need them)."""
+    the hospitals with the messages that need them): phases 1-2's, and under `purifier` the U-Net the
+    defended evaluation purifies with (phase 4's where the config has one and it is done)."""
     cfg = method_of(cfg).configure(cfg)
     models = {name: ArrayRecord(load_tensors(out / fname)) for name, fname in CHECKPOINTS.items()
               if (out / fname).is_file()}
+    if "diffusion" in models and purifier_file(out, cfg).is_file():
+        models["purifier"] = ArrayRecord(load_tensors(purifier_file(out, cfg)))
     if cfg.defense.purify_training and "diffusion" not in models:
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
                     "(run `medfedpure pretrain-diffusion` with the same --out first)", out / CHECKPOINTS["diffusion"])
@@ -240,9 +288,10 @@ def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_models: 
                              history=history_from_json(resumed.state["history"]) if resumed else None,
                              train_extras={"diffusion": defense_models["diffusion"]} if cfg.defense.purify_training
                              else None)
+    # the defended evaluation purifies with phase 4's U-Net where the run has one
+    defended_with = {"mae": defense_models["mae"], "diffusion": defense_models["purifier"]} if run_defense else None
     server_app = make_server_app(cfg, ArrayRecord(model.expert_state()), str(out), strategy, final_arrays.append,
-                                 defense_models if run_defense else None,
-                                 defense_results.extend if run_defense else None)
+                                 defended_with, defense_results.extend if run_defense else None)
     try:
         _run_flower(server_app, cfg, flower_log_level, deployment)
     finally:
@@ -269,6 +318,8 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
     label = pgd_label(cfg.attack)
     summary = {"name": cfg.name, "attack": label, "final": final, "failures": failures(history),
                "fingerprint": fingerprint(cfg, "train"),
+               # which U-Net the defended evaluation purified with: phase 4's (its fingerprint) or phase 1's
+               "purifier": purifier_tag(cfg) if defense_results else None,
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
     if defense_results:
         drows = defense_rows(defense_results, cfg)
