@@ -69,7 +69,10 @@ def test_validation_names_the_field():
                              (["defense.purify_training=true", "defense.purifier.rounds=-1"], "defense.purifier.rounds"),
                              (["defense.purify_training=true", "defense.purifier.rounds=1",
                                "defense.purifier.clean_weight=-1"], "defense.purifier.clean_weight"),
-                             (["defense.purifier.lr=0"], "defense.purifier")):
+                             (["defense.purifier.lr=0"], "defense.purifier"),
+                             (["defense.adv_raw_share=0.3"], "defense.adv_raw_share"),
+                             (["defense.purify_training=true", "defense.adv_share=0.8", "defense.adv_raw_share=0.3"],
+                              "defense.adv_raw_share")):
         with pytest.raises(ConfigError, match=field):
             apply_overrides(load_preset("demo"), overrides).validate()
     apply_overrides(load_preset("demo"), ["defense.purify_training=true", "defense.purifier.rounds=1"]).validate()

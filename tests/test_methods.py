@@ -124,6 +124,28 @@ def test_adversarial_batch_replaces_the_share_within_eps():
     assert adversarial_batch(attack, x, y, 0.0)[1] == 0
 
 
+def test_defense_in_depth_batch_keeps_raw_attacks_raw_and_labels_in_place():
+    """defense.adv_raw_share: after the scans attacked through the purifier (then purified) come
+    those attacked on the classifier alone, left raw; then half of the rest purified, half clean.
+    Every scan stays at its label's position; without it the batch is what it was."""
+    from medfedpure.defense import build_diffusion
+    from medfedpure.methods.medfedpure import defended_training_batch
+
+    cfg = load_preset("demo")
+    diffusion = build_diffusion(cfg).eval()
+    x, y = torch.rand(10, 3, 32, 32), torch.arange(10) % 2
+    through = lambda xb, yb: (xb + 0.01).clamp(0, 1)  # noqa: E731 (stand-ins that mark their scans)
+    raw = lambda xb, yb: 1 - xb  # noqa: E731
+    out = defended_training_batch(x, y, diffusion, through, 0.2, cfg, torch.Generator().manual_seed(0), raw, 0.3)
+    assert out.shape == x.shape
+    assert torch.equal(out[2:5], 1 - x[2:5])  # raw: the attack on the classifier alone, not purified
+    assert torch.equal(out[7:], x[7:])  # the clean half of the rest
+    assert not torch.equal(out[:2], x[:2] + 0.01) and not torch.equal(out[5:7], x[5:7])  # purified
+    plain = defended_training_batch(x, y, diffusion, through, 0.2, cfg, torch.Generator().manual_seed(0))
+    again = defended_training_batch(x, y, diffusion, through, 0.2, cfg, torch.Generator().manual_seed(0), raw, 0.0)
+    assert torch.equal(plain, again) and torch.equal(plain[6:], x[6:])
+
+
 def test_pfeddef_replaces_share_g_of_the_scans_with_pgd_examples():
     torch.manual_seed(0)
     data = _data(15)

@@ -183,6 +183,9 @@ class DefenseConfig:
     # adversarial training with the purifier in the loop: this share of every phase-3 batch is
     # replaced by PGD crafted through purification (budget: method.adv_* or the attack's), then purified
     adv_share: float = 0.0
+    # defense in depth: this share of every phase-3 batch is replaced by the same attack crafted on the
+    # classifier alone (as FAT does) and left unpurified, so the experts also know raw adversarial scans
+    adv_raw_share: float = 0.0
     eval_modes: list = field(default_factory=lambda: ["selective", "graded"])
     eval_detectors: list = field(default_factory=lambda: ["mae", "residual", "disagreement"])
     mae: MAESettings = field(default_factory=MAESettings)
@@ -364,6 +367,10 @@ class ExperimentConfig:
             (0 <= self.defense.adv_share <= 1, "defense.adv_share", "in [0, 1]"),
             (self.defense.adv_share == 0 or self.defense.purify_training, "defense.adv_share",
              "0 unless defense.purify_training is on (the purifier is what the attack goes through)"),
+            (0 <= self.defense.adv_raw_share <= 1 - self.defense.adv_share, "defense.adv_raw_share",
+             "in [0, 1 - defense.adv_share]"),
+            (self.defense.adv_raw_share == 0 or self.defense.purify_training, "defense.adv_raw_share",
+             "0 unless defense.purify_training is on (it is the defended training batch's raw part)"),
             (0 < self.defense.mae.mask_ratio < 1, "defense.mae.mask_ratio", "in (0, 1)"),
             (self.defense.purifier.rounds >= 0, "defense.purifier.rounds", ">= 0 (0: no fine-tuning)"),
             (self.defense.purifier.local_epochs >= 1 and self.defense.purifier.batch_size >= 1

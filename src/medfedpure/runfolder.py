@@ -79,7 +79,7 @@ ADVERSARIAL_TRAINING = ("adv_attack", "adv_noise", "adv_norm", "adv_eps", "adv_a
 _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
                  ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None,
                  ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None,
-                 ("model", "width"): 64}
+                 ("model", "width"): 64, ("defense", "adv_raw_share"): 0.0}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:
@@ -109,7 +109,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
         if not defended:
             part.pop("defense")
             part["method"] = method
-        elif raw["defense"].get("adv_share", 0.0) > 0:  # it trains on attacks made with method.adv_*
+        elif max(raw["defense"].get("adv_share", 0.0), raw["defense"].get("adv_raw_share", 0.0)) > 0:
+            # it trains on attacks made with method.adv_*
             chosen = {k: method[k] for k in ADVERSARIAL_TRAINING if method.get(k) is not None and k in method}
             if chosen:
                 part["adversarial_training"] = chosen

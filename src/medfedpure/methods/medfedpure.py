@@ -30,14 +30,20 @@ def purify_batch(diffusion, x: torch.Tensor, cfg: ExperimentConfig, gen: torch.G
 
 
 def defended_training_batch(x: torch.Tensor, y: torch.Tensor, purifier, attack: PGD | None, share: float,
-                            cfg: ExperimentConfig, gen: torch.Generator) -> torch.Tensor:
+                            cfg: ExperimentConfig, gen: torch.Generator, raw_attack: PGD | None = None,
+                            raw_share: float = 0.0) -> torch.Tensor:
     """What the experts see of a batch when they train for the defense: the first `share` of it
-    attacked through the purifier (if `attack`), those and half the rest purified, the other half clean."""
+    attacked through the purifier (if `attack`), the next `raw_share` attacked on the classifier
+    alone (if `raw_attack`) and left raw; the attacked-through-the-purifier scans and half the rest
+    purified, the other half clean."""
     k = min(len(x), math.ceil(share * len(x))) if attack is not None else 0
+    r = min(len(x) - k, math.ceil(raw_share * len(x))) if raw_attack is not None else 0
     attacked = attack(x[:k], y[:k]) if k else x[:0]
-    half = (len(x) - k) // 2
-    purified = purify_batch(purifier, torch.cat([attacked, x[k:k + half]]), cfg, gen)
-    return torch.cat([purified, x[k + half:]])
+    raw = raw_attack(x[k:k + r], y[k:k + r]) if r else x[:0]
+    rest = k + r
+    half = (len(x) - rest) // 2
+    purified = purify_batch(purifier, torch.cat([attacked, x[rest:rest + half]]), cfg, gen)
+    return torch.cat([purified[:k], raw, purified[k:], x[rest + half:]])
 
 
 def moe_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
@@ -52,18 +58,22 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
     """E local epochs on the mixture loss (Eq. 9); returns the last epoch's mean loss and gate entropy."""
     optimizer = moe_optimizer(model, cfg, round_lr(cfg, server_round))
     gen = torch.Generator().manual_seed(cfg.seed + server_round)
-    attack = None
+    attack = raw_attack = None
     if purifier is not None and cfg.defense.adv_share > 0:
         target = RandomDepthPurified(model, purifier, cfg.defense, gen)
         attack = make_training_attack(target, cfg, seed=cfg.seed * 1_000 + server_round)
+    if purifier is not None and cfg.defense.adv_raw_share > 0:
+        raw_attack = make_training_attack(model, cfg, seed=cfg.seed * 1_000 + 500 + server_round)
 
     def step(batch):
         x, y = (t.to(cfg.device) for t in batch)
         if purifier is not None:
-            x = defended_training_batch(x, y, purifier, attack, cfg.defense.adv_share, cfg, gen)
+            x = defended_training_batch(x, y, purifier, attack, cfg.defense.adv_share, cfg, gen, raw_attack,
+                                        cfg.defense.adv_raw_share)
         loss, parts = model.loss(x, y)
         return loss, len(y), {"gate_entropy": parts["gate_entropy"] * len(y)}
 
     last = fit(model, loader, optimizer, cfg.train.local_epochs, step)
     return {"train_loss": last["loss"], "gate_entropy": last.get("gate_entropy", 0.0),
-            "adv_share": cfg.defense.adv_share if attack is not None else 0.0}
+            "adv_share": (cfg.defense.adv_share if attack is not None else 0.0)
+            + (cfg.defense.adv_raw_share if raw_attack is not None else 0.0)}
