@@ -107,6 +107,9 @@ def test_the_shipped_defense_study_parses():
     spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-defenses.yaml")
     assert spec["attacks"] == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
     assert len({c["name"] for c in spec["candidates"]}) == len(spec["candidates"]) >= 8
+    paired = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-training-attack.yaml")
+    assert paired["attacks"] == ["eot-pgd:margin"] and len(paired["candidates"]) == 2
+    assert all(c["run"].startswith(str(Path.home())) for c in paired["candidates"])  # ~ read as a shell would
 
 
 def test_adversarial_training_attack_is_part_of_a_defended_runs_fingerprint():

@@ -49,6 +49,9 @@ def load_spec(path: Path) -> dict:
                               f"(and optionally {sorted(CANDIDATE_FIELDS - {'name', 'run'})})")
         if "from" in c and c.get("overrides"):
             raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}' takes 'from' or 'overrides', not both")
+        for key in ("run", "from"):  # a home-relative path (~/runs/...) as a shell would read it
+            if isinstance(c.get(key), str):
+                c[key] = str(Path(c[key]).expanduser())
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate spec '{path}': candidate names repeat")
