@@ -332,13 +332,26 @@ def test_experiment_compares_methods_and_resumes(tmp_path):
     cfg.data.synthetic_per_class = 60
     cfg.train.rounds = 1
     cfg.attack.max_eval_per_client = 8
+    # beside the suite: the headline attacks on every test scan, and the convergence check on 2 per client
+    cfg.attack.headline, cfg.attack.convergence, cfg.attack.convergence_max_per_client = ["eot-pgd"], [
+        "eot-pgd", "eot-pgd@3x1"], 2
     tables = run_experiment(cfg, tmp_path, progress=False, methods=["fat", "local"])
     rows = {r["method"]: r for r in tables["rows"]}
     assert set(rows) == {"FAT", "Local"} and all(r["clean"] is not None for r in rows.values())
     assert {r["method"] for r in tables["transfer"]} == {"FAT", "Local"}
     assert (tmp_path / "methods.png").is_file() and (tmp_path / "tables.md").is_file()
+    # every own-test evaluation ran, each in its folder; the table's adaptive column is the headline's
+    local = tmp_path / "baselines" / "local" / "evaluations"
+    assert {p.name for p in local.iterdir()} >= {"own-test-suite", "own-test-headline", "own-test-convergence"}
+    kinds = {(m["method"], m["kind"]): m for m in tables["suites"]}
+    n_test = sum(c["n_test"] for c in json.loads((local.parent / "summary.json").read_text())["clients"])
+    assert kinds[("Local", "headline")]["scans"] == n_test and kinds[("Local", "convergence")]["scans"] == 4
+    assert rows["Local"]["adaptive_attack"].endswith(f"{n_test} scans")
+    (c,) = kinds[("Local", "convergence")]["convergence"]
+    assert (c["attack"], c["stronger"]) == ("eot-pgd", "eot-pgd@3x1")
+    assert kinds[("Local", "headline")]["paired"]["n"] == n_test  # paired with FAT's headline, same scans
     # every other method's suite is paired with FAT's on the same scans (McNemar), in the tables
-    suites = {m["method"]: m for m in tables["suites"]}
+    suites = {m["method"]: m for m in tables["suites"] if m["kind"] == "suite"}
     p = suites["Local"]["paired"]
     assert "paired" not in suites["FAT"] and p["against"] == "FAT" and p["attack"] == suites["Local"]["headline"]["attack"]
     outcomes = suites["Local"]["suite"][p["attack"]]["outcomes"]["first"]

@@ -99,6 +99,14 @@ class AttackConfig:
     suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "eot-pgd:margin", "bpda", "detector-aware",
                                                   "orthogonal:margin", "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
+    # the headline with power: these attacks (e.g. both eot-pgd losses) on `headline_max_per_client`
+    # scans of each client (null: its whole test split), a second own-test evaluation (empty: none)
+    headline: list = field(default_factory=list)
+    headline_max_per_client: int | None = None
+    # the convergence check: the same attacks at the suite's budget and at a stronger one
+    # (eot-pgd:margin beside eot-pgd:margin@200x20) on the same scans, a third evaluation (empty: none)
+    convergence: list = field(default_factory=list)
+    convergence_max_per_client: int | None = 5
 
 
 @dataclass
@@ -350,8 +358,13 @@ class ExperimentConfig:
             (all(valid_attack_name(a) for a in self.attack.suite), "attack.suite",
              "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss and budget: "
              "eot-pgd:margin@200x20)"),
-            (self.attack.suite_max_per_client is None or self.attack.suite_max_per_client >= 1,
-             "attack.suite_max_per_client", ">= 1 or null (every scan)"),
+            *[(isinstance(getattr(self.attack, kind), list)
+               and all(valid_attack_name(a) for a in getattr(self.attack, kind)), f"attack.{kind}",
+               "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss and budget: "
+               "eot-pgd:margin@200x20)") for kind in ("headline", "convergence")],
+            *[(getattr(self.attack, f"{kind}_max_per_client") is None or getattr(self.attack, f"{kind}_max_per_client")
+               >= 1, f"attack.{kind}_max_per_client", ">= 1 or null (every scan)")
+              for kind in ("suite", "headline", "convergence")],
             (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),
             (self.defense.detector in {"mae", "residual", "disagreement"}, "defense.detector",
              "one of mae, residual, disagreement"),

@@ -70,7 +70,8 @@ EVALUATION_ONLY = ("detector", "mode", "rule", "kappa", "target_fpr", "eval_mode
                    "votes")
 # attack fields that only the adaptive evaluation after training reads
 ATTACK_EVALUATION_ONLY = ("adaptive_steps", "eot", "loss", "detector_weight", "square_queries", "draws", "suite",
-                          "suite_max_per_client", "batch_size", "channels_last")
+                          "suite_max_per_client", "headline", "headline_max_per_client", "convergence",
+                          "convergence_max_per_client", "batch_size", "channels_last")
 # method fields that decide how adversarial training crafts its examples (MedFedPure's too)
 ADVERSARIAL_TRAINING = ("adv_attack", "adv_noise", "adv_norm", "adv_eps", "adv_alpha", "adv_steps")
 

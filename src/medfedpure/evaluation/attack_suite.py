@@ -31,9 +31,18 @@ KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes"
                      "detector-aware": "yes", "orthogonal": "yes", "square": "yes (queries)"}
 
 
-def default_suite_dir(run: Path | str) -> Path:
-    """Where `experiment` and `report` keep a run's own-test suite."""
-    return Path(run) / "evaluations" / "own-test-suite"
+# the own-test evaluations `experiment` runs after training, by kind: (the attack.* list it runs,
+# the attack.* field capping its scans per client)
+OWN_TEST_EVALUATIONS = {"suite": ("suite", "suite_max_per_client"),
+                        "headline": ("headline", "headline_max_per_client"),
+                        "convergence": ("convergence", "convergence_max_per_client")}
+
+
+def default_suite_dir(run: Path | str, kind: str = "suite") -> Path:
+    """Where `experiment` and `report` keep a run's own-test evaluation of that kind."""
+    if kind not in OWN_TEST_EVALUATIONS:
+        raise ValueError(f"unknown own-test evaluation '{kind}' ({', '.join(OWN_TEST_EVALUATIONS)})")
+    return Path(run) / "evaluations" / f"own-test-{kind}"
 
 
 def _client_scans(r: RunUnderTest, client: int, cap: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -225,13 +234,20 @@ def suite_markdown(result: dict) -> str:
     lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {_pct(h['first'])}% "
                   f"[{_pct(h['first_ci'][0])}, {_pct(h['first_ci'][1])}] under {h['attack']} "
                   f"({budget_label(h['settings'])}), {h['n']} scans.**", ""]
-    for c in result.get("convergence", []):
-        verdict = ("lower beyond the interval: the headline takes the stronger budget" if c["lower_beyond_interval"]
-                   else "within the interval: the suite's budget has converged")
-        lines += [f"Convergence: {c['stronger']} {_pct(c['stronger_first'])}% against {c['attack']} "
-                  f"{_pct(c['first'])}% [{_pct(c['first_ci'][0])}, {_pct(c['first_ci'][1])}] on the same scans: "
-                  f"{verdict}.", ""]
+    lines += convergence_lines(result.get("convergence", []))
     return "\n".join(lines)
 
 
-__all__ = ["SUITE", "evaluate_suite", "paired_test", "suite_markdown"]
+def convergence_lines(convergence: list[dict]) -> list[str]:
+    """Each attack at its own stronger budget against the same attack at the suite's, in words."""
+    lines = []
+    for c in convergence:
+        verdict = ("lower beyond the interval: the budget has not converged, and the headline takes the stronger one"
+                   if c["lower_beyond_interval"] else "within the interval: the suite's budget has converged")
+        lines += [f"Convergence: {c['stronger']} {_pct(c['stronger_first'])}% against {c['attack']} "
+                  f"{_pct(c['first'])}% [{_pct(c['first_ci'][0])}, {_pct(c['first_ci'][1])}] on the same scans: "
+                  f"{verdict}.", ""]
+    return lines
+
+
+__all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "paired_test", "suite_markdown"]

@@ -16,7 +16,8 @@ from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 from medfedpure.methods import METHODS, fingerprint
 from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError
 from medfedpure.storage import read_json, tensor_metadata, write_json
-from medfedpure.evaluation.attack_suite import default_suite_dir, evaluate_suite, suite_done, suite_request
+from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, default_suite_dir, evaluate_suite, suite_done,
+                                               suite_request)
 from medfedpure.workflows.report import write_report
 from medfedpure.workflows.training import run_federated, run_pretraining, run_purifier
 
@@ -113,17 +114,21 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                 timings.run(key, run_phase, mcfg, phase, folder, **options)
         if transfer and not transfer_done(folder, mcfg):
             timings.run(f"transfer:{name}", transfer_matrix, folder, progress=progress)
-        if suite and mcfg.attack.suite:
-            _suite(mcfg, folder, timings, f"suite:{name}", progress)
+        if suite:
+            for kind in OWN_TEST_EVALUATIONS:
+                _suite(mcfg, folder, kind, timings, f"{kind}:{name}", progress)
     return write_report(out)
 
 
-def _suite(cfg: ExperimentConfig, folder: Path, timings: _Timings, key: str, progress: bool) -> None:
-    """The attack suite (`attack.suite`) on the method's own test splits, unless already done as asked."""
+def _suite(cfg: ExperimentConfig, folder: Path, kind: str, timings: _Timings, key: str, progress: bool) -> None:
+    """One own-test evaluation (`kind`: the suite, the headline on more scans, the convergence check)
+    on the method's own test splits, unless it has no attacks or is already done as asked."""
+    attacks_field, cap_field = OWN_TEST_EVALUATIONS[kind]
+    attacks, cap = getattr(cfg.attack, attacks_field), getattr(cfg.attack, cap_field)
+    if not attacks:
+        return
     changed = evaluation_overrides(cfg, ExperimentConfig.from_dict(read_json(folder / "config.json")))
-    request = suite_request(folder, None, cfg.attack.suite, overrides=changed,
-                            max_per_client=cfg.attack.suite_max_per_client)
-    if not suite_done(default_suite_dir(folder), request):
-        timings.run(key, evaluate_suite, folder, None, cfg.attack.suite, overrides=changed,
-                    max_per_client=cfg.attack.suite_max_per_client, out=default_suite_dir(folder),
-                    progress=progress)
+    request = suite_request(folder, None, attacks, overrides=changed, max_per_client=cap)
+    if not suite_done(default_suite_dir(folder, kind), request):
+        timings.run(key, evaluate_suite, folder, None, attacks, overrides=changed, max_per_client=cap,
+                    out=default_suite_dir(folder, kind), progress=progress)

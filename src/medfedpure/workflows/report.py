@@ -8,7 +8,8 @@ from pathlib import Path
 
 from medfedpure.attacks import pgd_label
 from medfedpure.config import ExperimentConfig
-from medfedpure.evaluation.attack_suite import budget_label, default_suite_dir, paired_test
+from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_label, convergence_lines,
+                                               default_suite_dir, paired_test)
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
@@ -75,15 +76,15 @@ def build_tables(run: Path) -> dict:
         folder = runs[name]
         summary = _load(folder, "summary.json")
         wall[name] = summary["final"].get("wall_time_s")
-        suite = _suite(folder)
-        if suite is not None:
-            suites.append({"method": method.label, **suite})
+        evaluations = _suites(folder)
+        suites += [{"method": method.label, **ev} for ev in evaluations.values()]
+        suite = evaluations.get("headline", evaluations.get("suite"))  # the table's adaptive column
         rows += _method_rows(method, folder, summary, suite, setting, paper.get(method.label, (None, None)))
         if method.defended:
             detection = _detection_rows(summary)
         transfer += _transfer_rows(method, folder)
-    reference = next((m for m in suites if m["method"] == REFERENCE.label), None)
-    if reference is not None:  # "beats plain federated adversarial training" is a paired test against it
+    for reference in [m for m in suites if m["method"] == REFERENCE.label]:
+        # "beats plain federated adversarial training" is a paired test against it, evaluation by evaluation
         _pair_with(reference, reference["method"], suites)
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
             "suites": suites,
@@ -143,22 +144,26 @@ def _transfer_rows(method, folder: Path) -> list[dict]:
             for kind in ("bare", "defended") if kind in t]
 
 
-def _suite(folder: Path) -> dict | None:
-    """A method's attack suite on its own test splits (what `experiment` ran), if there is one."""
-    path = default_suite_dir(folder) / "evaluation.json"
-    if not path.is_file():
-        return None
-    ev = read_json(path)
-    return {"headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"], "scans": ev["headline"]["n"],
-            "scan_ids": ev.get("scans")}
+def _suites(folder: Path) -> dict[str, dict]:
+    """A method's own-test evaluations (what `experiment` ran), by kind: the suite, the headline on
+    more scans, the convergence check."""
+    out = {}
+    for kind in OWN_TEST_EVALUATIONS:
+        path = default_suite_dir(folder, kind) / "evaluation.json"
+        if path.is_file():
+            ev = read_json(path)
+            out[kind] = {"kind": kind, "headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"],
+                         "scans": ev["headline"]["n"], "scan_ids": ev.get("scans"),
+                         "convergence": ev.get("convergence", [])}
+    return out
 
 
 def _pair_with(reference: dict, label: str, suites: list[dict]) -> None:
-    """Each other method's suite paired with `reference`'s under that method's strongest attack
-    (McNemar's exact test on the first-draw outcomes of the same scans), as `paired`."""
+    """Each other method's evaluation of the same kind paired with `reference`'s under that method's
+    strongest attack (McNemar's exact test on the first-draw outcomes of the same scans), as `paired`."""
     ref = {"suite": reference["suite"], "scans": reference["scan_ids"]}
     for m in suites:
-        if m is not reference:
+        if m is not reference and m["kind"] == reference["kind"]:
             m["paired"] = paired_test(ref, {"suite": m["suite"], "scans": m["scan_ids"]}, m["headline"]["attack"],
                                       label)
 
@@ -213,7 +218,8 @@ def _suite_lines(m: dict) -> list[str]:
     d = m["defense"]
     where = (f"behind its defense ({d['mode']}, {d['detector']} detector, t* in [{d['t_min']}, {d['t_max']}], "
              f"{d['votes']} purification(s))" if d else "no defense")
-    lines = ["", f"## Attack suite: {m['method']}, {where}, each client's own test split", "",
+    title = {"suite": "Attack suite", "headline": "Headline attacks", "convergence": "Convergence check"}[m["kind"]]
+    lines = ["", f"## {title}: {m['method']}, {where}, each client's own test split", "",
              "| attack | budget | scans | first draw [95% CI] | majority | worst of N | flagged |",
              "|---|---|---|---|---|---|---|"]
     for name, p in m["suite"].items():
@@ -221,6 +227,8 @@ def _suite_lines(m: dict) -> list[str]:
         lines.append(f"| {name} | {budget_label(p['settings'])} | {p['n']} | {100 * p['first']:.1f} "
                      f"[{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}] | "
                      f"{100 * p['majority']:.1f} | {100 * p['worst']:.1f} | {flagged} |")
+    if m.get("convergence"):
+        lines += [""] + convergence_lines(m["convergence"])[:-1]
     paired = m.get("paired")
     if paired and "unavailable" in paired:
         lines += ["", f"Paired with {paired['against']}: n/a ({paired['unavailable']})."]
