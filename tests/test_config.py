@@ -105,8 +105,9 @@ def test_the_shipped_defense_study_parses():
     from medfedpure.workflows.compare import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-defenses.yaml")
-    assert spec["attacks"] == ["eot-pgd", "eot-pgd:margin", "orthogonal:margin"]
+    assert spec["attacks"] == ["eot-pgd", "eot-pgd:margin", "detector-aware", "orthogonal:margin", "square"]
     assert len({c["name"] for c in spec["candidates"]}) == len(spec["candidates"]) >= 8
+    assert spec["candidates"][0]["name"].startswith("FAT")  # every candidate is paired with the first
     paired = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-training-attack.yaml")
     assert paired["attacks"] == ["eot-pgd:margin"] and len(paired["candidates"]) == 2
     assert all(c["run"].startswith(str(Path.home())) for c in paired["candidates"])  # ~ read as a shell would
