@@ -349,7 +349,8 @@ def bench_defended_gradient(cfg, device: str, n: int = 32) -> dict:
     detector's forward pass (no graph: it only decides flag and t*), purification forward and
     backward, the classifier forward and backward; the whole as `shipped_default` times it
     (`.backward()`, weight gradients included), as an attack takes it (the input's gradient
-    alone), and per draw of one EOT-4 step (the detector shared by the draws); default and
+    alone), and per draw of one EOT-4 step (the detector shared by the draws), in channels-last
+    layout also at the batch sizes the suite may attack with (attack.batch_size); default and
     channels-last layouts."""
     from medfedpure.attacks import PGD
     from medfedpure.defense.evaluation import build_detector
@@ -394,6 +395,11 @@ def bench_defended_gradient(cfg, device: str, n: int = 32) -> dict:
             lambda: through(lambda v: torch.nn.functional.cross_entropy(defended(v), y, reduction="none")))
         eot = PGD(defended, eps=cfg.attack.eps, alpha=cfg.attack.alpha, steps=1, eot=4)
         row["eot4_step_ms_per_scan_and_draw"] = round(per_scan(lambda: eot.value_and_gradient(x, y)) / 4, 2)
+        if layout == "channels_last":  # the suite's batch (attack.batch_size): what one EOT-4 step costs per scan
+            row["eot4_step_ms_per_scan_and_draw_by_batch"] = {
+                str(b): round(1e3 * _timed(lambda b=b: eot.value_and_gradient(
+                    torch.rand(b, 3, size, size, device=device), torch.randint(0, 2, (b,), device=device)),
+                    repeat=3) / b / 4, 2) for b in (8, 16, 32, 64)}
         out[layout] = row
     return out
 

@@ -25,6 +25,8 @@ def test_benchmark_command_writes_its_json(tmp_path):
         assert shipped[layout]["clean"]["over_bare"] > 1 and shipped[layout]["defended_gradient_ms_per_scan"] > 0
         stages = result["defended_gradient"][layout]
         assert 0 < stages["detector_forward_ms"] and 0 < stages["attack_gradient_ms_per_scan"]
+    by_batch = result["defended_gradient"]["channels_last"]["eot4_step_ms_per_scan_and_draw_by_batch"]
+    assert set(by_batch) == {"8", "16", "32", "64"} and all(v > 0 for v in by_batch.values())
     breakdown = result["experiment_breakdown"]
     assert breakdown["scans"].startswith("synthetic") and breakdown["phase_diffusion"]["projected_s"] > 0
     projected = breakdown["projected"]
