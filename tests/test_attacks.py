@@ -313,7 +313,7 @@ def test_fixed_noise_is_the_same_draw_for_attacker_and_defender(parts):
             once = model(x)
             assert torch.equal(once, model(x))
             assert all(torch.equal(once, z) for z in model.sample_logits(x, 3))  # what an attack's draws see
-            assert torch.equal(model.unflagged_logits(x, 2)[0], model.unflagged_logits(x, 2)[1])
+            assert torch.equal(model.unflagged_logits(x, 1), model.unflagged_logits(x, 1))
         with fixed_noise(model, 6):
             assert not torch.equal(once, model(x))  # another seed, another draw
     assert model.noise_seed is None
@@ -326,13 +326,23 @@ def test_fixed_noise_is_the_same_draw_for_attacker_and_defender(parts):
     attack = build_attack("fixed-noise", model, cfg, 1_000 * 2)
     for start in (0, 4):
         xb, yb = x[start:start + 4], y[start:start + 4]
-        with fixed_noise(model, 1_000 * 2 + 1 + start):
+        with fixed_noise(model, (1_000 * 2 + 1) * 1_000_003 + start):
             adv = attack(xb, yb)
             seen = model(adv).argmax(1) == yb
         assert fixed["outcomes"]["first"][start:start + 4] == "".join("1" if v else "0" for v in seen)
     # on an undefended model it is eot-pgd itself, not run twice
     bare = run_suite(parts["classifier"], x, y, ["eot-pgd", "fixed-noise"], cfg, seed=0)
     assert bare["fixed-noise"]["same_as"] == "eot-pgd"
+    # selective mode: a scan's noise does not depend on which other scans are flagged (purified)
+    selective = defended(parts, mode="selective")
+    depths = torch.full((6,), 40)
+    with torch.no_grad(), fixed_noise(selective, 9):
+        selective._fresh_call()
+        every = selective.purify(x, depths)
+        selective._fresh_call()
+        some = selective.purify(x, torch.where(torch.arange(6) == 2, 0, depths))
+    assert torch.equal(some[2], x[2])  # the same noise; the U-Net on 5 scans, not 6: float rounding only
+    assert torch.allclose(some[[0, 1, 3, 4, 5]], every[[0, 1, 3, 4, 5]], atol=1e-5)
 
 
 def test_a_named_loss_overrides_the_configured_one_for_that_attack_alone(parts):

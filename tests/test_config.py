@@ -60,7 +60,7 @@ def test_validation_names_the_field():
     cfg.validate()
     cfg.attack.suite = ["eot-pgd:margin@200x20", "bpda@5x2"]  # a budget per entry (the convergence check)
     cfg.validate()
-    for bad in (["eot-pgd@200"], ["square@10x2"], ["pgd@5x1"]):
+    for bad in (["eot-pgd@200"], ["square@10x2"], ["pgd@5x1"], ["fixed-noise@50x4"]):
         cfg.attack.suite = bad
         with pytest.raises(ConfigError, match="attack.suite"):
             cfg.validate()

@@ -291,6 +291,7 @@ def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg
     c.defense.t_min, c.defense.t_max, c.attack.steps = 20, 60, 2
     c.defense.purifier.rounds, c.defense.purifier.lr = 1, 1e-3
     classifier, diffusion = copy.deepcopy(trained["classifier"]), copy.deepcopy(trained["diffusion"])
+    classifier.train()  # as a caller might leave it: phase 4 must still not move its BatchNorm statistics
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     unet_before = {k: v.clone() for k, v in diffusion.state_dict().items()}
     x, y = next(iter(test))
@@ -301,7 +302,7 @@ def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg
     stats = finetune_purifier(diffusion, classifier, [(x[8:24], y[8:24])] * 3, c, seed=5)
     assert {"loss", "adv_loss", "clean_loss", "denoise_loss", "adv_acc", "clean_acc"} <= set(stats)
     assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
-    assert not classifier.training and all(p.requires_grad for p in classifier.parameters())
+    assert classifier.training and all(p.requires_grad for p in classifier.parameters())  # left as it was
     assert any(not torch.equal(unet_before[k], v) for k, v in diffusion.state_dict().items())
     # the objective is the adversarial term plus the weighted clean and denoising terms
     target, attack = _target(classifier, diffusion, c, seed=1)

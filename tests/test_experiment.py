@@ -308,3 +308,34 @@ def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
     assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp
     r = open_run(tmp_path, None)
     assert all(torch.equal(v, tuned[k]) for k, v in r.diffusion.state_dict().items())
+
+
+def test_which_u_net_is_current_follows_the_config(tmp_path):
+    """Phase 3 is done with the defended evaluation made with phase 1's U-Net when the config has no
+    phase 4, phase 4 only with its own (this config's) U-Net and evaluation; a phase-4 U-Net made
+    for other settings is never used."""
+    import copy
+
+    from medfedpure.methods import METHODS, fingerprint
+    from medfedpure.runfolder import CHECKPOINTS, PURIFIER, purifier_weights
+    from medfedpure.storage import save_tensors
+    from medfedpure.workflows.experiment import phase_done
+
+    cfg = METHODS["medfedpure"].configure(tiny())
+    cfg.defense.purify_training = True
+    tuned = copy.deepcopy(cfg)
+    tuned.defense.purifier.rounds = 2
+    other = copy.deepcopy(tuned)
+    other.defense.purifier.lr = 1e-2
+    summary = {"fingerprint": fingerprint(cfg, "train"), "defense": [{}], "purifier": None}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert phase_done(cfg, tmp_path, "train") and phase_done(tuned, tmp_path, "train")
+    assert not phase_done(tuned, tmp_path, "purifier")
+    save_tensors(tmp_path / CHECKPOINTS["diffusion"], {"w": torch.zeros(1)}, {})
+    save_tensors(tmp_path / PURIFIER, {"w": torch.ones(1)}, {"fingerprint": fingerprint(tuned, "purifier")})
+    assert purifier_weights(tmp_path, cfg) == tmp_path / CHECKPOINTS["diffusion"]
+    assert purifier_weights(tmp_path, tuned) == tmp_path / PURIFIER
+    assert purifier_weights(tmp_path, other) is None  # stale: made with other phase-4 settings
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "purifier": fingerprint(tuned, "purifier")}))
+    assert phase_done(tuned, tmp_path, "purifier") and not phase_done(other, tmp_path, "purifier")
+    assert not phase_done(cfg, tmp_path, "train")  # phase 4 turned off: evaluate again with phase 1's U-Net

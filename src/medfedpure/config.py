@@ -234,7 +234,8 @@ def valid_attack_name(name: str) -> bool:
         return False
     base, loss, budget = parse_attack_name(name)
     return (base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
-            and (budget is None or (base in BUDGETED and min(budget) >= 1)))
+            and (budget is None or (base in BUDGETED and min(budget) >= 1
+                                    and (base != "fixed-noise" or budget[1] == 1))))  # fixed noise: one draw
 
 
 ADV_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")  # adversarial training's attacks (attacks.make_training_attack)

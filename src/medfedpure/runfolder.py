@@ -54,10 +54,18 @@ def need(path: Path, what: str) -> Path:
     return path
 
 
-def purifier_file(run: Path | str, cfg: ExperimentConfig) -> Path:
-    """The U-Net the defense purifies with: phase 4's where the config fine-tunes one
-    (`defense.purifier.rounds` > 0), else phase 1's. The config decides, not what the folder holds."""
-    return Path(run) / (PURIFIER if cfg.defense.purifier.rounds > 0 else CHECKPOINTS["diffusion"])
+def purifier_weights(run: Path | str, cfg: ExperimentConfig) -> Path | None:
+    """The U-Net file the defense purifies with: phase 4's where the config fine-tunes one
+    (`defense.purifier.rounds` > 0), and only if it was made for this config (its fingerprint);
+    else phase 1's. None where that file is missing or stale. The config decides, not the folder."""
+    run = Path(run)
+    if cfg.defense.purifier.rounds <= 0:
+        path = run / CHECKPOINTS["diffusion"]
+        return path if path.is_file() else None
+    path = run / PURIFIER
+    if not path.is_file() or tensor_metadata(path).get("fingerprint") != config_fingerprint(cfg, "purifier", True):
+        return None
+    return path
 
 
 def saved_round(path: Path | str) -> int:

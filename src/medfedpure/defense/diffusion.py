@@ -15,7 +15,7 @@ from torch import nn
 from medfedpure.config import DiffusionSettings
 
 
-def _randn(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def gaussian_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Gaussian noise drawn on the generator's own device, then moved: the same draws on CPU and GPU."""
     where = generator.device if generator is not None else device
     return torch.randn(shape, device=where, generator=generator).to(device)
@@ -56,7 +56,7 @@ class GaussianDiffusion(nn.Module):
         x0 = images * 2 - 1
         where = generator.device if generator is not None else x0.device
         t = torch.randint(1, self.train_t_max + 1, (x0.shape[0],), device=where, generator=generator).to(x0.device)
-        noise = _randn(x0.shape, generator, x0.device)
+        noise = gaussian_noise(x0.shape, generator, x0.device)
         return F.mse_loss(self.model(self.q_sample(x0, t, noise), t), noise)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +82,7 @@ class GaussianDiffusion(nn.Module):
             if step > 1:
                 abar_prev = self.alphas_cumprod[step - 2]
                 var = beta * (1 - abar_prev) / (1 - abar)  # posterior variance
-                noise = _randn(x.shape, generator, x.device)
+                noise = gaussian_noise(x.shape, generator, x.device)
                 mean = mean + var.sqrt() * noise
             x = torch.where(self._b(active), mean, x)
         return x
@@ -102,11 +102,12 @@ class GaussianDiffusion(nn.Module):
         return x
 
     def purify(self, images: torch.Tensor, t_star: torch.Tensor, sampler: str = "ddim", steps: int = 1,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise [0,1] images to t* (per image; 0 leaves an image untouched) and denoise back."""
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise [0,1] images to t* (per image; 0 leaves an image untouched) and denoise back; `noise`
+        (standard normal, the images' shape) instead of a fresh draw for the forward noising."""
         t_star = t_star.to(images.device).long().clamp(0, self.timesteps)
         x0 = images * 2 - 1
-        noise = _randn(x0.shape, generator, x0.device)
+        noise = gaussian_noise(x0.shape, generator, x0.device) if noise is None else noise
         x_t = self.q_sample(x0, t_star, noise)
         if sampler == "ddpm":
             out = self.ddpm_reverse(x_t, t_star, generator)

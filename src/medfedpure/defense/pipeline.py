@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from medfedpure.config import DefenseConfig
-from medfedpure.defense.diffusion import GaussianDiffusion
+from medfedpure.defense.diffusion import GaussianDiffusion, gaussian_noise
 from medfedpure.defense.rules import adaptive_depth, rank_flags, threshold_flags
 
 MODES = ("selective", "graded", "off")
@@ -135,14 +135,19 @@ class DefendedClassifier(nn.Module):
         return scores, flags, self.depths_for(scores, flags)
 
     def purify(self, images: torch.Tensor, t_star: torch.Tensor) -> torch.Tensor:
-        """One draw: scans with t* > 0 purified with fresh noise, the others as they are."""
+        """One draw: scans with t* > 0 purified with fresh noise, the others as they are. The noise is
+        drawn for the whole batch, so a scan's noise does not depend on which other scans are purified
+        (with `noise_seed` set it is the same for that scan on every call; DDIM: exactly, DDPM: its
+        forward noising)."""
         todo = t_star > 0
         if not bool(todo.any()):
             return images
-        cleaned = self.diffusion.purify(images[todo], t_star[todo], self.defense.sampler,
-                                        self.defense.sampler_steps, self.generator)
+        noise = gaussian_noise(images.shape, self.generator, images.device)
         if bool(todo.all()):
-            return cleaned
+            return self.diffusion.purify(images, t_star, self.defense.sampler, self.defense.sampler_steps,
+                                         self.generator, noise)
+        cleaned = self.diffusion.purify(images[todo], t_star[todo], self.defense.sampler,
+                                        self.defense.sampler_steps, self.generator, noise[todo])
         purified = images.clone()
         purified[todo] = cleaned
         return purified

@@ -155,13 +155,14 @@ def _same_run(name: str, done: dict, cfg, defended: bool) -> str | None:
 
 def _attack_fixed_noise(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, batch: int,
                         on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed-randomness attack and its answer: per batch one noise (seed + batch start), the
-    same for every step of the attack and for the defender's single answer. (adversarial scans, (1, n) correctness)"""
+    """The fixed-randomness attack and its answer: per batch one noise (from `seed` and the batch's
+    start), the same for every step of the attack and for the defender's single answer, given the
+    batch in one call as the attack gave it. (adversarial scans, (1, n) correctness)"""
     parts, rows = [], []
     for i in range(0, len(x), batch):
-        with fixed_noise(model, seed + i):
+        with fixed_noise(model, seed * 1_000_003 + i):
             parts.append(attack(x[i:i + batch], y[i:i + batch]))
-            rows.append(answer(model, parts[-1], y[i:i + batch], 1))
+            rows.append(answer(model, parts[-1], y[i:i + batch], 1, batch=len(parts[-1])))
         if on_batch is not None:
             on_batch(len(parts[-1]))
     return torch.cat(parts), torch.cat(rows, dim=1)

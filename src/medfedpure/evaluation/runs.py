@@ -19,7 +19,7 @@ from medfedpure.defense.evaluation import build_detector
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import CHECKPOINTS, RunFolderError, client_dir, need, purifier_file
+from medfedpure.runfolder import CHECKPOINTS, RunFolderError, client_dir, need, purifier_weights
 from medfedpure.storage import load_tensors, read_json
 
 
@@ -105,7 +105,7 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
     """`data=None`: every client on its own test split, the scans of the run's final evaluation."""
     run = Path(run)
     config = need(run / "config.json", "config")
-    cfg = ExperimentConfig.from_dict(read_json(config), source=str(config))
+    cfg = trained = ExperimentConfig.from_dict(read_json(config), source=str(config))
     own_test = data is None
     if own_test:
         changed = [o for o in overrides or [] if not o.startswith(OWN_TEST_OVERRIDES)]
@@ -131,16 +131,21 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
         loaders = dict.fromkeys(ids, make_loader(images, np.arange(len(images)), 64, train=False))
         n_images = len(images)
     experts = load_tensors(need(run / "global_experts.safetensors", "global experts"))
-    diffusion, mae = load_defense_models(run, cfg)
+    diffusion, mae = load_defense_models(run, cfg, trained)
     return RunUnderTest(run, cfg, classes, loaders, n_images, own_test, experts, mae, diffusion)
 
 
-def load_defense_models(run: Path, cfg: ExperimentConfig) -> tuple[nn.Module | None, nn.Module | None]:
+def load_defense_models(run: Path, cfg: ExperimentConfig, trained: ExperimentConfig | None = None
+                        ) -> tuple[nn.Module | None, nn.Module | None]:
     """(the U-Net the defense purifies with, the MAE), or (None, None) for a run without a defense
-    (disabled, or phases 1-2 not run). The U-Net is phase 4's where the config fine-tunes one."""
+    (disabled, or phases 1-2 not run). The U-Net is phase 4's where the run's config (`trained`, the
+    one in its config.json, before any evaluation override) fine-tunes one, and made for it."""
     if not (cfg.defense.enabled and all((run / f).is_file() for f in CHECKPOINTS.values())):
         return None, None
-    purifier = need(purifier_file(run, cfg), "the purifier (phase 4's U-Net: run `medfedpure experiment` again)")
+    purifier = purifier_weights(run, trained or cfg)
+    if purifier is None:
+        raise RunFolderError(f"run folder '{run}' has no phase-4 U-Net made for its config (defense.purifier): "
+                             "run `medfedpure experiment` with it again to fine-tune it")
     return load_pretrained("diffusion", cfg, purifier), load_pretrained("mae", cfg, run / CHECKPOINTS["mae"])
 
 

@@ -191,6 +191,9 @@ def _finetune_setup(msg: Message, context: Context):
     experts sent beside it and its own last gate)."""
     cfg, partition, server_round, state = _setup(msg, context)
     diffusion = build_pretrained("diffusion", cfg, msg.content["arrays"].to_torch_state_dict(), "the server's U-Net")
+    if state.gate(cfg.train.rounds) is None:  # not a fresh gate: the U-Net would learn the wrong classifier
+        raise RuntimeError(f"client {partition} has no gate from phase 3 (its state folder or context lost it): "
+                           "phase 4 fine-tunes against the hospital's own classifier")
     classifier = _personal_model(cfg, partition, msg, state, cfg.train.rounds, experts="experts").eval()
     return cfg, partition, server_round, diffusion, classifier
 

@@ -24,7 +24,7 @@ from medfedpure.defense.evaluation import build_detector
 from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import RunFolderError, need, purifier_file
+from medfedpure.runfolder import RunFolderError, need, purifier_weights
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 FORMAT, VERSION = "medfedpure-model", 1
@@ -59,7 +59,11 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
     classes = read_json(need(run / "partition.json", "partition record"))["classes"]
     model = load_client_model(run, cfg, client, len(classes))
     mae = build_pretrained("mae", cfg, load_tensors(need(run / "mae.safetensors", "MAE")), "the run's MAE")
-    purifier = need(purifier_file(run, cfg), "U-Net")  # phase 4's where the run fine-tuned one
+    purifier = purifier_weights(run, cfg)  # phase 4's where the run fine-tuned one for its config
+    if purifier is None:
+        which = "phase 4's (purifier.safetensors)" if cfg.defense.purifier.rounds else "phase 1's (diffusion.safetensors)"
+        raise RunFolderError(f"run folder '{run}' is incomplete: its U-Net, {which}, is missing or was made for "
+                             "another config")
     diffusion = build_pretrained("diffusion", cfg, load_tensors(purifier), f"the run's U-Net ({purifier.name})")
     defended = defended_classifier(run, cfg, client, model, mae, diffusion)
     tensors = {**_prefixed("classifier", model), **_prefixed("mae", mae), **_prefixed("diffusion", diffusion),

@@ -14,7 +14,7 @@ from pathlib import Path
 from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 from medfedpure.methods import METHODS, fingerprint
-from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError
+from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError, load_round
 from medfedpure.storage import read_json, tensor_metadata, write_json
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, default_suite_dir, evaluate_suite, suite_done,
                                                suite_request)
@@ -53,9 +53,12 @@ def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
     summary = read_json(path)
     if summary.get("fingerprint") != fingerprint(cfg, "train"):
         return False
-    if phase == "purifier":
-        return "defense" in summary and summary.get("purifier") == fingerprint(cfg, "purifier")
-    return not cfg.defense.enabled or cfg.defense.purifier.rounds > 0 or "defense" in summary
+    if phase == "purifier":  # the defended evaluation made with phase 4's U-Net, which is this config's
+        tag = fingerprint(cfg, "purifier")
+        return "defense" in summary and summary.get("purifier") == tag and _weights_done(out / PURIFIER, tag)
+    if not cfg.defense.enabled or cfg.defense.purifier.rounds > 0:  # phase 4's step evaluates the defense
+        return True
+    return "defense" in summary and summary.get("purifier") is None  # made with phase 1's U-Net
 
 
 def run_phase(cfg: ExperimentConfig, phase: str, out: Path, **options):
@@ -67,6 +70,10 @@ def run_phase(cfg: ExperimentConfig, phase: str, out: Path, **options):
         return run_pretraining(cfg, phase, out, **options)
     if not _weights_done(out / PURIFIER, fingerprint(cfg, "purifier")):
         run_purifier(cfg, out, **options)
+    done = load_round(out, "train", fingerprint(cfg, "train"))
+    if done is None or done.round < cfg.train.rounds:  # the evaluation must not retrain phase 3
+        raise ResumeError(f"'{out}' lacks phase 3's last round checkpoint (checkpoints/train.*), which the defended "
+                          "evaluation after phase 4 resumes from; train phase 3 again into another --out")
     return run_federated(cfg, out, **options)
 
 
@@ -74,7 +81,8 @@ def evaluation_overrides(cfg: ExperimentConfig, trained: ExperimentConfig) -> li
     """`attack.*` and evaluation-only `defense.*` fields where this command's config differs from the
     one the run was trained with (they change no weights, so training is not redone, but the
     evaluations must follow them)."""
-    fields = [("attack", f.name) for f in dataclasses.fields(cfg.attack)]
+    own = {name for pair in OWN_TEST_EVALUATIONS.values() for name in pair}  # each evaluation passes its own
+    fields = [("attack", f.name) for f in dataclasses.fields(cfg.attack) if f.name not in own]
     fields += [("defense", name) for name in EVALUATION_ONLY if name != "enabled"]
     return [f"{section}.{name}={json.dumps(getattr(getattr(cfg, section), name))}" for section, name in fields
             if getattr(getattr(cfg, section), name) != getattr(getattr(trained, section), name)]

@@ -35,7 +35,7 @@ from medfedpure.federation.strategy import FederationError, PretrainFedAvg, Puri
 from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.runfolder import CHECKPOINTS, PURIFIER, load_round, need, purifier_file, save_round
+from medfedpure.runfolder import CHECKPOINTS, PURIFIER, ResumeError, load_round, need, purifier_weights, save_round
 from medfedpure.storage import load_tensors, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,12 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
     experts = ArrayRecord(load_tensors(need(out / "global_experts.safetensors", "phase 3's experts")))
     unet = need(out / CHECKPOINTS["diffusion"], "phase 1's U-Net")
     run = fingerprint(cfg, "purifier")
-    resumed = load_round(out, "purifier", run)
+    try:
+        resumed = load_round(out, "purifier", run)
+    except ResumeError as err:  # phase 3 stays: name only phase 4's files
+        raise ResumeError(f"'{out}' holds a phase 4 made with other defense.purifier settings (or another phase 3); "
+                          f"delete {out / 'checkpoints' / 'purifier.json'}, {out / 'checkpoints' / 'purifier.safetensors'} "
+                          f"and {out / PURIFIER} to redo phase 4 (copy the folder first to keep both)") from err
     t0 = time.time()
     task.set_seed(cfg.seed)
     model = PHASES["diffusion"].build(cfg).to(cfg.device)
@@ -255,8 +260,9 @@ def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, 
     cfg = method_of(cfg).configure(cfg)
     models = {name: ArrayRecord(load_tensors(out / fname)) for name, fname in CHECKPOINTS.items()
               if (out / fname).is_file()}
-    if "diffusion" in models and purifier_file(out, cfg).is_file():
-        models["purifier"] = ArrayRecord(load_tensors(purifier_file(out, cfg)))
+    purifier = purifier_weights(out, cfg) if "diffusion" in models else None
+    if purifier is not None:  # phase 4's only if it was made for this config
+        models["purifier"] = ArrayRecord(load_tensors(purifier))
     if cfg.defense.purify_training and "diffusion" not in models:
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
                     "(run `medfedpure pretrain-diffusion` with the same --out first)", out / CHECKPOINTS["diffusion"])
