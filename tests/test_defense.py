@@ -311,7 +311,8 @@ def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg
     target.generator.manual_seed(0)
     alone, parts = purifier_loss(target, x[:4], x_adv, y[:4], c)
     target.generator.manual_seed(0)
-    assert float(alone.detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(target(x_adv), y[:4])))
+    expected = torch.nn.functional.cross_entropy(target(x_adv), y[:4]).detach()
+    assert float(alone.detach()) == pytest.approx(float(expected))
     assert set(parts) == {"adv_loss", "adv_correct"}
     alone.backward()  # through the purification into the U-Net's weights
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in diffusion.parameters())

@@ -339,3 +339,12 @@ def test_which_u_net_is_current_follows_the_config(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "purifier": fingerprint(tuned, "purifier")}))
     assert phase_done(tuned, tmp_path, "purifier") and not phase_done(other, tmp_path, "purifier")
     assert not phase_done(cfg, tmp_path, "train")  # phase 4 turned off: evaluate again with phase 1's U-Net
+    # an attack-suite evaluation made before phase 4 is stale once the run purifies with phase 4's U-Net
+    from medfedpure.evaluation.attack_suite import current_purifier
+
+    before = tmp_path / "evaluations" / "own-test-suite"
+    before.mkdir(parents=True)
+    (before / "request.json").write_text(json.dumps({"attacks": ["eot-pgd"]}))
+    assert not current_purifier(before, tmp_path)
+    (before / "request.json").write_text(json.dumps({"purifier": fingerprint(tuned, "purifier")}))
+    assert current_purifier(before, tmp_path)

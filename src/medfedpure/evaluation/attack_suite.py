@@ -69,6 +69,15 @@ def suite_request(run: Path | str, data: Path | str | None, attacks: list[str], 
     return {**request, "purifier": purifier} if purifier else request
 
 
+def current_purifier(evaluation: Path | str, run: Path | str) -> bool:
+    """Whether a suite evaluation (its folder) was made with the U-Net the run's defended evaluation
+    now uses (phase 4's, once the run has one): an evaluation of a replaced purifier is stale."""
+    saved = [Path(evaluation) / "request.json", Path(run) / "summary.json"]
+    made, now = (read_json(f) if f.is_file() else {} for f in saved)
+    return (made.get("purifier") if isinstance(made, dict) else None) == (now.get("purifier") if isinstance(
+        now, dict) else None)
+
+
 def suite_done(out: Path | str, request: dict) -> bool:
     """Whether `out` holds a finished suite evaluation of exactly this request."""
     out = Path(out)

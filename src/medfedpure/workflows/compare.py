@@ -19,7 +19,8 @@ import yaml
 
 from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
-from medfedpure.evaluation.attack_suite import budget_label, evaluate_suite, paired_test, suite_done, suite_request
+from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, paired_test, suite_done,
+                                               suite_request)
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, read_json, write_json
 
@@ -114,6 +115,8 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     missing = [a for a in spec["attacks"] if a not in ev["suite"]]
     if ev.get("max_per_client") != spec.get("max_per_client"):
         problems.append(f"max_per_client {ev.get('max_per_client')} (spec: {spec.get('max_per_client')})")
+    if not current_purifier(path.parent, candidate["run"]):
+        problems.append("the U-Net it purified with (the run has fine-tuned another since: phase 4)")
     if missing or problems or not ev["data"].startswith("each client's own test split"):
         raise ConfigError(f"candidate '{candidate['name']}': '{path}' is not comparable with the spec "
                           f"(missing attacks {missing}; differs in {problems or 'nothing else'}; data {ev['data']})")

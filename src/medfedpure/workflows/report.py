@@ -4,15 +4,18 @@ rebuilt from a run folder's saved results (`medfedpure report`), never from memo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from medfedpure.attacks import pgd_label
 from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_label, convergence_lines,
-                                               default_suite_dir, paired_test)
+                                               current_purifier, default_suite_dir, paired_test)
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
+
+log = logging.getLogger(__name__)
 
 # SPEC §6: what the paper reports (clean %, adversarial %).
 PAPER = {
@@ -150,7 +153,9 @@ def _suites(folder: Path) -> dict[str, dict]:
     out = {}
     for kind in OWN_TEST_EVALUATIONS:
         path = default_suite_dir(folder, kind) / "evaluation.json"
-        if path.is_file():
+        if path.is_file() and not current_purifier(path.parent, folder):
+            log.warning("%s was made with a U-Net the run no longer uses (before phase 4): not reported", path)
+        elif path.is_file():
             ev = read_json(path)
             out[kind] = {"kind": kind, "headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"],
                          "scans": ev["headline"]["n"], "scan_ids": ev.get("scans"),
