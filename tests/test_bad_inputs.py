@@ -114,6 +114,68 @@ def test_negative_seed_and_a_folder_as_preset(tmp_path, capsys):
     assert str(tmp_path) in err and "Traceback" not in err
 
 
+def test_yaml_parsing_is_bounded_aliases_and_sizes(tmp_path, capsys):
+    """A 'billion laughs' of nested aliases, a huge list and an oversized file are refused at once
+    (bounded time and memory), by name, before anything is written."""
+    import time
+
+    from medfedpure.config import MAX_YAML_BYTES, MAX_YAML_VALUES, apply_overrides
+
+    laughs = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(laughs) + "\nattack:\n  suite: *i\n")
+    assert bomb.stat().st_size < 1000
+    t0 = time.perf_counter()
+    assert main(["train", "--preset", str(bomb), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "alias" in err and str(bomb) in err and "Traceback" not in err and time.perf_counter() - t0 < 5
+    big = tmp_path / "big.yaml"
+    big.write_text("attack:\n  suite: [" + ",".join(["eot-pgd"] * (MAX_YAML_BYTES // 8 + 1)) + "]\n")
+    with pytest.raises(ConfigError, match="big.yaml.*bytes"):
+        load_preset(str(big))
+    many = "[" + ",".join(["1"] * (MAX_YAML_VALUES + 1)) + "]"
+    with pytest.raises(ConfigError, match="values"):
+        apply_overrides(load_preset("demo"), [f"attack.suite={many}"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["attack.suite=[eot-pgd", "train.rounds=\t3", "train.rounds=*x",
+                                      "train.rounds=\udcff", "train.\udcff=3"])
+def test_malformed_override_values_are_one_clear_line(override, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), override]) == 2
+    err = capsys.readouterr().err
+    assert "override" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_named_like_a_preset_file_is_named(tmp_path, capsys):
+    folder = tmp_path / "mine.yaml"
+    folder.mkdir()
+    assert main(["train", "--preset", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and str(folder) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"round": "3", "config": "x", "state": {}}', '{"round": 1}'])
+def test_a_round_checkpoint_of_the_wrong_shape_is_named(text, tmp_path):
+    from medfedpure.runfolder import ResumeError, load_round
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "train.json").write_text(text)
+    with pytest.raises(ResumeError, match="train.json"):
+        load_round(tmp_path, "train", "x")
+
+
+def test_a_summary_of_the_wrong_shape_is_named(tmp_path):
+    from medfedpure.runfolder import ResumeError
+    from medfedpure.workflows.experiment import phase_done
+
+    (tmp_path / "summary.json").write_text("[]")
+    with pytest.raises(ResumeError, match="summary.json"):
+        phase_done(load_preset("demo"), tmp_path, "train")
+
+
 def test_data_given_to_a_synthetic_preset_is_refused(tmp_path, capsys):
     assert main(["train", "--data", "/nonexistent", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

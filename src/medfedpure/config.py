@@ -473,22 +473,63 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_YAML_BYTES = 1_000_000  # a preset or study spec is a few KB; nothing we read needs more
+MAX_YAML_VALUES = 100_000  # values (nodes) in one document
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (`*name`: a few hundred bytes of nested aliases expand to
+    gigabytes, the "billion laughs") and with at most MAX_YAML_VALUES values, so parsing takes bounded
+    time and memory. Anchors alone are harmless and allowed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"YAML aliases (*name) are not allowed here (line {mark.line + 1})")
+        self.values = getattr(self, "values", 0) + 1
+        if self.values > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_VALUES:,} values")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """One YAML document from untrusted text, bounded (size, values, no aliases); ConfigError naming
+    `source` for anything that is not such a document."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters, more than the {MAX_YAML_BYTES:,} a config may have")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeError, ValueError) as err:
+        raise ConfigError(f"{source}: not valid YAML ({str(err).strip().splitlines()[0] if str(err) else err!r})") from err
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """`load_yaml` of a file, with one clear error for a folder, an oversized or an unreadable file."""
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} '{path}': {path.stat().st_size:,} bytes, more than the {MAX_YAML_BYTES:,} "
+                          "a config may have")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} '{path}' cannot be read as UTF-8 text ({err})") from err
+    return load_yaml(text, f"{what} '{path}'")
+
+
 def load_preset(name: str) -> ExperimentConfig:
     """A built-in preset by name, or a YAML file by path."""
     path = Path(name)
     if path.suffix in {".yaml", ".yml"} and path.exists():
-        text, source = path.read_text(), str(path)
-    else:
-        candidate = resources.files("medfedpure") / "presets" / f"{name}.yaml"
-        if not candidate.is_file():
-            raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(preset_names())} "
-                              "or give a path to a YAML file")
-        text, source = candidate.read_text(), f"preset {name}"
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from err
-    return ExperimentConfig.from_dict(raw, source)
+        return ExperimentConfig.from_dict(read_yaml_file(path, "preset") or {}, str(path))
+    candidate = resources.files("medfedpure") / "presets" / f"{name}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())} "
+                          "or give a path to a YAML file")
+    text, source = candidate.read_text(), f"preset {name}"
+    return ExperimentConfig.from_dict(load_yaml(text, source) or {}, source)
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
@@ -496,15 +537,15 @@ def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCo
     raw = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.field=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override '{item}': unknown section '{part}'")
+                raise ConfigError(f"override {item!r}: unknown section {part!r}")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"override '{item}': unknown field '{key}'")
-        node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(f"override {item!r}: unknown field {key!r}")
+        node[parts[-1]] = load_yaml(value, f"override {item!r}")
     return ExperimentConfig.from_dict(raw, "overrides")

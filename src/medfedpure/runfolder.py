@@ -157,8 +157,11 @@ def load_round(out: Path, phase: str, fingerprint: str) -> RoundState | None:
         return None
     try:
         info = json.loads(meta.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResumeError(f"round checkpoint '{meta}' is unreadable ({err}); delete it to start over") from err
+    if not (isinstance(info, dict) and isinstance(info.get("round"), int) and isinstance(info.get("state"), dict)):
+        raise ResumeError(f"round checkpoint '{meta}' is not one (a JSON object with 'round', 'config' and "
+                          "'state'); delete the checkpoints/ folder to start over")
     if info.get("config") != fingerprint:
         raise ResumeError(f"'{meta.parent.parent}' holds a {phase} run made with another config; "
                           "use another --out, or delete its checkpoints/ folder to start over")

@@ -15,10 +15,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
 
 from medfedpure.attacks import parse_attacks
-from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides
+from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml_file
 from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, paired_test, suite_done,
                                                suite_request)
 from medfedpure.reporting.plots import plot_frontier
@@ -32,12 +31,7 @@ BUDGET_FIELDS = ("norm", "eps", "alpha", "steps", "adaptive_steps", "eot", "loss
 
 
 def load_spec(path: Path) -> dict:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise ConfigError(f"candidate spec '{path}' does not exist") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"candidate spec '{path}' is not valid YAML ({err})") from err
+    spec = read_yaml_file(Path(path), "candidate spec")
     if not isinstance(spec, dict) or not isinstance(spec.get("candidates"), list) or not spec["candidates"]:
         raise ConfigError(f"candidate spec '{path}': needs a non-empty list 'candidates'")
     unknown = set(spec) - SPEC_FIELDS

@@ -51,6 +51,8 @@ def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
     if not path.is_file():
         return False
     summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise ResumeError(f"'{path}' is not a run summary (a JSON object); delete it and rerun to evaluate again")
     if summary.get("fingerprint") != fingerprint(cfg, "train"):
         return False
     if phase == "purifier":  # the defended evaluation made with phase 4's U-Net, which is this config's
