@@ -33,6 +33,22 @@ def test_16_bit_grayscale_keeps_its_range(tmp_path):
     assert abs(row[32] - 128) <= 3  # 12 bits scaled by their depth, not by 16
 
 
+def test_exif_orientation_is_applied_in_training_and_predict(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is read as
+    it is viewed, by the training loader and by `predict`/`serve` alike."""
+    from medfedpure.data.scans import read_scan
+
+    stored = np.zeros((40, 20, 3), np.uint8)  # 40 high, 20 wide as stored
+    stored[:, :10] = 255  # left half white as stored: the top half once turned to be viewed
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    for x in (decode_image(tmp_path / "sideways.jpg", 32),
+              read_scan((tmp_path / "sideways.jpg").read_bytes(), 32, name="sideways.jpg")):
+        assert x[0, :12].mean() > 200 and x[0, -12:].mean() < 50  # white on top, dark below
+
+
 def test_decompression_bomb_is_named(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels > 2x the limit: refused like 20000^2

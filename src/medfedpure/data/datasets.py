@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from medfedpure.config import DataConfig
@@ -235,6 +235,7 @@ def _to_8_bit(img: Image.Image) -> Image.Image:
 
 
 def _resize(img: Image.Image, size: int) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)  # as a viewer shows it: a camera's or scanner's EXIF orientation applied
     img = _to_8_bit(img).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
@@ -258,7 +259,7 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(paths: list[Path], size: int) -> str:
-    h = hashlib.sha256(f"v1:{size}".encode())
+    h = hashlib.sha256(f"v2:{size}".encode())  # v2: EXIF orientation applied
     for p in paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
