@@ -192,6 +192,18 @@ def test_a_summary_of_the_wrong_shape_is_named(tmp_path):
         phase_done(load_preset("demo"), tmp_path, "train")
 
 
+@pytest.mark.parametrize("command", ["experiment", "train", "pretrain-mae"])
+def test_a_data_refusal_leaves_no_out_folder(command, tmp_path, capsys):
+    one_class = tmp_path / "scans" / "yes"
+    write_images(one_class, 4)
+    out = tmp_path / "new" / "run"
+    assert main([command, "--out", str(out), "--no-progress", "data.dataset=folder",
+                 f"data.root={one_class.parent}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(one_class.parent) in err
+    assert not (tmp_path / "new").exists()  # not even the parent it would have made
+
+
 def test_data_given_to_a_synthetic_preset_is_refused(tmp_path, capsys):
     assert main(["train", "--data", "/nonexistent", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -44,6 +44,23 @@ def atomic_folder(out: Path | str):
         raise
 
 
+@contextlib.contextmanager
+def folder_kept_only_if_used(folder: Path | str):
+    """Create `folder` (and missing parents) for the block. If the block fails and left them empty,
+    remove what it created: a refusal writes nothing, not even an empty --out folder."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+        raise
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)

@@ -15,7 +15,7 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 from medfedpure.methods import METHODS, fingerprint
 from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError, load_round
-from medfedpure.storage import read_json, tensor_metadata, write_json
+from medfedpure.storage import folder_kept_only_if_used, read_json, tensor_metadata, write_json
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, default_suite_dir, evaluate_suite, suite_done,
                                                suite_request)
 from medfedpure.workflows.report import write_report
@@ -109,7 +109,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                    flower_log_level: int = logging.ERROR, methods: list[str] | None = None,
                    transfer: bool = True, suite: bool = True) -> dict:
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_kept_only_if_used(out):
+        return _run_experiment(cfg, out, progress, flower_log_level, methods, transfer, suite)
+
+
+def _run_experiment(cfg: ExperimentConfig, out: Path, progress: bool, flower_log_level: int,
+                    methods: list[str] | None, transfer: bool, suite: bool) -> dict:
     timings = _Timings(out)
     options = {"progress": progress, "flower_log_level": flower_log_level}
     for name in methods or [cfg.method.name]:

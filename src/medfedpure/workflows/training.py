@@ -61,18 +61,19 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progr
     flower_environment()
     cfg.validate()
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if not local_data:
         if not cfg.data.classes:
             raise ValueError("data.classes: a deployment's server has no scans, so the config must name the "
                              "federation's classes (e.g. data.classes=[no,yes])")
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / f"config{tag}.json", cfg.to_dict())
         write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
         return out
     if cfg.data.cache_dir is None:  # Ray workers must find the same decoded-image cache
         cfg.data.cache_dir = str(default_cache_dir())
-    data, splits = task.data_and_splits(cfg, progress=progress)
+    data, splits = task.data_and_splits(cfg, progress=progress)  # a refusal here writes nothing
     sizes = describe_splits(splits, data.labels, len(data.classes))
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"config{tag}.json", cfg.to_dict())
     write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
     write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source,
