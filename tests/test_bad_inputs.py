@@ -204,6 +204,17 @@ def test_a_data_refusal_leaves_no_out_folder(command, tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # not even the parent it would have made
 
 
+def test_transfer_with_one_client_is_refused_not_nan(tmp_path):
+    from medfedpure.evaluation.transfer import transfer_matrix
+
+    cfg = load_preset("demo")
+    cfg.data.num_clients = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(ValueError, match="1 client"):
+        transfer_matrix(tmp_path, progress=False)
+    assert not (tmp_path / "transfer.json").exists()
+
+
 def test_data_given_to_a_synthetic_preset_is_refused(tmp_path, capsys):
     assert main(["train", "--data", "/nonexistent", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

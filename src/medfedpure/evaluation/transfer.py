@@ -54,9 +54,9 @@ def crafted_examples(model: torch.nn.Module, cfg: ExperimentConfig, client: int
 
 
 def _summary(matrix: np.ndarray, prefix: str = "") -> dict[str, float]:
-    off = ~np.eye(len(matrix), dtype=bool)
+    off = ~np.eye(len(matrix), dtype=bool)  # transfer_matrix refuses a single client: never empty
     return {f"{prefix}diagonal_mean": float(np.mean(np.diag(matrix))),
-            f"{prefix}off_diagonal_mean": float(matrix[off].mean()) if off.any() else float("nan")}
+            f"{prefix}off_diagonal_mean": float(matrix[off].mean())}
 
 
 def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
@@ -68,6 +68,9 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
         raise RunFolderError(f"run folder '{run}' has no config.json")
     cfg = ExperimentConfig.from_dict(read_json(config_path))
     n = cfg.data.num_clients
+    if n < 2:
+        raise ValueError(f"internal evasion sends each client's attacks to the others: '{run}' has "
+                         f"{n} client (data.num_clients), so there is nothing to transfer to")
     n_classes = task.num_classes(cfg)
     models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
     diffusion, mae = load_defense_models(run, cfg) if method_of(cfg).defended else (None, None)

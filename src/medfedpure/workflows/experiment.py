@@ -127,7 +127,7 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, progress: bool, flower_log
             else:
                 key = f"train:{name}" if phase == "train" and not method.defended else phase
                 timings.run(key, run_phase, mcfg, phase, folder, **options)
-        if transfer and not transfer_done(folder, mcfg):
+        if transfer and mcfg.data.num_clients > 1 and not transfer_done(folder, mcfg):  # one client: no one to send to
             timings.run(f"transfer:{name}", transfer_matrix, folder, progress=progress)
         if suite:
             for kind in OWN_TEST_EVALUATIONS:
