@@ -65,6 +65,19 @@ def test_symlink_loop_in_a_class_folder_is_named(tmp_path):
         load_class_folders(root, 16)
 
 
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
+    from medfedpure.data.datasets import files_digest
+
+    for c in ("no", "yes"):
+        write_images(tmp_path / c, 3, fmt="PNG")
+    try:
+        os.rename(os.fsencode(tmp_path / "yes" / "img0.png"), os.fsencode(tmp_path / "yes") + b"/img\xff.png")
+    except OSError:
+        pytest.skip("this file system refuses a non-UTF-8 file name")
+    data = load_class_folders(tmp_path, 16, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert len(data.images) == 6 and len(files_digest(data)) == 16
+
+
 def test_images_in_sub_folders_of_a_class_are_used(tmp_path):
     root = tmp_path / "data"
     write_images(root / "a", 2)

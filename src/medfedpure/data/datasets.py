@@ -78,7 +78,7 @@ def files_digest(data: ImageSet) -> str | None:
     root = Path(data.source)
     h = hashlib.sha256()
     for p in data.paths:
-        h.update(os.path.relpath(p, root).encode() + b"\n")
+        h.update(os.fsencode(os.path.relpath(p, root)) + b"\n")
     return h.hexdigest()[:16]
 
 
@@ -262,7 +262,7 @@ def _cache_key(paths: list[Path], size: int) -> str:
     h = hashlib.sha256(f"v2:{size}".encode())  # v2: EXIF orientation applied
     for p in paths:
         st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 
