@@ -78,6 +78,16 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     assert len(data.images) == 6 and len(files_digest(data)) == 16
 
 
+def test_a_fifo_given_to_predict_is_named_as_what_it_is(tmp_path):
+    from medfedpure.data.scans import list_scans
+
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(DataError, match="pipe.png' is not a regular file"):
+        list_scans([tmp_path / "pipe.png"])
+    with pytest.raises(DataError, match="does not exist"):
+        list_scans([tmp_path / "gone.png"])
+
+
 def test_images_in_sub_folders_of_a_class_are_used(tmp_path):
     root = tmp_path / "data"
     write_images(root / "a", 2)

@@ -189,6 +189,8 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
             if not below:
                 raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(SCAN_SUFFIXES))})")
             found += sorted(below)
+        elif p.exists():  # a FIFO, a socket, a device: not something to read a scan from
+            raise DataError(f"scan path '{p}' is not a regular file or a folder")
         else:
             raise DataError(f"scan path '{p}' does not exist")
     return found
