@@ -59,3 +59,19 @@ def test_evaluate_needs_a_folder_or_own_test(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "norun"), "--own-test"]) == 2
     err = capsys.readouterr().err
     assert "norun" in err and "Traceback" not in err
+
+
+def test_the_experiment_summary_prints_the_headline_and_brackets_only_with_the_paper(tmp_path, capsys):
+    """A newcomer reads the adaptive headline (the figure the README calls the headline) under each
+    defended row, and 'in brackets' is said only where the paper has figures to put there."""
+    from medfedpure.cli import _print_tables
+
+    row = {"method": "MedFedPure (graded, disagreement detector)", "clean": 84.17, "adv": 80.0, "paper_clean": None,
+           "paper_adv": None, "adaptive": 50.0, "adaptive_ci": [31.3, 68.7],
+           "adaptive_attack": "eot-pgd:margin (2 steps x 2 draws, margin), 30 scans"}
+    _print_tables({"table": "II", "rows": [row]}, tmp_path)
+    out = capsys.readouterr().out
+    assert "headline 50.0% [31.3, 68.7] under eot-pgd:margin" in out and "brackets" not in out
+    _print_tables({"table": "II", "rows": [{**row, "paper_clean": 97.67, "paper_adv": 87.33}]}, tmp_path)
+    out = capsys.readouterr().out
+    assert "in brackets" in out and "[97.67 / 87.33]" in out
