@@ -357,7 +357,8 @@ def test_experiment_compares_methods_and_resumes(tmp_path):
     outcomes = suites["Local"]["suite"][p["attack"]]["outcomes"]["first"]
     assert p["n"] == len(outcomes) == suites["Local"]["scans"] and p["b_correct"] == outcomes.count("1")
     assert p["beats"] == (p["b_correct"] > p["a_correct"] and p["p_value"] < 0.05)
-    assert "Paired with FAT" in (tmp_path / "tables.md").read_text()
+    text = (tmp_path / "tables.md").read_text()
+    assert "Paired with FAT" in text and "*worst of N* the share right on every one" in text
     summary = tmp_path / "baselines" / "local" / "summary.json"
     stamp = summary.stat().st_mtime_ns
     again = run_experiment(cfg, tmp_path, progress=False, methods=["fat", "local"])

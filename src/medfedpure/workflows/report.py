@@ -207,6 +207,12 @@ def _markdown(tables: dict) -> str:
                      + " | ".join(_cell(r[k]) for k in ("paper_clean", "paper_adv")) + " |")
     if tables["note"]:
         lines += ["", tables["note"]]
+    if tables.get("suites"):
+        lines += ["", "In the attack tables below, each attacked scan is answered N times (`attack.draws`) with fresh "
+                      "purification noise: *first draw* is the first answer (what one submission sees), *majority* "
+                      "the vote of the N answers, *worst of N* the share right on every one of them (an attacker "
+                      "who may resubmit N times); *flagged* is the share of attacked scans the detector flags. A "
+                      "model without a defense answers once, and the three agree."]
     for m in tables.get("suites", []):
         lines += _suite_lines(m)
     lines += _detection_lines(tables["detection"]) + _transfer_lines(tables.get("transfer"))
