@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from medfedpure.storage import atomic_write_bytes  # noqa: E402
 
@@ -41,6 +42,7 @@ def plot_convergence(rows: list[dict], path: Path | str, title: str, attack_labe
         ax.plot([r["round"] for r in mean], [100 * r["adv_acc"] for r in mean], "s-", color="tab:red",
                 label=f"{attack_label} (weighted mean)")
     ax.set_xlabel("federated round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
@@ -86,6 +88,8 @@ def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
                             color="white" if m[v, a] < 60 else "black")
         ax.set_xlabel("attacker client")
         ax.set_ylabel("victim client")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # clients are whole
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{kind} (victim accuracy %)", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     fig.suptitle(title, fontsize=9)
@@ -101,9 +105,10 @@ def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> No
     if any(r.get("adaptive") is not None for r in rows):
         series.append(("adaptive", "ours, attack that knows the defense", "tab:purple", None))
     series += [("paper_clean", "paper clean", "tab:blue", "//"), ("paper_adv", "paper PGD", "tab:red", "//")]
+    series = [s for s in series if any(r.get(s[0]) is not None for r in rows)]  # no legend entry without bars
     w = 0.8 / len(series)
     for k, (key, label, color, hatch) in enumerate(series):
-        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
+        vals = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]  # missing: no bar, not 0
         ax.bar([x + (k - (len(series) - 1) / 2) * w for x in xs], vals, w, label=label, color=color,
                alpha=0.35 if hatch else 0.9, hatch=hatch, edgecolor=color)
     ax.set_xticks(list(xs))

@@ -1,0 +1,34 @@
+"""The figures a report draws: whole rounds and clients on their axes, no legend entry without bars."""
+
+import numpy as np
+
+from medfedpure.reporting import plots
+
+
+def _captured(monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, **kw: figures.append(fig))
+    return figures
+
+
+def test_rounds_and_clients_are_whole_numbers_on_the_axes(monkeypatch, tmp_path):
+    figures = _captured(monkeypatch)
+    rows = [{"round": r, "client": c, "clean_acc": 0.5 + 0.1 * r, "adv_acc": 0.3} for r in (1, 2) for c in (0, 1, "mean")]
+    plots.plot_convergence(rows, tmp_path / "a.png", "two rounds", "PGD")
+    plots.plot_transfer({"bare": np.full((2, 2), 0.5)}, tmp_path / "t.png", "two clients")
+    convergence, transfer = figures
+    ticks = convergence.axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+    heat = transfer.axes[0]
+    assert all(float(t).is_integer() for t in [*heat.get_xticks(), *heat.get_yticks()])
+
+
+def test_a_series_without_values_has_no_legend_entry_and_missing_values_no_bar(monkeypatch, tmp_path):
+    figures = _captured(monkeypatch)
+    rows = [{"method": "FedAvg", "clean": 90.0, "adv": 10.0, "paper_clean": None, "paper_adv": None},
+            {"method": "Local", "clean": 80.0, "adv": None, "paper_clean": None, "paper_adv": None}]
+    plots.plot_method_comparison(rows, tmp_path / "m.png", "no paper figures")
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours clean", "ours PGD (paper protocol)"]
+    heights = [b.get_height() for b in ax.patches]
+    assert heights[:2] == [90.0, 80.0] and heights[2] == 10.0 and np.isnan(heights[3])
