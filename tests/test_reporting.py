@@ -13,7 +13,8 @@ def _captured(monkeypatch):
 
 def test_rounds_and_clients_are_whole_numbers_on_the_axes(monkeypatch, tmp_path):
     figures = _captured(monkeypatch)
-    rows = [{"round": r, "client": c, "clean_acc": 0.5 + 0.1 * r, "adv_acc": 0.3} for r in (1, 2) for c in (0, 1, "mean")]
+    rows = [{"round": r, "client": c, "clean_acc": 0.5 + 0.1 * r, "adv_acc": 0.3}
+            for r in (1, 2) for c in (0, 1, "mean")]
     plots.plot_convergence(rows, tmp_path / "a.png", "two rounds", "PGD")
     plots.plot_transfer({"bare": np.full((2, 2), 0.5)}, tmp_path / "t.png", "two clients")
     convergence, transfer = figures
