@@ -286,8 +286,12 @@ def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_models: 
         bar.set_postfix(clean=f"{ev.get('clean_acc', float('nan')):.3f}",
                         adv=f"{ev.get('adv_acc', float('nan')):.3f}")
         bar.update(1)
-        if rnd == cfg.train.rounds and run_defense:
-            bar.set_description("defended evaluation")
+        if rnd == cfg.train.rounds and run_defense:  # its own line, not the finished training bar
+            bar.close()
+            d = cfg.defense
+            log.info("defended evaluation on every hospital: the paper's protocol for %d detector(s) x %d mode(s), "
+                     "one query each (no progress bar: the hospitals answer together)",
+                     len(d.eval_detectors), len(d.eval_modes))
 
     final_arrays: list[ArrayRecord] = []
     defense_results: list[dict] = []
