@@ -291,9 +291,15 @@ def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
     cfg.defense.detector, cfg.defense.mode = "disagreement", "graded"
     cfg.attack.suite, cfg.attack.steps, cfg.method.adv_attack = [], 2, "n-fgsm"  # cheap attacks: a test
     without = fingerprint(cfg, "train")
+    run_experiment(cfg, tmp_path, progress=False, transfer=False)  # phases 1-3, evaluated with phase 1's U-Net
+    before = json.loads((tmp_path / "summary.json").read_text())
+    experts = load_tensors(tmp_path / "global_experts.safetensors")
+    assert before["purifier"] is None and "defense" in before and not (tmp_path / PURIFIER).exists()
     cfg.defense.purifier.rounds, cfg.defense.purifier.lr = 2, 1e-3
     assert fingerprint(cfg, "train") == without and fingerprint(cfg, "purifier") != without
-    run_experiment(cfg, tmp_path, progress=False, transfer=False)
+    run_experiment(cfg, tmp_path, progress=False, transfer=False)  # phase 4 added to the finished run
+    again = load_tensors(tmp_path / "global_experts.safetensors")
+    assert all(torch.equal(experts[k], again[k]) for k in experts)  # phase 3 not retrained
     tuned, phase1 = load_tensors(tmp_path / PURIFIER), load_tensors(tmp_path / "diffusion.safetensors")
     assert tuned.keys() == phase1.keys() and any(not torch.equal(tuned[k], phase1[k]) for k in tuned)
     rows = json.loads((tmp_path / "purifier_metrics.json").read_text())["rows"]
@@ -301,6 +307,8 @@ def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
     assert all({"train_loss", "test_loss", "train_adv_acc", "test_adv_acc", "test_clean_acc"} <= set(r) for r in rows)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["purifier"] == fingerprint(cfg, "purifier") and "defense" in summary
+    # the run's wall time stays its training's; the evaluation run again is recorded beside it
+    assert summary["final"]["wall_time_s"] == before["final"]["wall_time_s"] and summary["final"]["reevaluation_s"] > 0
     assert json.loads((tmp_path / "config.json").read_text())["defense"]["purifier"]["rounds"] == 2
     # a rerun redoes nothing; an evaluation of the run purifies with phase 4's U-Net
     stamp = (tmp_path / "summary.json").stat().st_mtime_ns

@@ -36,7 +36,7 @@ from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, 
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
 from medfedpure.runfolder import CHECKPOINTS, PURIFIER, ResumeError, load_round, need, purifier_weights, save_round
-from medfedpure.storage import load_tensors, save_tensors, write_csv, write_json
+from medfedpure.storage import load_tensors, read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,21 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     if run_defense and not defense_results:  # never a summary without its defense
         raise FederationError("the defended evaluation got no answer; see the Flower log above")
     model.load_experts(final_arrays[0].to_torch_state_dict())
-    return _write_results(cfg, out, model, strategy.history, defense_results, time.time() - t0)
+    seconds = time.time() - t0
+    trained = _earlier_training_s(out, cfg) if resumed is not None and resumed.round >= cfg.train.rounds else None
+    if trained is not None:  # only the evaluation ran now: the run's wall time stays its training's
+        return _write_results(cfg, out, model, strategy.history, defense_results, trained, evaluation_s=seconds)
+    return _write_results(cfg, out, model, strategy.history, defense_results, seconds)
+
+
+def _earlier_training_s(out: Path, cfg: ExperimentConfig) -> float | None:
+    """The wall time the summary of this same training recorded, if there is one."""
+    path = out / "summary.json"
+    summary = read_json(path) if path.is_file() else None
+    if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint(cfg, "train"):
+        return None
+    value = summary.get("final", {}).get("wall_time_s") if isinstance(summary.get("final"), dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, dict[str, ArrayRecord]]:
@@ -318,14 +332,17 @@ def _write_metrics(out: Path, cfg: ExperimentConfig, history: dict[int, dict]) -
 
 
 def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, dict], defense_results: list[dict],
-                   wall: float) -> RunResult:
-    """The final experts, metrics, summary, defense tables and the convergence figure."""
+                   wall: float, evaluation_s: float | None = None) -> RunResult:
+    """The final experts, metrics, summary, defense tables and the convergence figure (`wall`: the
+    training's wall time; `evaluation_s`: that of a defended evaluation run again on its own)."""
     save_tensors(out / "global_experts.safetensors", model.expert_state(),
                  {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json(),
                   "fingerprint": fingerprint(cfg, "train")})
     rows = _write_metrics(out, cfg, history)
     final = dict(mean_rows(rows)[-1])
     final["wall_time_s"] = round(wall, 1)
+    if evaluation_s is not None:
+        final["reevaluation_s"] = round(evaluation_s, 1)
     label = pgd_label(cfg.attack)
     summary = {"name": cfg.name, "attack": label, "final": final, "failures": failures(history),
                "fingerprint": fingerprint(cfg, "train"),
