@@ -107,6 +107,14 @@ def test_a_restarted_node_takes_its_latest_saved_gate_of_this_run_never_another_
     assert torch.equal(fresh_node().gate(1)["attention.w"], gate["attention.w"])  # missed round 2
     assert torch.equal(fresh_node().gate(5)["attention.w"], gate["attention.w"] + 1)
     assert fresh_node("run-b").gate(5) is None
+    # a hospital that trained round 2 and lost that round's gate is refused, not given round 1's
+    node = fresh_node()
+    for rnd in (1, 2):
+        node.append_history({"round": rnd, "phase": "train"})
+    (tmp_path / "gate.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="trained round 2 but its gate"):
+        fresh_node().gate(2)
+    assert torch.equal(fresh_node().gate(1)["attention.w"], gate["attention.w"])  # resuming after round 1: fine
 
 
 # --------------------------------------------------------------------------- deployment on loopback (slow)

@@ -61,8 +61,14 @@ class HospitalState:
             return None
         rnd, path = max(found)
         history = self.folder / "history.json"
-        if history.exists():  # forget the rounds the interrupted run did not finish
-            write_json(history, [h for h in read_json(history) if h["round"] <= rnd])
+        if history.exists():
+            done = read_json(history)
+            lost = sorted({h["round"] for h in done if h.get("phase") == "train" and rnd < h["round"] <= up_to_round})
+            if lost:  # it trained those rounds and their gate is gone: an older gate would change the run silently
+                raise RuntimeError(f"{self.folder}: this hospital trained round {lost[-1]} but its gate of that round "
+                                   f"is gone (gate.safetensors deleted?); only round {rnd}'s is left. Restore the "
+                                   "file, or train the run again into another --out")
+            write_json(history, [h for h in done if h["round"] <= rnd])  # forget rounds the run did not finish
         log.info("%s: gate restored from round %d (%s)", self.folder, rnd, path.name)
         return load_tensors(path)
 
