@@ -49,6 +49,19 @@ def test_exif_orientation_is_applied_in_training_and_predict(tmp_path):
         assert x[0, :12].mean() > 200 and x[0, -12:].mean() < 50  # white on top, dark below
 
 
+def test_a_raw_16_bit_value_means_the_same_grey_in_every_scan(tmp_path):
+    """The depth is the scanner's (12 bits unless a value exceeds 4095, else 16), not guessed from
+    each scan's own maximum: raw 2000 is the same grey in a scan peaking at 2047 and at 4095."""
+    greys = []
+    for peak, value in ((2047, 2000), (4095, 2000), (30000, 30000)):
+        arr = np.full((16, 16), value, np.uint16)
+        arr[0, 0] = peak
+        Image.fromarray(arr).save(tmp_path / f"p{peak}.png")
+        greys.append(int(decode_image(tmp_path / f"p{peak}.png", 16)[0, 8, 8]))
+    assert greys[0] == greys[1] == round(2000 / 4095 * 255)  # was 249 and 125
+    assert greys[2] == round(30000 / 65535 * 255)  # a 16-bit scan: ~117, was 233
+
+
 def test_decompression_bomb_is_named(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3600 pixels > 2x the limit: refused like 20000^2

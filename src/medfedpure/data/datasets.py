@@ -220,17 +220,18 @@ def _load_cifar_batches(folder: Path, image_size: int) -> ImageSet:
 # --------------------------------------------------------------------------- decoding
 def _to_8_bit(img: Image.Image) -> Image.Image:
     """Images of more than 8 bits per pixel (16-bit scanner PNGs, 32-bit integer or float TIFFs)
-    scaled to 8 bits by their own bit depth (12-bit data by 4095, not clipped at 255); float or
-    signed data by its own range."""
+    scaled to 8 bits by the scanner's bit depth, the same for every scan of a kind: 12 bits (4095)
+    where no value exceeds 4095 (the usual CT/MR depth, stored in 16-bit files), else 16 bits
+    (65535), so a raw value means the same grey in every scan, whatever the scan's own maximum.
+    Float, signed or deeper data by its own range."""
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
         return img
     arr = np.asarray(img, dtype=np.float64)
     lo, hi = float(arr.min()), float(arr.max())
-    if img.mode == "F" or lo < 0:
+    if img.mode == "F" or lo < 0 or hi > 65535:
         scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     else:
-        depth = max(8, int(np.ceil(np.log2(hi + 1)))) if hi > 0 else 8
-        scaled = arr / (2 ** depth - 1)
+        scaled = arr / (4095 if hi <= 4095 else 65535)
     return Image.fromarray(np.round(scaled * 255).clip(0, 255).astype(np.uint8), "L")
 
 
@@ -259,7 +260,7 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(paths: list[Path], size: int) -> str:
-    h = hashlib.sha256(f"v2:{size}".encode())  # v2: EXIF orientation applied
+    h = hashlib.sha256(f"v3:{size}".encode())  # v2: EXIF orientation applied; v3: 12- or 16-bit depth
     for p in paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
