@@ -206,3 +206,21 @@ def test_an_unregistered_key_and_a_plaintext_node_cannot_join_the_tls_superlink(
         listing = fed.flwr(["supernode", "list", fed.connection], "list")
         assert listing.count("online") == 1
         assert fed.processes["supernode-2"].poll() is None
+
+
+def test_a_wait_for_hospitals_says_what_it_waits_for(caplog):
+    import logging
+
+    from medfedpure.federation.server_app import wait_for_nodes
+    from medfedpure.federation.strategy import FederationError
+
+    class Grid:  # two of three hospitals connected
+        def get_node_ids(self):
+            return [11, 12]
+
+    with caplog.at_level(logging.INFO, logger="medfedpure.federation.server_app"):
+        assert wait_for_nodes(Grid(), 3, timeout_s=0.2, needed=2) == [11, 12]
+    said = caplog.text
+    assert "waiting up to 0 s for 1 more of 3 hospitals (2 connected, 2 needed)" in said and "going on without" in said
+    with pytest.raises(FederationError, match="only 2 of 3"):
+        wait_for_nodes(Grid(), 3, timeout_s=0.2, needed=3)

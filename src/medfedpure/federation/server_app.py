@@ -45,13 +45,19 @@ def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0, needed: int | None = None) -> list[int]:
     """The ids of the connected clients once all `count` are there. After `timeout_s` it goes on
-    with those connected if they are at least `needed` (default: all), else one clear error."""
+    with those connected if they are at least `needed` (default: all), else one clear error. A wait
+    says what it waits for, once."""
     deadline = time.monotonic() + timeout_s
     needed = count if needed is None else needed
+    announced = False
     while True:
         ids = list(grid.get_node_ids())
         if len(ids) >= count:
             return ids
+        if not announced:
+            log.info("waiting up to %.0f s for %d more of %d hospitals (%d connected, %d needed)",
+                     timeout_s, count - len(ids), count, len(ids), needed)
+            announced = True
         if time.monotonic() > deadline:
             if len(ids) >= needed:
                 log.warning("%d of %d clients connected within %.0f s; going on without the others",
@@ -62,8 +68,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 600.0, needed: int
         time.sleep(0.5)
 
 
-def _wait_for_hospitals(grid: Grid, cfg: ExperimentConfig) -> list[int]:
-    return wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.join_timeout_s,
+def _wait_for_hospitals(grid: Grid, cfg: ExperimentConfig, timeout_s: float | None = None) -> list[int]:
+    """Before the first round: up to `federation.join_timeout_s`; a federation already running waits
+    for a lost hospital as a round does (`timeout_s`, e.g. `federation.rejoin_wait_s`)."""
+    return wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.join_timeout_s if timeout_s is None else timeout_s,
                           needed_answers(cfg.data.num_clients, cfg.federation.min_fit_fraction))
 
 
@@ -72,7 +80,7 @@ def _defended_evaluation(grid: Grid, experts: ArrayRecord, defense_models: dict[
     """One query to every client: evaluate the final experts with its own gate and defense."""
     ExpertFedAvg.check_keys(experts.keys(), "server -> client defense query")
     content = RecordDict({"arrays": experts, "config": config, **defense_models})
-    nodes = _wait_for_hospitals(grid, cfg)
+    nodes = _wait_for_hospitals(grid, cfg, timeout_s=cfg.federation.rejoin_wait_s)  # not 600 s after training
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
     valid, _ = accept_replies(replies, cfg.data.num_clients, cfg.federation.min_fit_fraction, "defended evaluation",
