@@ -33,3 +33,13 @@ def test_a_series_without_values_has_no_legend_entry_and_missing_values_no_bar(m
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours clean", "ours PGD (paper protocol)"]
     heights = [b.get_height() for b in ax.patches]
     assert heights[:2] == [90.0, 80.0] and heights[2] == 10.0 and np.isnan(heights[3])
+
+
+def test_a_mean_over_fewer_hospitals_says_which_are_missing():
+    from medfedpure.workflows.report import _missing_hospitals
+
+    summary = {"clients": [{"client": 0}, {"client": 2}],
+               "failures": [{"round": 2, "phase": "train", "client": 1, "error": "Node Unavailable"}]}
+    (line,) = _missing_hospitals("MedFedPure", summary, 3)
+    assert "2 of 3 hospitals" in line and "client(s) 1 (client 1: Node Unavailable)" in line
+    assert _missing_hospitals("FAT", {"clients": [{"client": 0}, {"client": 1}], "failures": []}, 2) == []

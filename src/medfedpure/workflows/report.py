@@ -67,7 +67,7 @@ def build_tables(run: Path) -> dict:
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
     paper = PAPER.get((table, cfg.data.dataset), {})
-    rows, detection, transfer, wall, suites = [], [], [], {}, []
+    rows, detection, transfer, wall, suites, missing = [], [], [], {}, [], []
     for name, method in METHODS.items():
         if name not in runs:
             if method.label in paper:
@@ -79,6 +79,7 @@ def build_tables(run: Path) -> dict:
         folder = runs[name]
         summary = _load(folder, "summary.json")
         wall[name] = summary["final"].get("wall_time_s")
+        missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
         evaluations = _suites(folder)
         suites += [{"method": method.label, **ev} for ev in evaluations.values()]
         suite = evaluations.get("headline", evaluations.get("suite"))  # the table's adaptive column
@@ -90,10 +91,23 @@ def build_tables(run: Path) -> dict:
         # "beats plain federated adversarial training" is a paired test against it, evaluation by evaluation
         _pair_with(reference, reference["method"], suites)
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
-            "suites": suites,
+            "suites": suites, "missing_hospitals": missing,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall}
+
+
+def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]:
+    """A line per method whose final figures are a mean over fewer hospitals than the federation
+    has (a hospital lost in the last round), naming the missing ones and what the log said."""
+    answered = {c.get("client") for c in summary.get("clients", [])}
+    absent = [c for c in range(num_clients) if c not in answered]
+    if not absent:
+        return []
+    last = {f.get("client"): f.get("error", "") for f in summary.get("failures", []) if f.get("client") is not None}
+    why = "; ".join(f"client {c}: {last[c]}" for c in absent if c in last)
+    return [f"{label}: the final figures are means over {num_clients - len(absent)} of {num_clients} hospitals; "
+            f"missing in the last round: client(s) {', '.join(map(str, absent))}" + (f" ({why})" if why else "")]
 
 
 def _method_rows(method, folder: Path, summary: dict, suite: dict | None, setting: dict,
@@ -207,6 +221,8 @@ def _markdown(tables: dict) -> str:
                      + " | ".join(_cell(r[k]) for k in ("paper_clean", "paper_adv")) + " |")
     if tables["note"]:
         lines += ["", tables["note"]]
+    for line in tables.get("missing_hospitals", []):
+        lines += ["", f"**A hospital is missing.** {line}."]
     if tables.get("suites"):
         lines += ["", "In the attack tables below, each attacked scan is answered N times (`attack.draws`) with fresh "
                       "purification noise: *first draw* is the first answer (what one submission sees), *majority* "
