@@ -14,7 +14,7 @@ from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_d
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
 from medfedpure.config import parse_attack_name, valid_attack_name
-from medfedpure.evaluation.robustness import Tally, answer, fixed_noise, mcnemar, run_suite, scan_ids
+from medfedpure.evaluation.robustness import Tally, answer, attack_cost, fixed_noise, mcnemar, run_suite, scan_ids
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
 
@@ -267,8 +267,12 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
     model = defended(parts)
     x, y = parts["x"][:8], parts["y"][:8]
     cfg = AttackConfig(eps=0.03, alpha=0.01, steps=2, adaptive_steps=2, eot=2, square_queries=5, draws=3)
-    results = run_suite(model, x, y, list(SUITE), cfg, seed=0)
+    work = []
+    results = run_suite(model, x, y, list(SUITE), cfg, seed=0, on_batch=work.append)
     assert list(results) == ["clean", *SUITE]
+    # the progress it reports is in model calls: each attack's scans times its steps x draws (queries)
+    assert sum(work) == 8 * sum(attack_cost(a, cfg) for a in SUITE)
+    assert [attack_cost(a, cfg) for a in ("pgd", "eot-pgd", "fixed-noise", "square", "eot-pgd@7x3")] == [2, 4, 2, 5, 21]
     for name, r in results.items():
         assert r["tally"].n == 8 and r["draws"] == (1 if name == "fixed-noise" else 3)
         assert len(r["outcomes"]["first"]) == 8 and r["outcomes"]["first"].count("1") == r["tally"].first

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
 from medfedpure.config import parse_attack_name
-from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, mcnemar, run_suite, scan_ids
+from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, attack_cost, mcnemar, run_suite, scan_ids
 from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
 from medfedpure.methods import task
@@ -96,8 +96,9 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
     scans = {i: _client_scans(r, i, max_per_client) for i in r.loaders}
     if not sum(len(s[1]) for s in scans.values()):
         raise ValueError(f"no scans to attack in {r.data_label}")
-    total = sum(len(s[1]) for s in scans.values()) * len(attacks)
-    bar = tqdm(total=total, desc="attack suite", unit="scan", disable=not progress)
+    # in model calls, so that the time it promises holds when a 1-step attack is followed by a 200-step one
+    total = sum(len(s[1]) for s in scans.values()) * sum(attack_cost(a, cfg.attack) for a in attacks)
+    bar = tqdm(total=total, desc="attack suite (model calls)", unit="call", unit_scale=True, disable=not progress)
     per_client: list[dict] = []
     device = torch.device(cfg.device)
     try:

@@ -168,27 +168,42 @@ def _attack_fixed_noise(attack, model: nn.Module, x: torch.Tensor, y: torch.Tens
     return torch.cat(parts), torch.cat(rows, dim=1)
 
 
+def attack_cost(name: str, cfg) -> int:
+    """Model calls (forward and backward) one scan costs under suite attack `name` with the budget of
+    `cfg` (an AttackConfig), for a progress bar whose time estimate holds across attacks."""
+    base, _, budget = parse_attack_name(name)
+    if base == "pgd":
+        return max(1, cfg.steps)
+    if base == "square":
+        return max(1, cfg.square_queries)
+    steps, eot = budget or (cfg.adaptive_steps, cfg.eot)
+    return max(1, steps * (1 if base == "fixed-noise" else eot))
+
+
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
               batch: int = 16, on_batch=None) -> dict[str, dict]:
     """Clean and every named attack on one client's scans: tallies, share flagged, the bare
     classifier's accuracy on the same inputs, the attack's settings and its time per scan.
-    `cfg` is the attack config; `on_batch(n)` is called after every attacked batch."""
+    `cfg` is the attack config; `on_batch(work)` is called after every attacked batch with the
+    batch's scans times the attack's cost per scan (`attack_cost`)."""
     bare = getattr(model, "classifier", model)
     results: dict[str, dict] = {}
     for k, name in enumerate(["clean", *attacks]):
         t0 = time.perf_counter()
+        cost = attack_cost(name, cfg) if name != "clean" else 0
+        done = (lambda n, cost=cost: on_batch(n * cost)) if on_batch is not None else None
         same = _same_run(name, results, cfg, hasattr(model, "purify_draws"))
         if same is not None:
             results[name] = {**results[same], "same_as": same}  # not run twice
-            if on_batch is not None:
-                on_batch(len(x))
+            if done is not None:
+                done(len(x))
             continue
         correct = None
         if name == "clean":
             x_adv, described = x, {"attack": "none"}
         elif parse_attack_name(name)[0] == "fixed-noise" and hasattr(model, "purify_draws"):
             attack = build_attack(name, model, cfg, seed + 1_000 * k)
-            x_adv, correct = _attack_fixed_noise(attack, model, x, y, seed + 1_000 * k + 1, batch, on_batch)
+            x_adv, correct = _attack_fixed_noise(attack, model, x, y, seed + 1_000 * k + 1, batch, done)
             described = attack.describe()
         else:
             attack = build_attack(name, model, cfg, seed + 1_000 * k)
@@ -196,8 +211,8 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
             parts = []
             for i in range(0, len(x), batch):
                 parts.append(attack(x[i:i + batch], y[i:i + batch]))
-                if on_batch is not None:
-                    on_batch(len(parts[-1]))
+                if done is not None:
+                    done(len(parts[-1]))
             x_adv, described = torch.cat(parts), attack.describe()
         seconds = time.perf_counter() - t0
         latency = latency_ms(model, x_adv) if name == "clean" else None
