@@ -189,7 +189,7 @@ class ExpertFedAvg(ResumableFedAvg):
             if self.keep_client_arrays:
                 rec["aggregated"] = {k: v.numpy().copy() for k, v in agg_arrays.items()}
         rec["train"] = _without_id(agg_metrics)
-        return agg_arrays, agg_metrics
+        return agg_arrays, _metrics_without_id(agg_metrics)
 
     def _record_client(self, rec: dict, msg: Message) -> dict:
         """One client's training reply into the round's record; returns its arrays' dtypes."""
@@ -220,7 +220,7 @@ class ExpertFedAvg(ResumableFedAvg):
         rec["evaluate"] = _without_id(agg)
         if self.on_round_end is not None:
             self.on_round_end(server_round, rec)
-        return agg
+        return _metrics_without_id(agg)
 
 
 class PretrainFedAvg(ResumableFedAvg):
@@ -246,7 +246,7 @@ class PretrainFedAvg(ResumableFedAvg):
         self.latest_arrays = arrays
         self.rows.setdefault(server_round, {"round": server_round}).update(
             {k: float(v) for k, v in metrics.items() if k.startswith("train_")})
-        return arrays, metrics
+        return arrays, _metrics_without_id(metrics)
 
     def aggregate_evaluate(self, server_round, replies):
         server_round += self.round_offset
@@ -256,7 +256,7 @@ class PretrainFedAvg(ResumableFedAvg):
         row["test_loss"] = float(metrics["test_loss"]) if metrics is not None else None
         row.update({k: float(v) for k, v in (metrics or {}).items() if k.startswith("test_") and k != "test_loss"})
         self.on_round_end(server_round, row)
-        return metrics
+        return _metrics_without_id(metrics)
 
 
 class PurifierFedAvg(PretrainFedAvg):
@@ -284,3 +284,8 @@ def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _without_id(metrics: MetricRecord | None) -> dict:
     return {k: v for k, v in (metrics or {}).items() if k != "partition-id"}
+
+
+def _metrics_without_id(metrics: MetricRecord | None) -> MetricRecord | None:
+    """What Flower logs and keeps as a round's aggregate: a weighted mean of partition ids means nothing."""
+    return None if metrics is None else MetricRecord(_without_id(metrics))
