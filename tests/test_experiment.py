@@ -138,7 +138,8 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert (c["attack"], c["stronger"]) == ("eot-pgd", "eot-pgd@3x3")
     assert c["lower_beyond_interval"] == (c["stronger_first"] < c["first_ci"][0])
     assert conv["headline"]["first"] == min(conv["suite"][a]["first"] for a in ("eot-pgd", "eot-pgd@3x3"))
-    assert "Convergence: eot-pgd@3x3" in (checked / "evaluation.md").read_text()
+    report = (checked / "evaluation.md").read_text()
+    assert "Convergence: eot-pgd@3x3" in report and "| majority [CI] | worst of N [CI] |" in report
 
     # defense candidates under the same attacks on the same scans; a rerun redoes nothing; the suite
     # above stands in for a candidate because it ran the same attack on the same scans with the same budget

@@ -218,6 +218,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _with_ci(p: dict, verdict: str) -> str:
+    """'92.0 [85.0, 96.5]': a verdict's accuracy with its interval (older evaluations: without)."""
+    ci = p.get(f"{verdict}_ci")
+    return _pct(p[verdict]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
 def suite_markdown(result: dict) -> str:
     a = result["attack_config"]
     lines = [f"# Attack suite: {result['run']} on {result['data']}", ""]
@@ -232,13 +238,13 @@ def suite_markdown(result: dict) -> str:
               f"at most {result['max_per_client'] or 'all'} scans each. Each attacked scan is answered "
               f"{a['draws']} times with fresh purification noise (once by a deterministic model); 95% "
               "Clopper-Pearson intervals.", "",
-              "| attack | knows the defense | budget | scans | first draw [95% CI] | majority | worst of N | "
+              "| attack | knows the defense | budget | scans | first draw [95% CI] | majority [CI] | worst of N [CI] | "
               "flagged | bare classifier | s / scan |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in result["suite"].items():
         lo, hi = p["first_ci"]
         seconds = "" if p["seconds_per_scan"] is None else f"{p['seconds_per_scan']:.2f}"
         lines.append(f"| {name} | {p['knows_the_defense']} | {budget_label(p['settings'])} | {p['n']} | "
-                     f"{_pct(p['first'])} [{_pct(lo)}, {_pct(hi)}] | {_pct(p['majority'])} | {_pct(p['worst'])} | "
+                     f"{_pct(p['first'])} [{_pct(lo)}, {_pct(hi)}] | {_with_ci(p, 'majority')} | {_with_ci(p, 'worst')} | "
                      f"{_pct(p['flagged'])} | {_pct(p['bare_acc'])} | {seconds} |")
     h = result["headline"]
     lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {_pct(h['first'])}% "
