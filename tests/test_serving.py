@@ -68,21 +68,44 @@ def test_export_writes_weights_and_manifest_and_loads_back(bundle):
 
 
 def test_a_damaged_or_foreign_bundle_is_refused_in_one_line(bundle, tmp_path):
+    from medfedpure.serving.bundle import bundle_digest
+    from medfedpure.storage import load_tensors
+
     copy = tmp_path / "copy"
     copy.mkdir()
-    (copy / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
+    weights = (bundle / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights)
     manifest = read_json(bundle / "manifest.json")
-    write_json(copy / "manifest.json", {**manifest, "version": 99})
-    with pytest.raises(BundleError, match="version 99"):
-        load_bundle(copy)
+
+    def refused(edited: dict, match: str, resign: bool = False) -> None:
+        """`resign`: with the digest recomputed, as a faulty exporter (not a hand edit) would leave it."""
+        body = {**edited, "digest": bundle_digest((copy / "model.safetensors").read_bytes(), edited)} if resign else edited
+        write_json(copy / "manifest.json", body)
+        with pytest.raises(BundleError, match=match):
+            load_bundle(copy)
+
+    refused({**manifest, "version": 99}, "version 99")
+    # any edit after export: the digest of weights and manifest no longer matches
+    for edit in ({"classes": manifest["classes"][::-1]}, {"tau": 0.0}, {"image_size": 64}, {"mode": "off"},
+                 {"detector": "mae"}):
+        refused({**manifest, **edit}, "changed after export")
     key = next(iter(manifest["tensors"]))
-    write_json(copy / "manifest.json", {**manifest, "tensors": {**manifest["tensors"], key: [7, 7]}})
-    with pytest.raises(BundleError, match="does not match its manifest"):
+    refused({**manifest, "tensors": {**manifest["tensors"], key: [7, 7]}}, "does not match its manifest", resign=True)
+    for field in ("tau", "classes", "seed", "config", "image_size"):
+        refused({k: v for k, v in manifest.items() if k != field}, f"field\\(s\\) {field}", resign=True)
+    write_json(copy / "manifest.json", [manifest])
+    with pytest.raises(BundleError, match="not a manifest"):
         load_bundle(copy)
+    tensors = load_tensors(bundle / "model.safetensors")
+    tensors[key] = torch.full_like(tensors[key], float("nan")) if tensors[key].is_floating_point() else tensors[key]
+    save_tensors(copy / "model.safetensors", tensors)  # another file of the same shapes: NaN weights
+    refused(manifest, "changed after export")
+    refused(manifest, "NaN or infinite", resign=True)
     with pytest.raises(BundleError, match="manifest.json' is missing"):
         load_bundle(tmp_path)
     with pytest.raises(BundleError, match="not empty"):
         export_bundle(bundle.parent / "run", 0, bundle)
+    assert len(load_bundle(bundle).model_id) == 16
 
 
 def test_predict_reports_label_score_percentile_flag_and_depth(bundle):
@@ -98,6 +121,7 @@ def test_predict_reports_label_score_percentile_flag_and_depth(bundle):
     assert answer.purified.shape == (32, 32, 3) and answer.error_map.shape == (32, 32)
     again = Predictor(bundle).predict_file(scan_png(), "scan.png").report
     assert again == r  # the same process order and seed give the same answer
+    assert r["model_id"] == predictor.info()["model_id"] == load_bundle(bundle).model_id  # which model answered
 
 
 def test_predict_command_prints_json_and_saves_views(bundle, tmp_path, capsys):

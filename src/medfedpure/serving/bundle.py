@@ -6,12 +6,18 @@
                                   the detector, tau and the defense settings, the run's config,
                                   commit and metrics, and every tensor's shape
 
-`load_bundle` checks the manifest's format and version and every tensor's shape before it builds
-anything, and fails with one line naming the file on any mismatch.
+The manifest's `digest` is the SHA-256 of the weights file and of the manifest itself (without
+the digest): `load_bundle` recomputes it, so a bundle edited after export (classes reversed, tau or
+the image size changed, another run's weights of the same shapes) is refused, and its first 16 hex
+digits are the model's id, which `/info` and every answer carry. It also checks the manifest's
+fields and types, every tensor's shape and that every weight is finite before it builds anything,
+and fails with one line naming the file on any mismatch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +33,7 @@ from medfedpure.methods import new_model, task
 from medfedpure.runfolder import RunFolderError, need, purifier_weights
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
-FORMAT, VERSION = "medfedpure-model", 1
+FORMAT, VERSION = "medfedpure-model", 2  # 2: the digest
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 PREPROCESSING = ("RGB, bilinear resize to image_size x image_size, [0, 1] floats; DICOM: rescale slope/intercept, "
                  "window center/width (else min-max), MONOCHROME1 inverted; NIfTI: one axial slice, min-max")
@@ -46,6 +52,24 @@ class Bundle:
     defended: DefendedClassifier
     mae: nn.Module
     seed: int
+
+    @property
+    def model_id(self) -> str:
+        """The first 16 hex digits of the bundle's digest (weights and manifest): which model answered."""
+        return self.manifest["digest"][:16]
+
+
+# what a manifest must hold, and of which JSON type (export writes more: preprocessing, run, ...)
+_FIELDS = {"format": str, "version": int, "client": int, "classes": list, "image_size": int, "seed": int,
+           "config": dict, "tensors": dict, "digest": str, "detector": str, "mode": str, "rule": str,
+           "tau": (int, float, type(None)), "threshold": (int, float, type(None)), "target_fpr": (int, float),
+           "t_min": int, "t_max": int, "sampler": str, "sampler_steps": int, "votes": int}
+
+
+def bundle_digest(weights: bytes, manifest: dict) -> str:
+    """SHA-256 of the weights file's bytes and of the manifest's canonical JSON (without its digest)."""
+    body = json.dumps({k: v for k, v in manifest.items() if k != "digest"}, sort_keys=True).encode()
+    return hashlib.sha256(hashlib.sha256(weights).digest() + body).hexdigest()
 
 
 def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
@@ -82,6 +106,7 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
                 "tensors": {k: list(v.shape) for k, v in tensors.items()}}
     with atomic_folder(out) as tmp:
         save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
+        manifest["digest"] = bundle_digest((tmp / WEIGHTS).read_bytes(), manifest)
         write_json(tmp / MANIFEST, manifest)
     return out
 
@@ -105,9 +130,18 @@ def load_bundle(folder: Path | str) -> Bundle:
         manifest = read_json(manifest_path)
     except (RunFolderError, ValueError) as err:
         raise BundleError(f"'{manifest_path}' cannot be read: {err}") from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"'{manifest_path}' is not a manifest (a JSON object)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise BundleError(f"'{manifest_path}' is {manifest.get('format')} version {manifest.get('version')}; "
-                          f"this medfedpure reads {FORMAT} version {VERSION}")
+                          f"this medfedpure reads {FORMAT} version {VERSION} (export the model again)")
+    bad = [k for k, kind in _FIELDS.items() if k not in manifest or not isinstance(manifest[k], kind)
+           or (kind is int and isinstance(manifest[k], bool))]
+    if bad:
+        raise BundleError(f"'{manifest_path}': field(s) {', '.join(bad)} missing or of the wrong type")
+    if bundle_digest(weights_path.read_bytes(), manifest) != manifest["digest"]:
+        raise BundleError(f"'{folder}': {WEIGHTS} or {MANIFEST} changed after export (their digest does not "
+                          "match): export the model again, and never edit a bundle by hand")
     tensors = load_tensors(weights_path)
     expected = manifest.get("tensors", {})
     wrong = sorted(k for k in set(expected) | set(tensors)
@@ -115,6 +149,9 @@ def load_bundle(folder: Path | str) -> Bundle:
     if wrong:
         raise BundleError(f"'{weights_path}' does not match its manifest: {len(wrong)} tensor(s) missing or of "
                           f"another shape, first {wrong[0]}")
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise BundleError(f"'{weights_path}': {len(broken)} tensor(s) hold NaN or infinite values, first {broken[0]}")
     cfg = ExperimentConfig.from_dict(manifest["config"], source=str(manifest_path))
     try:
         defended, mae = _build(cfg, manifest, tensors)

@@ -47,7 +47,8 @@ class Predictor:
     def info(self) -> dict:
         m = self.bundle.manifest
         hist, edges = np.histogram(self.calibration, bins=20)
-        return {"classes": self.bundle.classes, "image_size": self.image_size, "client": m["client"],
+        return {"model_id": self.bundle.model_id, "classes": self.bundle.classes, "image_size": self.image_size,
+                "client": m["client"],
                 "detector": m["detector"], "mode": m["mode"], "threshold": m["threshold"],
                 "target_fpr": m["target_fpr"], "t_min": m["t_min"], "t_max": m["t_max"], "votes": m["votes"],
                 "commit": m["run"]["commit"], "calibration": {"n": int(len(self.calibration)),
@@ -69,7 +70,10 @@ class Predictor:
         label = int(probs.argmax())
         score = float(out.scores[0])
         threshold = self.defended.threshold()
-        report = {"file": name, "label": self.bundle.classes[label], "probability": round(float(probs[label]), 6),
+        if not bool(torch.isfinite(probs).all()):  # never an answer computed on NaN
+            raise ValueError(f"{name}: the model's output is not finite (NaN or infinite); the scan is not answered")
+        report = {"file": name, "model_id": self.bundle.model_id, "label": self.bundle.classes[label],
+                  "probability": round(float(probs[label]), 6),
                   "probabilities": {c: round(float(p), 6) for c, p in zip(self.bundle.classes, probs)},
                   "detector": self.bundle.manifest["detector"], "score": score,
                   "score_percentile": round(float((self.calibration <= score).mean() * 100), 2),
