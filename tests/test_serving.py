@@ -157,7 +157,12 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
         r = client.post("/predict", files={"file": (name, data, "application/octet-stream")})
         assert r.status_code == status, (name, r.text)
         assert name in r.json()["error"] or status == 413
-    assert client.post("/predict").status_code == 422  # no file at all
+    missing = client.post("/predict")  # no file at all: FastAPI's own 422, in the service's shape
+    assert missing.status_code == 422 and missing.json() == {"error": "file: Field required"}
+    wrong = client.post("/predict?nifti_slice=x", files={"file": ("scan.png", scan_png(), "image/png")})
+    assert wrong.status_code == 422 and wrong.json()["error"].startswith("nifti_slice:")
+    assert client.get("/docs").status_code == 404  # no page that needs a CDN
+    assert client.get("/health").json()["model_id"] == info["model_id"]
     assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
 
 

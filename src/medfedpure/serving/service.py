@@ -7,7 +7,8 @@
     POST /predict   a multipart upload (`file`: JPEG/PNG/DICOM/NIfTI) -> the JSON of
                     `medfedpure predict --json`; `?views=true` adds the scan, the purified scan
                     and the error map as base64 PNGs
-    GET  /docs, /openapi.json   the schema
+    GET  /openapi.json   the schema (no /docs page: Swagger UI would come from a CDN, which a
+                    hospital network may not reach, and show a blank page)
 
 The model is loaded once; requests are answered one at a time (a lock around the model), so
 memory stays flat under load. An upload over the size limit, an empty one or one that is not a
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from medfedpure.data import DataError
@@ -34,12 +36,19 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
     predictor = Predictor(model_dir, seed=seed)
     limit = int(max_upload_mb * 1024 * 1024)
     page = (resources.files("medfedpure.serving") / "static" / "index.html").read_text()
-    app = FastAPI(title="MedFedPure", version="1",
+    app = FastAPI(title="MedFedPure", version="1", docs_url=None, redoc_url=None,
                   description="One hospital's defended brain-MRI classifier: detector, purifier, personalized MoE.")
 
     @app.exception_handler(HTTPException)
     async def _error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422s in the service's one shape: {"error": one line naming the field}."""
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        return JSONResponse({"error": f"{field or 'request'}: {first.get('msg', 'invalid request')}"}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -47,7 +56,8 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "client": predictor.bundle.manifest["client"], "classes": predictor.bundle.classes}
+        return {"status": "ok", "model_id": predictor.bundle.model_id, "client": predictor.bundle.manifest["client"],
+                "classes": predictor.bundle.classes}
 
     @app.get("/info")
     def info() -> dict:
