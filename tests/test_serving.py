@@ -1,5 +1,6 @@
 """export -> predict -> serve on a run folder with untrained weights (the pipeline, not the accuracy)."""
 
+import hashlib
 import io
 import json
 import os
@@ -164,6 +165,43 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     assert client.get("/docs").status_code == 404  # no page that needs a CDN
     assert client.get("/health").json()["model_id"] == info["model_id"]
     assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
+
+
+def test_a_token_guards_info_and_predict_and_every_request_is_audited(bundle, tmp_path):
+    from medfedpure.serving.service import check_exposure, read_token
+
+    token = "s3cret-token-of-the-hospital"
+    audit = tmp_path / "audit.jsonl"
+    client = TestClient(create_app(bundle, token=token, audit_log=audit))
+    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200  # open
+    upload = {"file": ("scan.png", scan_png(), "image/png")}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+        r = client.post("/predict", files=upload, headers=headers)
+        assert r.status_code == 401 and "token" in r.json()["error"]
+    assert client.get("/info").status_code == 401
+    auth = {"Authorization": f"Bearer {token}"}
+    assert client.get("/info", headers=auth).status_code == 200
+    ok = client.post("/predict", files=upload, headers=auth)
+    bad = client.post("/predict", files={"file": ("notes.png", b"not an image", "image/png")}, headers=auth)
+    assert ok.status_code == 200 and bad.status_code == 422
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["status"] for e in lines] == [401, 401, 401, 401, 200, 422]
+    answered = lines[4]
+    assert answered["file"] == "scan.png" and answered["label"] == ok.json()["label"]
+    assert answered["sha256"] == hashlib.sha256(scan_png()).hexdigest() and answered["model_id"] == ok.json()["model_id"]
+    assert answered["time"].endswith("Z") and "client" in answered and "notes.png" in lines[5]["error"]
+    # off this machine a token is required, and TLS advised
+    assert check_exposure("127.0.0.1", None, False) is None and check_exposure("localhost", None, False) is None
+    with pytest.raises(ValueError, match="--token-file"):
+        check_exposure("0.0.0.0", None, True)
+    assert "without TLS" in check_exposure("10.0.0.5", token, False) and check_exposure("10.0.0.5", token, True) is None
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ValueError, match="16 characters"):
+        read_token(tmp_path / "short")
+    (tmp_path / "token").write_text(token + "\n")
+    assert read_token(tmp_path / "token") == token
+    assert main(["serve", "--model", str(bundle), "--host", "0.0.0.0"]) == 2  # refused before it listens
+    assert main(["serve", "--model", str(bundle), "--tls-cert", "c.pem"]) == 2  # a certificate without its key
 
 
 @pytest.fixture

@@ -247,10 +247,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from medfedpure.serving.service import serve
+    from medfedpure.serving.service import check_exposure, read_token, serve
 
-    print(f"medfedpure serve: {args.model} on http://{args.host}:{args.port}/ (API schema at /docs)", flush=True)
-    serve(args.model, args.host, args.port, args.max_upload_mb)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    token = read_token(args.token_file)
+    warning = check_exposure(args.host, token, args.tls_cert is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"medfedpure serve: {args.model} on {scheme}://{args.host}:{args.port}/ (schema: /openapi.json; "
+          f"{'token required' if token else 'no token'}; audit log: {args.audit_log or 'none'})", flush=True)
+    serve(args.model, args.host, args.port, args.max_upload_mb, token=token,
+          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log)
     return 0
 
 
@@ -392,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
+    p.add_argument("--token-file", help="a file whose first line is the access token (16+ characters): /info and "
+                                        "/predict then need 'Authorization: Bearer <token>'; required off loopback")
+    p.add_argument("--tls-cert", help="TLS certificate (PEM) to serve HTTPS, with --tls-key")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    p.add_argument("--audit-log", help="append one JSON line per request (time, client, file, SHA-256, model id, "
+                                       "status, answer) to this file")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("presets", help="list the built-in presets")

@@ -10,6 +10,12 @@
     GET  /openapi.json   the schema (no /docs page: Swagger UI would come from a CDN, which a
                     hospital network may not reach, and show a blank page)
 
+With a token (`--token-file`), /info and /predict need `Authorization: Bearer <token>` (the page
+asks for it once); /health and the page stay open. Off this machine (`--host` other than
+loopback) a token is required and TLS (`--tls-cert`/`--tls-key`) strongly advised. With
+`--audit-log FILE`, every /predict and every refused token appends one JSON line: time (UTC),
+client address, file name, the upload's SHA-256 and size, the model id, the status and the answer.
+
 The model is loaded once; requests are answered one at a time (a lock around the model), so
 memory stays flat under load. An upload over the size limit, an empty one or one that is not a
 single 2-D scan gets a 4xx JSON error naming the file; the service goes on serving.
@@ -18,6 +24,12 @@ single 2-D scan gets a 4xx JSON error naming the file; the service goes on servi
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -32,8 +44,26 @@ from medfedpure.serving.predict import Predictor, png_bytes
 DEFAULT_MAX_UPLOAD_MB = 20.0
 
 
-def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, seed: int | None = None) -> FastAPI:
+class Audit:
+    """Append-only JSON lines, one per answered or refused request (None: no log)."""
+
+    def __init__(self, path: Path | str | None) -> None:
+        self.path, self.lock = (Path(path) if path else None), threading.Lock()
+
+    def write(self, request: Request, **fields) -> None:
+        if self.path is None:
+            return
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "client": request.client.host if request.client else None, "path": request.url.path, **fields}
+        with self.lock, self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, seed: int | None = None,
+               token: str | None = None, audit_log: Path | str | None = None) -> FastAPI:
     predictor = Predictor(model_dir, seed=seed)
+    audit = Audit(audit_log)
+    model_id = predictor.bundle.model_id
     limit = int(max_upload_mb * 1024 * 1024)
     page = (resources.files("medfedpure.serving") / "static" / "index.html").read_text()
     app = FastAPI(title="MedFedPure", version="1", docs_url=None, redoc_url=None,
@@ -49,6 +79,16 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
         return JSONResponse({"error": f"{field or 'request'}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        if token is not None and request.url.path not in ("/", "/health"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                audit.write(request, status=401, model_id=model_id)
+                return JSONResponse({"error": "missing or wrong token (send Authorization: Bearer <token>)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -71,15 +111,22 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
             raise HTTPException(413, f"upload larger than the limit of {max_upload_mb:g} MB")
         data = await file.read(limit + 1)
         name = file.filename or "upload"
-        if len(data) > limit:
-            raise HTTPException(413, f"'{name}' is larger than the limit of {max_upload_mb:g} MB")
-        if not data:
-            raise HTTPException(400, f"'{name}' is empty")
+        upload = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "model_id": model_id}
         try:
-            answer = await run_in_threadpool(predictor.predict_file, data, name, nifti_slice, views)
-        except (DataError, ValueError, OSError) as err:  # not a scan this service can read: the sender's error
-            raise HTTPException(422, str(err).splitlines()[0] if str(err) else f"'{name}' cannot be read") from err
+            if len(data) > limit:
+                raise HTTPException(413, f"'{name}' is larger than the limit of {max_upload_mb:g} MB")
+            if not data:
+                raise HTTPException(400, f"'{name}' is empty")
+            try:
+                answer = await run_in_threadpool(predictor.predict_file, data, name, nifti_slice, views)
+            except (DataError, ValueError, OSError) as err:  # not a scan this service can read: the sender's error
+                raise HTTPException(422, str(err).splitlines()[0] if str(err) else f"'{name}' cannot be read") from err
+        except HTTPException as err:
+            audit.write(request, status=err.status_code, error=err.detail, **upload)
+            raise
         report = dict(answer.report)
+        audit.write(request, status=200, **upload, label=report["label"], probability=report["probability"],
+                    flagged=report["flagged"], score=report["score"], t_star=report["t_star"])
         if views:
             report["views"] = {"scan": _b64(png_bytes(answer.scan)), "purified": _b64(png_bytes(answer.purified)),
                                "mae_error": _b64(png_bytes(answer.error_map, colormap="magma"))}
@@ -92,8 +139,46 @@ def _b64(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> None:
-    import uvicorn
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
-    uvicorn.run(create_app(model_dir, max_upload_mb), host=host, port=port, log_level="info")
+
+def read_token(path: Path | str | None) -> str | None:
+    """The access token in a file (its first line), or None without a file; one clear error otherwise."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip().splitlines()[0].strip()
+    except (OSError, UnicodeDecodeError, IndexError) as err:
+        raise ValueError(f"--token-file '{path}' cannot be read or is empty ({err})") from err
+    if len(token) < 16:
+        raise ValueError(f"--token-file '{path}': the token must have at least 16 characters")
+    return token
+
+
+def check_exposure(host: str, token: str | None, tls: bool) -> str | None:
+    """Refuse a service reachable from other machines without a token; a warning without TLS."""
+    if loopback(host):
+        return None
+    if token is None:
+        raise ValueError(f"--host {host} makes the model reachable from other machines: give --token-file (and "
+                         "--tls-cert/--tls-key), or keep the default 127.0.0.1")
+    return None if tls else (f"warning: --host {host} without TLS: the token and the scans cross the network in "
+                             "clear text (give --tls-cert and --tls-key)")
+
+
+def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, token: str | None = None,
+          tls: tuple[str, str] | None = None, audit_log: Path | str | None = None) -> None:
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    logging = json.loads(json.dumps(LOGGING_CONFIG))  # uvicorn's, with a timestamp on every line
+    for formatter in logging["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+    uvicorn.run(create_app(model_dir, max_upload_mb, token=token, audit_log=audit_log), host=host, port=port,
+                log_level="info", log_config=logging, **options)
