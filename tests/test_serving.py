@@ -140,7 +140,8 @@ def test_predict_command_prints_json_and_saves_views(bundle, tmp_path, capsys):
 
 
 def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
-    client = TestClient(create_app(bundle, max_upload_mb=0.05))
+    key = b"a test key of the service noise"
+    client = TestClient(create_app(bundle, max_upload_mb=0.05, noise_key=key))
     assert client.get("/health").json()["status"] == "ok"
     assert "MedFedPure" in client.get("/").text and "<script src=\"http" not in client.get("/").text
     info = client.get("/info").json()
@@ -150,8 +151,12 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     assert ok.status_code == 200, ok.text
     body = ok.json()
     assert body["label"] in ("healthy", "tumor") and body["views"]["purified"].startswith("data:image/png;base64,")
-    same = Predictor(bundle).predict_file(scan_png(), "scan.png").report
+    same = Predictor(bundle, noise_key=key).predict_file(scan_png(), "scan.png").report
     assert {k: v for k, v in body.items() if k != "views"} == same  # the JSON of `predict --json`
+    # one answer per scan: the same scan sent again, after others, gets the very same answer
+    client.post("/predict", files={"file": ("other.png", scan_png(7), "image/png")})
+    again = [client.post("/predict", files={"file": ("scan.png", scan_png(), "image/png")}).json() for _ in range(3)]
+    assert all(a == {k: v for k, v in body.items() if k != "views"} for a in again)
     bad = [("notes.png", b"this is not an image", 422), ("empty.png", b"", 400),
            ("scan.dcm", b"DICM" * 10, 422), ("big.png", b"\0" * 80_000, 413)]
     for name, data, status in bad:
@@ -165,6 +170,25 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     assert client.get("/docs").status_code == 404  # no page that needs a CDN
     assert client.get("/health").json()["model_id"] == info["model_id"]
     assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
+
+
+def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):
+    """Graded mode purifies every scan: the same scan gets the same purification (and answer) on
+    every submission, whatever came between; another key, or another scan, other noise."""
+    import dataclasses
+
+    def graded(key):
+        p = Predictor(bundle, noise_key=key)
+        p.defended.defense = dataclasses.replace(p.defended.defense, mode="graded")
+        return p
+
+    one, other = graded(b"k" * 32), graded(b"q" * 32)
+    first = one.predict_file(scan_png(), "scan.png")
+    one.predict_file(scan_png(3), "b.png")
+    again = one.predict_file(scan_png(), "scan.png")
+    assert first.report["t_star"] > 0 and np.array_equal(first.purified, again.purified)
+    assert first.report == again.report
+    assert not np.array_equal(first.purified, other.predict_file(scan_png(), "scan.png").purified)
 
 
 def test_a_token_guards_info_and_predict_and_every_request_is_audited(bundle, tmp_path):

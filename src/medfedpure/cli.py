@@ -252,6 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     token = read_token(args.token_file)
+    key = read_token(args.noise_key_file).encode() if args.noise_key_file else None  # same rules as a token
     warning = check_exposure(args.host, token, args.tls_cert is not None)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -259,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"medfedpure serve: {args.model} on {scheme}://{args.host}:{args.port}/ (schema: /openapi.json; "
           f"{'token required' if token else 'no token'}; audit log: {args.audit_log or 'none'})", flush=True)
     serve(args.model, args.host, args.port, args.max_upload_mb, token=token,
-          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log)
+          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log, noise_key=key)
     return 0
 
 
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--audit-log", help="append one JSON line per request (time, client, file, SHA-256, model id, "
                                        "status, answer) to this file")
+    p.add_argument("--noise-key-file", help="a secret (first line, 16+ characters) the purification noise of each scan "
+                                            "is keyed with, so the same scan gets the same answer across restarts "
+                                            "too (default: a fresh secret per start)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("presets", help="list the built-in presets")

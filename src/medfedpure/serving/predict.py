@@ -2,13 +2,19 @@
 
 Per scan: the label and its probability, the detector's score and its percentile among the
 hospital's clean calibration scans, whether it was flagged, the purification depth t*, and,
-on request, the purified scan and the MAE's error map as images. Purification draws fresh
-noise from one generator seeded by the bundle (`--seed` to change it), so one process answers
-a sequence of scans reproducibly and a repeated scan gets a fresh draw.
+on request, the purified scan and the MAE's error map as images.
+
+One answer per scan: the purification noise is drawn from a seed keyed on the scan's pixels
+(HMAC-SHA256 with the predictor's noise key), so the same scan sent again gets the same answer,
+and resubmitting it gains an attacker nothing. `predict` derives the key from the bundle's seed
+(`--seed` to change it: reproducible runs); `serve` draws a secret key when it starts (or reads
+`--noise-key-file`), so no one outside the service can compute the noise a scan will meet.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import threading
 from dataclasses import dataclass
@@ -34,11 +40,14 @@ class Answer:
 class Predictor:
     """Loads a bundle once; `predict` is safe to call from several threads (one scan at a time)."""
 
-    def __init__(self, model_dir: Path | str, seed: int | None = None, fast_layout: bool = True) -> None:
+    def __init__(self, model_dir: Path | str, seed: int | None = None, fast_layout: bool = True,
+                 noise_key: bytes | None = None) -> None:
         self.bundle: Bundle = load_bundle(model_dir)
         self.image_size = int(self.bundle.manifest["image_size"])
         self.defended = self.bundle.defended
-        self.defended.generator = torch.Generator().manual_seed(self.bundle.seed if seed is None else seed)
+        self.defended.generator = torch.Generator()
+        self.noise_key = noise_key or hashlib.sha256(f"medfedpure-noise:{self.bundle.seed if seed is None else seed}"
+                                                     .encode()).digest()
         self.calibration = self.defended.calibration_scores.double().numpy()
         self.lock = threading.Lock()
         if fast_layout:  # convolutions in channels-last layout: 1.7x faster here, float rounding apart
@@ -62,8 +71,11 @@ class Predictor:
 
     def predict_image(self, image: np.ndarray, name: str, views: bool = False) -> Answer:
         """`views`: also the MAE's error map (one more MAE pass per scan)."""
-        x = torch.from_numpy(np.array(image)).float().div(255).unsqueeze(0)
+        pixels = np.ascontiguousarray(image, dtype=np.uint8)
+        x = torch.from_numpy(pixels.copy()).float().div(255).unsqueeze(0)
+        noise = int.from_bytes(hmac.new(self.noise_key, pixels.tobytes(), hashlib.sha256).digest()[:8], "little")
         with self.lock, torch.inference_mode():
+            self.defended.generator.manual_seed(noise)  # this scan's noise: the same on every submission
             out = self.defended.details(x)
             errors = self.bundle.mae.error_map(x)[0] if views else None
         probs = torch.softmax(out.logits[0], dim=0).double()
