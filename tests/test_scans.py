@@ -224,7 +224,8 @@ def test_nifti_gz_bytes_scaling_and_dimensions(tmp_path):
     assert np.array_equal(read_scan(write_nifti(tmp_path / "t.nii", vol[..., None]), 12), from_path)
     with pytest.raises(DataError, match=r"fmri\.nii.*4-D NIfTI.*give a 2-D image or a 3-D volume"):
         read_scan(write_nifti(tmp_path / "fmri.nii", np.zeros((4, 4, 3, 2), np.int16)), 8)
-    assert not read_scan(write_nifti(tmp_path / "c.nii", np.full((4, 4), 7, np.int16)), 4).any()
+    with pytest.raises(DataError, match=r"c\.nii' is blank"):  # a constant slice: nothing to classify
+        read_scan(write_nifti(tmp_path / "c.nii", np.full((4, 4), 7, np.int16)), 4)
     with pytest.raises(DataError, match="junk.nii.gz"):
         read_scan(b"not gzip at all", 8, name="junk.nii.gz")
     with pytest.raises(DataError, match="junk.nii"):
@@ -266,3 +267,28 @@ def test_list_scans(tmp_path):
     (tmp_path / "empty" / "x.txt").write_text("x")
     with pytest.raises(DataError, match="empty.*holds no scans"):
         list_scans([tmp_path / "empty"])
+
+
+def test_scans_it_should_refuse_are_refused_before_they_cost_memory(tmp_path, monkeypatch):
+    """A blank scan, a NaN voxel, an image whose header promises too many pixels, a NIfTI that
+    inflates too far: one error naming the file, not a confident answer or a gigabyte of memory."""
+    import medfedpure.data.datasets as datasets
+    import medfedpure.data.scans as scans
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "blank.png")
+    with pytest.raises(DataError, match="blank.png' is blank"):
+        read_scan(tmp_path / "blank.png", 16)
+    vol = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    vol[2, 3, 1] = np.nan  # one NaN voxel in the middle slice
+    with pytest.raises(DataError, match="nan.nii': the slice holds NaN"):
+        read_scan(write_nifti(tmp_path / "nan.nii", vol), 8)
+    assert read_scan(write_nifti(tmp_path / "other.nii", vol), 8, nifti_slice=0).any()  # the other slices are fine
+    monkeypatch.setattr(datasets, "MAX_SCAN_PIXELS", 1000)  # a 40 x 40 image stands in for a 12000 x 12000 one
+    Image.fromarray(np.full((40, 40), 9, np.uint8)).save(tmp_path / "huge.png")
+    for source in (tmp_path / "huge.png", (tmp_path / "huge.png").read_bytes()):
+        with pytest.raises(DataError, match="huge.png' is 40 x 40 pixels, more than the 1,000"):
+            read_scan(source, 16, name="huge.png")
+    monkeypatch.setattr(scans, "MAX_NIFTI_BYTES", 2000)
+    gz = write_nifti(tmp_path / "bomb.nii.gz", np.zeros((64, 64, 4), np.int16))
+    with pytest.raises(DataError, match="bomb.nii.gz' inflates to more than"):
+        read_scan(gz.read_bytes(), 16, name="bomb.nii.gz")

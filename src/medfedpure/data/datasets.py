@@ -243,11 +243,23 @@ def _resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
+MAX_SCAN_PIXELS = 50_000_000  # per 2-D scan: far above any MRI slice, far below what would exhaust memory
+
+
+def _check_pixels(img: Image.Image, name: str | Path) -> None:
+    """Refuse an image by its header, before its pixels are decoded (a 140 KB PNG can hold 144 MP)."""
+    width, height = img.size
+    if width * height > MAX_SCAN_PIXELS:
+        raise DataError(f"image file '{name}' is {width} x {height} pixels, more than the {MAX_SCAN_PIXELS:,} "
+                        "a scan may have")
+
+
 def decode_image(path: Path, size: int) -> np.ndarray:
     if path.stat().st_size == 0:
         raise DataError(f"image file '{path}' is empty (0 bytes)")
     try:
         with Image.open(path) as img:
+            _check_pixels(img, path)
             return _resize(img, size)
     except Image.DecompressionBombError as err:
         raise DataError(f"image file '{path}' is too large to decode safely ({err})") from err

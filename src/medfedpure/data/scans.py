@@ -8,9 +8,9 @@ CLI and an upload service read scans identically. Every failure is a `DataError`
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
+import zlib
 from pathlib import Path
 
 import nibabel
@@ -18,8 +18,9 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 
-from medfedpure.data.datasets import IMAGE_SUFFIXES, DataError, _resize, decode_image
+from medfedpure.data.datasets import IMAGE_SUFFIXES, MAX_SCAN_PIXELS, DataError, _check_pixels, _resize, decode_image
 
+MAX_NIFTI_BYTES = 256 * 2**20  # a NIfTI inflated: a 512 x 512 x 400 int16 CT is 200 MB
 SCAN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz"}
 _KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".dcm": "dicom", ".dicom": "dicom",
           ".nii": "nifti", ".nii.gz": "nifti"}
@@ -58,7 +59,7 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
             raise DataError(f"scan file '{path}' does not exist or is not a file")
         data = None
     if path is not None and _KINDS.get(_suffix(name)) == "image":
-        return decode_image(path, size)  # the training path, bit for bit
+        return _not_blank(decode_image(path, size), name)  # the training path, bit for bit
     if data is None:
         try:
             data = path.read_bytes()
@@ -68,16 +69,24 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
         raise DataError(f"scan file '{name}' is empty (0 bytes)")
     kind = scan_kind(name, data[:132])
     if kind == "image":
-        return _image_from_bytes(data, name, size)
+        return _not_blank(_image_from_bytes(data, name, size), name)
     if kind == "dicom":
-        return _resize(_dicom_image(data, name), size)
-    return _resize(_nifti_image(data, name, nifti_slice), size)
+        return _not_blank(_resize(_dicom_image(data, name), size), name)
+    return _not_blank(_resize(_nifti_image(data, name, nifti_slice), size), name)
+
+
+def _not_blank(x: np.ndarray, name: str) -> np.ndarray:
+    """A scan with every pixel the same (blank, or all NaN turned black) is not answered."""
+    if x.size and int(x.max()) == int(x.min()):
+        raise DataError(f"scan '{name}' is blank (every pixel {int(x.min())}): nothing to classify")
+    return x
 
 
 def _image_from_bytes(data: bytes, name: str, size: int) -> np.ndarray:
     """`decode_image` for bytes: same decoding, same errors."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img, name)
             return _resize(img, size)
     except Image.DecompressionBombError as err:
         raise DataError(f"image file '{name}' is too large to decode safely ({err})") from err
@@ -148,7 +157,7 @@ def _nifti_image(data: bytes, name: str, nifti_slice: int | None) -> Image.Image
     used: left/right follow the voxel order (RAS shows neurological, LAS radiological)."""
     try:
         if _suffix(name) == ".nii.gz":
-            data = gzip.decompress(data)
+            data = _gunzip_bounded(data, name)
         img = nibabel.Nifti1Image.from_bytes(data)
     except Exception as err:  # gzip, zlib and nibabel (WrapStructError, HeaderDataError, ...) errors
         raise DataError(f"NIfTI file '{name}' cannot be read ({err})") from err
@@ -160,16 +169,31 @@ def _nifti_image(data: bytes, name: str, nifti_slice: int | None) -> Image.Image
                         "give a 2-D image or a 3-D volume")
     if len(shape) < 2:
         raise DataError(f"NIfTI file '{name}' holds {len(shape)}-D data (shape {tuple(img.shape)})")
-    try:
-        vol = img.get_fdata().reshape(shape)
-    except Exception as err:  # truncated data (OSError), unsupported data type, ...
-        raise DataError(f"NIfTI file '{name}': voxel data cannot be read ({err})") from err
-    if vol.ndim == 3:
+    if shape[0] * shape[1] > MAX_SCAN_PIXELS:
+        raise DataError(f"NIfTI file '{name}': slices of {shape[0]} x {shape[1]} voxels, more than the "
+                        f"{MAX_SCAN_PIXELS:,} a scan may have")
+    k = None
+    if len(shape) == 3:
         k = shape[2] // 2 if nifti_slice is None else nifti_slice
         if not 0 <= k < shape[2]:
             raise DataError(f"NIfTI file '{name}': slice {k} is out of range (0..{shape[2] - 1})")
-        vol = vol[:, :, k]
+    try:  # the one slice only: memory bounded by a slice, not the volume
+        data_obj = img.dataobj
+        vol = np.asarray(data_obj[:, :, k] if k is not None else data_obj[...], dtype=np.float64).reshape(shape[:2])
+    except Exception as err:  # truncated data (OSError), unsupported data type, ...
+        raise DataError(f"NIfTI file '{name}': voxel data cannot be read ({err})") from err
+    if not np.isfinite(vol).all():
+        raise DataError(f"NIfTI file '{name}': the slice holds NaN or infinite voxels")
     return Image.fromarray(np.ascontiguousarray(np.rot90(_to_uint8(_unit_range(vol)))))
+
+
+def _gunzip_bounded(data: bytes, name: str) -> bytes:
+    """A .gz decompressed, refused once it passes MAX_NIFTI_BYTES (a small file can inflate to GBs)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = inflater.decompress(data, MAX_NIFTI_BYTES + 1)
+    if len(out) > MAX_NIFTI_BYTES:
+        raise DataError(f"NIfTI file '{name}' inflates to more than {MAX_NIFTI_BYTES // 2**20} MB")
+    return out
 
 
 def list_scans(paths: list[Path | str]) -> list[Path]:

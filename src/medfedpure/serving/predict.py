@@ -50,6 +50,7 @@ class Predictor:
                                                      .encode()).digest()
         self.calibration = self.defended.calibration_scores.double().numpy()
         self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(2)  # scans decoded at once: memory bounded under load too
         if fast_layout:  # convolutions in channels-last layout: 1.7x faster here, float rounding apart
             channels_last(self.defended.classifier, self.defended.diffusion)  # (benchmarks/run.py, tests)
 
@@ -66,7 +67,8 @@ class Predictor:
     def predict_file(self, source: Path | str | bytes, name: str | None = None,
                      nifti_slice: int | None = None, views: bool = False) -> Answer:
         name = name or str(source)
-        image = read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice)
+        with self.decoding:
+            image = read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice)
         return self.predict_image(image, name, views)
 
     def predict_image(self, image: np.ndarray, name: str, views: bool = False) -> Answer:
