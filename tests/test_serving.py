@@ -137,6 +137,14 @@ def test_predict_command_prints_json_and_saves_views(bundle, tmp_path, capsys):
     assert all(Path(p).is_file() for r in reports for p in r["views"].values())
     assert main(["predict", "--model", str(bundle), str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
+    # a folder with one unreadable scan: every other one answered, the bad one reported beside them, rc 1
+    (scans / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "--model", str(bundle), str(scans), "--json", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    reports = json.loads(captured.out)
+    assert [Path(r["file"]).name for r in reports] == ["broken.png", "s0.png", "s1.png"]
+    assert "broken.png" in reports[0]["error"] and all("label" in r for r in reports[1:])
+    assert "1 of 3 scan(s) could not be answered" in captured.err
 
 
 def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
@@ -188,6 +196,13 @@ def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):
     again = one.predict_file(scan_png(), "scan.png")
     assert first.report["t_star"] > 0 and np.array_equal(first.purified, again.purified)
     assert first.report == again.report
+    # how stable: the share of 1 + 4 purifications that agree with the answer, below 0.8 for review
+    r = first.report
+    assert r["draws"] == 5 and r["agreement"] in (0.2, 0.4, 0.6, 0.8, 1.0) and r["review"] == (r["agreement"] < 0.8)
+    labels = {one.predict_file(scan_png(s), f"{s}.png").report["agreement"] for s in range(6)}
+    assert labels <= {0.2, 0.4, 0.6, 0.8, 1.0}
+    quiet = Predictor(bundle, stability_draws=0).predict_file(scan_png(), "scan.png").report
+    assert quiet["draws"] == 1 and quiet["agreement"] == 1.0 and not quiet["review"]
     assert not np.array_equal(first.purified, other.predict_file(scan_png(), "scan.png").purified)
 
 

@@ -230,20 +230,31 @@ def _predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor(args.model, seed=args.seed)
     files = list_scans(args.scans)
-    reports = []
+    reports, failed = [], 0
     for path in tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2):
-        answer = predictor.predict_file(path, str(path), args.nifti_slice, views=bool(args.save_views))
+        try:  # every readable scan is answered; an unreadable one is reported beside them
+            answer = predictor.predict_file(path, str(path), args.nifti_slice, views=bool(args.save_views))
+        except (DataError, ValueError) as err:
+            failed += 1
+            reports.append({"file": str(path), "error": str(err).splitlines()[0]})
+            if not args.json:
+                tqdm.write(f"{path}: not answered: {reports[-1]['error']}", file=sys.stderr)
+            continue
         report = answer.report
         if args.save_views:
             report["views"] = save_views(answer, Path(args.save_views), Path(path).name.split(".")[0])
         reports.append(report)
         if not args.json:
-            tqdm.write(f"{path}: {report['label']} ({100 * report['probability']:.1f}%), {report['detector']} score "
-                       f"{report['score']:.4g} (percentile {report['score_percentile']:.0f} of clean scans), "
+            tqdm.write(f"{path}: {report['label']} ({100 * report['probability']:.1f}%, {report['draws']} "
+                       f"purification(s) agree {100 * report['agreement']:.0f}%{', REVIEW' if report['review'] else ''}"
+                       f"), {report['detector']} score {report['score']:.4g} (percentile "
+                       f"{report['score_percentile']:.0f} of clean scans), "
                        f"{'FLAGGED' if report['flagged'] else 'not flagged'}, t*={report['t_star']}")
     if args.json:
         print(json.dumps(reports if len(reports) != 1 else reports[0], indent=2))
-    return 0
+    if failed:
+        print(f"{failed} of {len(files)} scan(s) could not be answered", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -41,7 +41,12 @@ class Predictor:
     """Loads a bundle once; `predict` is safe to call from several threads (one scan at a time)."""
 
     def __init__(self, model_dir: Path | str, seed: int | None = None, fast_layout: bool = True,
-                 noise_key: bytes | None = None) -> None:
+                 noise_key: bytes | None = None, stability_draws: int = 4) -> None:
+        """`stability_draws`: further purifications of each scan (their own keyed noise) that say how
+        stable the answer is; the answer itself is the one draw the attack suite evaluates."""
+        if stability_draws < 0:
+            raise ValueError("stability_draws must be >= 0")
+        self.stability_draws = stability_draws
         self.bundle: Bundle = load_bundle(model_dir)
         self.image_size = int(self.bundle.manifest["image_size"])
         self.defended = self.bundle.defended
@@ -79,9 +84,14 @@ class Predictor:
         with self.lock, torch.inference_mode():
             self.defended.generator.manual_seed(noise)  # this scan's noise: the same on every submission
             out = self.defended.details(x)
+            others = torch.empty(0, dtype=torch.long)
+            if self.stability_draws and bool(out.t_star[0] > 0):  # purified: other noise, maybe another answer
+                self.defended.generator.manual_seed(noise ^ 0x5EED)
+                others = self.defended.sample_logits(x, self.stability_draws, out.scores)[:, 0].argmax(-1)
             errors = self.bundle.mae.error_map(x)[0] if views else None
         probs = torch.softmax(out.logits[0], dim=0).double()
         label = int(probs.argmax())
+        agreement = (1 + int((others == label).sum())) / (1 + len(others)) if len(others) else 1.0
         score = float(out.scores[0])
         threshold = self.defended.threshold()
         if not bool(torch.isfinite(probs).all()):  # never an answer computed on NaN
@@ -92,7 +102,10 @@ class Predictor:
                   "detector": self.bundle.manifest["detector"], "score": score,
                   "score_percentile": round(float((self.calibration <= score).mean() * 100), 2),
                   "threshold": threshold, "flagged": bool(out.flags[0]), "t_star": int(out.t_star[0]),
-                  "mode": self.defended.defense.mode}
+                  "mode": self.defended.defense.mode,
+                  # how stable the answer is: the share of 1 + stability_draws purifications that agree with it
+                  # (1.0 where nothing was purified: no noise); below 0.8 it asks for review
+                  "agreement": round(agreement, 4), "draws": 1 + len(others), "review": agreement < 0.8}
         error_map = None
         if errors is not None:
             grid = int(round(errors.numel() ** 0.5))
