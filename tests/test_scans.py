@@ -257,9 +257,10 @@ def test_list_scans(tmp_path):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     (tmp_path / "IM0001").write_bytes(b"x")
+    (root / "sub" / "IM0002").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)  # a scanner's suffix-less DICOM
     found = list_scans([root, str(tmp_path / "IM0001")])
-    assert found == sorted([root / "a.DCM", root / "b.png", root / "sub/c.nii.gz", root / "sub/deep/d.nii"]) \
-        + [tmp_path / "IM0001"]
+    assert found == sorted([root / "a.DCM", root / "b.png", root / "sub/IM0002", root / "sub/c.nii.gz",
+                            root / "sub/deep/d.nii"]) + [tmp_path / "IM0001"]
     assert list_scans([]) == []
     with pytest.raises(DataError, match="missing.png"):
         list_scans([root, tmp_path / "missing.png"])

@@ -137,6 +137,14 @@ def test_predict_command_prints_json_and_saves_views(bundle, tmp_path, capsys):
     assert all(Path(p).is_file() for r in reports for p in r["views"].values())
     assert main(["predict", "--model", str(bundle), str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
+    # scans of the same name in two folders keep their own views; a DICOM without a suffix is found by its preamble
+    (scans / "sub").mkdir()
+    (scans / "sub" / "s0.png").write_bytes(scan_png(5))
+    assert main(["predict", "--model", str(bundle), str(scans), "--json", "--save-views", str(tmp_path / "w"),
+                 "--no-progress"]) == 0
+    views = [r["views"] for r in json.loads(capsys.readouterr().out)]
+    assert len({v["scan"] for v in views}) == 3 and all(Path(v["scan"]).is_file() for v in views)
+    shutil.rmtree(scans / "sub")
     # a folder with one unreadable scan: every other one answered, the bad one reported beside them, rc 1
     (scans / "broken.png").write_bytes(b"not a png")
     assert main(["predict", "--model", str(bundle), str(scans), "--json", "--no-progress"]) == 1
@@ -176,6 +184,16 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     wrong = client.post("/predict?nifti_slice=x", files={"file": ("scan.png", scan_png(), "image/png")})
     assert wrong.status_code == 422 and wrong.json()["error"].startswith("nifti_slice:")
     assert client.get("/docs").status_code == 404  # no page that needs a CDN
+    # a batch: every scan answered or refused on its own, in the order sent
+    batch = client.post("/predict/batch", files=[("files", ("a.png", scan_png(), "image/png")),
+                                                 ("files", ("bad.png", b"junk", "image/png")),
+                                                 ("files", ("b.png", scan_png(2), "image/png"))])
+    assert batch.status_code == 200, batch.text
+    a, bad_one, b = batch.json()
+    assert a == {**same, "file": "a.png"} and b["file"] == "b.png" and "label" in b
+    assert bad_one["status"] == 422 and "bad.png" in bad_one["error"] and "BytesIO" not in bad_one["error"]
+    many = [("files", (f"{i}.png", scan_png(i), "image/png")) for i in range(33)]
+    assert client.post("/predict/batch", files=many).status_code == 413
     assert client.get("/health").json()["model_id"] == info["model_id"]
     assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
 
@@ -303,9 +321,15 @@ def test_the_page_in_a_real_browser_classifies_an_uploaded_scan(served, tmp_path
             page = browser.new_page(viewport={"width": 1366, "height": 860})
             page.goto(served)
             page.wait_for_function("document.getElementById('model').textContent.includes('hospital')")
+            assert not page.is_visible("#results")  # no empty answer card or broken images before an upload
+            page.set_input_files("#file", str(scan))
+            page.wait_for_selector("#results:not([hidden])", timeout=60_000)
+            assert "purification(s) agree" in page.text_content("[data-testid=agreement]")
             page.set_input_files("#file", str(not_a_scan))
             page.wait_for_function("document.getElementById('error').textContent.length > 0")
-            assert "notes.png" in page.text_content("#error")
+            error = page.text_content("#error")
+            assert "notes.png" in error and "BytesIO" not in error
+            assert not page.is_visible("#results")  # the previous scan's answer is not left under the error
             page.set_input_files("#file", str(scan))
             page.wait_for_selector("#results:not([hidden])", timeout=60_000)
             page.wait_for_function("document.getElementById('error').textContent === ''")
@@ -315,6 +339,9 @@ def test_the_page_in_a_real_browser_classifies_an_uploaded_scan(served, tmp_path
             assert page.text_content("[data-testid=probability]").endswith("%")
             for image in ("scan", "purified", "maeerror"):
                 page.wait_for_function(f"document.getElementById('{image}').naturalWidth > 0")
+            detector = json.loads(page.evaluate("fetch('/info').then(r => r.text())"))["detector"]
+            caption = page.text_content("#maecaption")
+            assert caption == "MAE error map" if detector == "mae" else f"the {detector} detector" in caption
             shot = Path(os.environ.get("MEDFEDPURE_SCREENSHOT") or tmp_path / "page.png")
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

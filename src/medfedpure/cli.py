@@ -231,7 +231,7 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, seed=args.seed)
     files = list_scans(args.scans)
     reports, failed = [], 0
-    for path in tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2):
+    for index, path in enumerate(tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2)):
         try:  # every readable scan is answered; an unreadable one is reported beside them
             answer = predictor.predict_file(path, str(path), args.nifti_slice, views=bool(args.save_views))
         except (DataError, ValueError) as err:
@@ -242,7 +242,8 @@ def _predict(args: argparse.Namespace) -> int:
             continue
         report = answer.report
         if args.save_views:
-            report["views"] = save_views(answer, Path(args.save_views), Path(path).name.split(".")[0])
+            # numbered: two scans of the same name in different folders never share their views
+            report["views"] = save_views(answer, Path(args.save_views), f"{index:04d}-{Path(path).name.split('.')[0]}")
         reports.append(report)
         if not args.json:
             tqdm.write(f"{path}: {report['label']} ({100 * report['probability']:.1f}%, {report['draws']} "

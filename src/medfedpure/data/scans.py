@@ -90,7 +90,9 @@ def _image_from_bytes(data: bytes, name: str, size: int) -> np.ndarray:
             return _resize(img, size)
     except Image.DecompressionBombError as err:
         raise DataError(f"image file '{name}' is too large to decode safely ({err})") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise DataError(f"image file '{name}' cannot be read as an image (not a format it recognizes)") from err
+    except (OSError, ValueError) as err:
         raise DataError(f"image file '{name}' cannot be read as an image ({err})") from err
 
 
@@ -196,6 +198,18 @@ def _gunzip_bounded(data: bytes, name: str) -> bytes:
     return out
 
 
+def _dicom_magic(path: Path) -> bool:
+    """Whether a file without a scan suffix is DICOM by its 'DICM' preamble (scanners often write
+    files with no suffix at all)."""
+    if _suffix(path.name) in SCAN_SUFFIXES or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def list_scans(paths: list[Path | str]) -> list[Path]:
     """Scan files from files and folders, in the order given; a folder's scans (sub-folders
     included, hidden ones skipped) sorted. A named file is kept whatever its suffix (`read_scan`
@@ -209,7 +223,7 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 below += [Path(dirpath) / f for f in filenames
-                          if not f.startswith(".") and _suffix(f) in SCAN_SUFFIXES]
+                          if not f.startswith(".") and (_suffix(f) in SCAN_SUFFIXES or _dicom_magic(Path(dirpath) / f))]
             if not below:
                 raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(SCAN_SUFFIXES))})")
             found += sorted(below)

@@ -135,9 +135,11 @@ def png_bytes(image: np.ndarray, colormap: str | None = None, scale: int = 4) ->
 
 
 def save_views(answer: Answer, folder: Path, stem: str) -> dict[str, str]:
-    """`<stem>_purified.png` and `<stem>_mae_error.png` in `folder`; returns their paths."""
+    """`<stem>_scan.png` (the model's input), `<stem>_purified.png` and `<stem>_mae_error.png` in
+    `folder`; returns their paths. The caller makes `stem` unique per scan."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"purified": folder / f"{stem}_purified.png", "mae_error": folder / f"{stem}_mae_error.png"}
+    paths = {view: folder / f"{stem}_{view}.png" for view in ("scan", "purified", "mae_error")}
+    paths["scan"].write_bytes(png_bytes(answer.scan))
     paths["purified"].write_bytes(png_bytes(answer.purified))
     paths["mae_error"].write_bytes(png_bytes(answer.error_map, colormap="magma"))
     return {k: str(v) for k, v in paths.items()}

@@ -7,6 +7,8 @@
     POST /predict   a multipart upload (`file`: JPEG/PNG/DICOM/NIfTI) -> the JSON of
                     `medfedpure predict --json`; `?views=true` adds the scan, the purified scan
                     and the error map as base64 PNGs
+    POST /predict/batch   several uploads (`files`, at most MAX_BATCH) -> a list: each scan's
+                    answer, or its error, in the order sent
     GET  /openapi.json   the schema (no /docs page: Swagger UI would come from a CDN, which a
                     hospital network may not reach, and show a blank page)
 
@@ -43,6 +45,7 @@ from medfedpure.data import DataError
 from medfedpure.serving.predict import Predictor, png_bytes
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
+MAX_BATCH = 32
 
 
 class Audit:
@@ -106,12 +109,8 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
     def info() -> dict:
         return predictor.info()
 
-    @app.post("/predict")
-    async def predict(request: Request, file: UploadFile = File(...), views: bool = False,
-                      nifti_slice: int | None = None) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
-            raise HTTPException(413, f"upload larger than the limit of {max_upload_mb:g} MB")
+    async def answer_one(request: Request, file: UploadFile, views: bool, nifti_slice: int | None) -> dict:
+        """One upload's answer (a dict), or an HTTPException naming it; audited either way."""
         data = await file.read(limit + 1)
         name = file.filename or "upload"
         upload = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "model_id": model_id}
@@ -129,11 +128,37 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
             raise
         report = dict(answer.report)
         audit.write(request, status=200, **upload, label=report["label"], probability=report["probability"],
-                    flagged=report["flagged"], score=report["score"], t_star=report["t_star"])
+                    flagged=report["flagged"], score=report["score"], t_star=report["t_star"],
+                    agreement=report["agreement"])
         if views:
             report["views"] = {"scan": _b64(png_bytes(answer.scan)), "purified": _b64(png_bytes(answer.purified)),
                                "mae_error": _b64(png_bytes(answer.error_map, colormap="magma"))}
         return report
+
+    def too_large(request: Request, allowed: int) -> None:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > allowed + 64 * 1024:
+            raise HTTPException(413, f"upload larger than the limit of {max_upload_mb:g} MB a scan")
+
+    @app.post("/predict")
+    async def predict(request: Request, file: UploadFile = File(...), views: bool = False,
+                      nifti_slice: int | None = None) -> dict:
+        too_large(request, limit)
+        return await answer_one(request, file, views, nifti_slice)
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request, files: list[UploadFile] = File(...),
+                            nifti_slice: int | None = None) -> list[dict]:
+        too_large(request, limit * MAX_BATCH)
+        if len(files) > MAX_BATCH:
+            raise HTTPException(413, f"{len(files)} scans in one batch; at most {MAX_BATCH}")
+        out = []
+        for file in files:  # each answered or refused on its own; one bad scan does not sink the batch
+            try:
+                out.append(await answer_one(request, file, False, nifti_slice))
+            except HTTPException as err:
+                out.append({"file": file.filename or "upload", "error": err.detail, "status": err.status_code})
+        return out
 
     return app
 
