@@ -404,3 +404,35 @@ def test_the_channels_last_layout_gives_the_same_answers_on_br35h_scans(bundle):
     print(f"\nchannels-last vs default layout: {same} of {len(scans)} scans get the same label, flag and t*; "
           f"largest relative score difference {worst:.2g}")
     assert same >= len(scans) - max(1, len(scans) // 50)
+
+
+def test_a_signed_bundle_is_trusted_only_with_its_key(bundle, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def keypair(name):
+        key = Ed25519PrivateKey.generate()
+        (tmp_path / f"{name}.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (tmp_path / f"{name}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    keypair("hospital")
+    keypair("someone-else")
+    signed = tmp_path / "signed"
+    assert main(["export", "--run", str(bundle.parent / "run"), "--client", "1", "--out", str(signed),
+                 "--sign-key", str(tmp_path / "hospital.pem")]) == 0
+    assert "signature.ed25519" in capsys.readouterr().out and (signed / "signature.ed25519").is_file()
+    assert load_bundle(signed, trust=tmp_path / "hospital.pub").model_id == load_bundle(signed).model_id
+    with pytest.raises(BundleError, match="does not verify"):
+        load_bundle(signed, trust=tmp_path / "someone-else.pub")
+    with pytest.raises(BundleError, match="not signed"):
+        load_bundle(bundle, trust=tmp_path / "hospital.pub")
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(scan_png())
+    assert main(["predict", "--model", str(signed), "--trust", str(tmp_path / "hospital.pub"), str(scan)]) == 0
+    assert main(["predict", "--model", str(signed), "--trust", str(tmp_path / "someone-else.pub"), str(scan)]) == 2
+    assert "does not verify" in capsys.readouterr().err
+    assert main(["export", "--run", str(bundle.parent / "run"), "--client", "1", "--out", str(tmp_path / "x"),
+                 "--sign-key", str(tmp_path / "hospital.pub")]) == 2  # a public key cannot sign
+    assert not (tmp_path / "x").exists()

@@ -217,8 +217,12 @@ def _deploy_local(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from medfedpure.serving.bundle import export_bundle
 
-    out = export_bundle(args.run, args.client, args.out)
-    print(f"wrote client {args.client}'s defended classifier to {out}/ (model.safetensors, manifest.json)")
+    out = export_bundle(args.run, args.client, args.out, sign_key=args.sign_key)
+    from medfedpure.serving.bundle import load_bundle
+
+    model_id = load_bundle(out).model_id
+    print(f"wrote client {args.client}'s defended classifier to {out}/ (model.safetensors, manifest.json"
+          + (", signature.ed25519" if args.sign_key else "") + f"); model id {model_id}")
     return 0
 
 
@@ -228,7 +232,7 @@ def _predict(args: argparse.Namespace) -> int:
     from medfedpure.data.scans import list_scans
     from medfedpure.serving.predict import Predictor, save_views
 
-    predictor = Predictor(args.model, seed=args.seed)
+    predictor = Predictor(args.model, seed=args.seed, trust=args.trust)
     files = list_scans(args.scans)
     reports, failed = [], 0
     for index, path in enumerate(tqdm(files, desc="scans", unit="scan", disable=args.no_progress or len(files) < 2)):
@@ -272,7 +276,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"medfedpure serve: {args.model} on {scheme}://{args.host}:{args.port}/ (schema: /openapi.json; "
           f"{'token required' if token else 'no token'}; audit log: {args.audit_log or 'none'})", flush=True)
     serve(args.model, args.host, args.port, args.max_upload_mb, token=token,
-          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log, noise_key=key)
+          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log, noise_key=key,
+          trust=args.trust)
     return 0
 
 
@@ -397,10 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by experiment, train or deploy-local")
     p.add_argument("--client", type=int, required=True, help="the hospital (client index)")
     p.add_argument("--out", required=True, help="new folder for model.safetensors and manifest.json")
+    p.add_argument("--sign-key", help="the hospital's Ed25519 private key (PEM; `openssl genpkey -algorithm ed25519 "
+                                      "-out key.pem`): writes signature.ed25519, which predict/serve --trust check")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("predict", help="classify scans (JPEG/PNG/DICOM/NIfTI files or folders) with an exported model")
     p.add_argument("--model", required=True, help="folder written by `medfedpure export`")
+    p.add_argument("--trust", help="an Ed25519 public key (PEM): use the model only if it was signed with its key")
     p.add_argument("scans", nargs="+", help="scan files or folders")
     p.add_argument("--json", action="store_true", help="print JSON (one object per scan)")
     p.add_argument("--save-views", metavar="DIR", help="write each scan's purified view and MAE error map as PNGs")
@@ -411,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an HTTP service and web page for an exported model (FastAPI)")
     p.add_argument("--model", required=True, help="folder written by `medfedpure export`")
+    p.add_argument("--trust", help="an Ed25519 public key (PEM): serve the model only if it was signed with its key")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")

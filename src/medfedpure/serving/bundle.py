@@ -9,9 +9,11 @@
 The manifest's `digest` is the SHA-256 of the weights file and of the manifest itself (without
 the digest): `load_bundle` recomputes it, so a bundle edited after export (classes reversed, tau or
 the image size changed, another run's weights of the same shapes) is refused, and its first 16 hex
-digits are the model's id, which `/info` and every answer carry. It also checks the manifest's
-fields and types, every tensor's shape and that every weight is finite before it builds anything,
-and fails with one line naming the file on any mismatch.
+digits are the model's id, which `/info` and every answer carry. Signed at export with the
+hospital's Ed25519 key (`export --sign-key`), `signature.ed25519` proves who exported it:
+`predict`/`serve --trust KEY.pub` refuse a bundle whose signature is missing or does not verify.
+It also checks the manifest's fields and types, every tensor's shape and that every weight is
+finite before it builds anything, and fails with one line naming the file on any mismatch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from medfedpure.runfolder import RunFolderError, need, purifier_weights
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 FORMAT, VERSION = "medfedpure-model", 2  # 2: the digest
-WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+WEIGHTS, MANIFEST, SIGNATURE = "model.safetensors", "manifest.json", "signature.ed25519"
 PREPROCESSING = ("RGB, bilinear resize to image_size x image_size, [0, 1] floats; DICOM: rescale slope/intercept, "
                  "window center/width (else min-max), MONOCHROME1 inverted; NIfTI: one axial slice, min-max")
 
@@ -72,9 +74,45 @@ def bundle_digest(weights: bytes, manifest: dict) -> str:
     return hashlib.sha256(hashlib.sha256(weights).digest() + body).hexdigest()
 
 
-def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
-    """Write client `client`'s defended classifier from a trained run into a new folder `out`."""
+def _private_key(path: Path | str):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise BundleError(f"--sign-key '{path}' is not a readable PEM private key ({err})") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"--sign-key '{path}' is not an Ed25519 key (openssl genpkey -algorithm ed25519)")
+    return key
+
+
+def verify_signature(folder: Path, digest: str, trust: Path | str) -> None:
+    """The bundle's signature of its digest, checked against the trusted public key, or one error."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(Path(trust).read_bytes())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"--trust '{trust}' is not a readable PEM public key ({err})") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"--trust '{trust}' is not an Ed25519 public key")
+    path = folder / SIGNATURE
+    if not path.is_file():
+        raise BundleError(f"'{folder}' is not signed ({SIGNATURE} is missing) and --trust asks for a signed model")
+    try:
+        key.verify(bytes.fromhex(path.read_text().strip()), digest.encode())
+    except (InvalidSignature, ValueError) as err:
+        raise BundleError(f"'{path}' does not verify with '{trust}': not the model that key's holder exported") from err
+
+
+def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path | str | None = None) -> Path:
+    """Write client `client`'s defended classifier from a trained run into a new folder `out`,
+    signed with the Ed25519 private key `sign_key` (PEM) where given."""
     run, out = Path(run), Path(out)
+    key = _private_key(sign_key) if sign_key is not None else None  # refused before anything is written
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"'{out}' already exists and is not empty; choose a new folder")
     cfg = ExperimentConfig.from_dict(read_json(need(run / "config.json", "config")))
@@ -85,7 +123,8 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
     mae = build_pretrained("mae", cfg, load_tensors(need(run / "mae.safetensors", "MAE")), "the run's MAE")
     purifier = purifier_weights(run, cfg)  # phase 4's where the run fine-tuned one for its config
     if purifier is None:
-        which = "phase 4's (purifier.safetensors)" if cfg.defense.purifier.rounds else "phase 1's (diffusion.safetensors)"
+        which = ("phase 4's (purifier.safetensors)" if cfg.defense.purifier.rounds
+                 else "phase 1's (diffusion.safetensors)")
         raise RunFolderError(f"run folder '{run}' is incomplete: its U-Net, {which}, is missing or was made for "
                              "another config")
     diffusion = build_pretrained("diffusion", cfg, load_tensors(purifier), f"the run's U-Net ({purifier.name})")
@@ -108,6 +147,8 @@ def export_bundle(run: Path | str, client: int, out: Path | str) -> Path:
         save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
         manifest["digest"] = bundle_digest((tmp / WEIGHTS).read_bytes(), manifest)
         write_json(tmp / MANIFEST, manifest)
+        if key is not None:
+            (tmp / SIGNATURE).write_text(key.sign(manifest["digest"].encode()).hex() + "\n")
     return out
 
 
@@ -119,8 +160,9 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def load_bundle(folder: Path | str) -> Bundle:
-    """A model folder written by `export_bundle`, ready to classify."""
+def load_bundle(folder: Path | str, trust: Path | str | None = None) -> Bundle:
+    """A model folder written by `export_bundle`, ready to classify; with `trust` (an Ed25519 public
+    key, PEM), only if its signature verifies with it."""
     folder = Path(folder)
     manifest_path, weights_path = folder / MANIFEST, folder / WEIGHTS
     for path in (manifest_path, weights_path):
@@ -142,6 +184,8 @@ def load_bundle(folder: Path | str) -> Bundle:
     if bundle_digest(weights_path.read_bytes(), manifest) != manifest["digest"]:
         raise BundleError(f"'{folder}': {WEIGHTS} or {MANIFEST} changed after export (their digest does not "
                           "match): export the model again, and never edit a bundle by hand")
+    if trust is not None:
+        verify_signature(folder, manifest["digest"], trust)
     tensors = load_tensors(weights_path)
     expected = manifest.get("tensors", {})
     wrong = sorted(k for k in set(expected) | set(tensors)

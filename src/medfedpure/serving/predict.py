@@ -41,13 +41,13 @@ class Predictor:
     """Loads a bundle once; `predict` is safe to call from several threads (one scan at a time)."""
 
     def __init__(self, model_dir: Path | str, seed: int | None = None, fast_layout: bool = True,
-                 noise_key: bytes | None = None, stability_draws: int = 4) -> None:
+                 noise_key: bytes | None = None, stability_draws: int = 4, trust: Path | str | None = None) -> None:
         """`stability_draws`: further purifications of each scan (their own keyed noise) that say how
         stable the answer is; the answer itself is the one draw the attack suite evaluates."""
         if stability_draws < 0:
             raise ValueError("stability_draws must be >= 0")
         self.stability_draws = stability_draws
-        self.bundle: Bundle = load_bundle(model_dir)
+        self.bundle: Bundle = load_bundle(model_dir, trust)
         self.image_size = int(self.bundle.manifest["image_size"])
         self.defended = self.bundle.defended
         self.defended.generator = torch.Generator()

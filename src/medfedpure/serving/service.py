@@ -64,10 +64,11 @@ class Audit:
 
 
 def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, seed: int | None = None,
-               token: str | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None) -> FastAPI:
+               token: str | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None,
+               trust: Path | str | None = None) -> FastAPI:
     """`noise_key`: the secret the purification noise of a scan is keyed with (one answer per scan);
     None draws one for this process."""
-    predictor = Predictor(model_dir, seed=seed, noise_key=noise_key or os.urandom(32))
+    predictor = Predictor(model_dir, seed=seed, noise_key=noise_key or os.urandom(32), trust=trust)
     audit = Audit(audit_log)
     model_id = predictor.bundle.model_id
     limit = int(max_upload_mb * 1024 * 1024)
@@ -200,7 +201,8 @@ def check_exposure(host: str, token: str | None, tls: bool) -> str | None:
 
 def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, token: str | None = None,
-          tls: tuple[str, str] | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None) -> None:
+          tls: tuple[str, str] | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None,
+          trust: Path | str | None = None) -> None:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -208,6 +210,5 @@ def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
     for formatter in logging["formatters"].values():
         formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
     options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
-    uvicorn.run(create_app(model_dir, max_upload_mb, token=token, audit_log=audit_log, noise_key=noise_key),
-                host=host, port=port,
-                log_level="info", log_config=logging, **options)
+    app = create_app(model_dir, max_upload_mb, token=token, audit_log=audit_log, noise_key=noise_key, trust=trust)
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=logging, **options)
