@@ -59,8 +59,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> N
 def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # one client sends every request: the per-address rate limit would measure itself, not the service
     proc = subprocess.Popen([sys.executable, "-m", "medfedpure.cli", "serve", "--model", str(model), "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port), "--rate-limit", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(url, proc)
         rss_idle = _peak_rss_mb(proc.pid)

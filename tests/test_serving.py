@@ -436,3 +436,15 @@ def test_a_signed_bundle_is_trusted_only_with_its_key(bundle, tmp_path, capsys):
     assert main(["export", "--run", str(bundle.parent / "run"), "--client", "1", "--out", str(tmp_path / "x"),
                  "--sign-key", str(tmp_path / "hospital.pub")]) == 2  # a public key cannot sign
     assert not (tmp_path / "x").exists()
+
+
+def test_a_client_sending_too_fast_is_told_to_wait(bundle, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    client = TestClient(create_app(bundle, rate_limit=3, audit_log=audit))
+    upload = {"file": ("scan.png", scan_png(), "image/png")}
+    codes = [client.post("/predict", files=upload).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    assert client.get("/health").status_code == 200 and client.get("/info").status_code == 200  # not scans
+    refused = client.post("/predict", files=upload)
+    assert refused.json()["error"].startswith("more than 3 scan requests") and refused.headers["Retry-After"] == "60"
+    assert [json.loads(line)["status"] for line in audit.read_text().splitlines()] == [200, 200, 200, 429, 429]

@@ -277,7 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
           f"{'token required' if token else 'no token'}; audit log: {args.audit_log or 'none'})", flush=True)
     serve(args.model, args.host, args.port, args.max_upload_mb, token=token,
           tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log, noise_key=key,
-          trust=args.trust)
+          trust=args.trust, rate_limit=args.rate_limit)
     return 0
 
 
@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--audit-log", help="append one JSON line per request (time, client, file, SHA-256, model id, "
                                        "status, answer) to this file")
+    p.add_argument("--rate-limit", type=int, default=120,
+                   help="scan requests a client address may send per minute (default 120; 0: no limit)")
     p.add_argument("--noise-key-file", help="a secret (first line, 16+ characters) the purification noise of each scan "
                                             "is keyed with, so the same scan gets the same answer across restarts "
                                             "too (default: a fresh secret per start)")

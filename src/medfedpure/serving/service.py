@@ -12,7 +12,8 @@
     GET  /openapi.json   the schema (no /docs page: Swagger UI would come from a CDN, which a
                     hospital network may not reach, and show a blank page)
 
-With a token (`--token-file`), /info and /predict need `Authorization: Bearer <token>` (the page
+Each client address may send `--rate-limit` scan requests a minute (120; 429 beyond). With a
+token (`--token-file`), /info and /predict need `Authorization: Bearer <token>` (the page
 asks for it once); /health and the page stay open. Off this machine (`--host` other than
 loopback) a token is required and TLS (`--tls-cert`/`--tls-key`) strongly advised. With
 `--audit-log FILE`, every /predict and every refused token appends one JSON line: time (UTC),
@@ -45,6 +46,7 @@ from medfedpure.data import DataError
 from medfedpure.serving.predict import Predictor, png_bytes
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_RATE_LIMIT = 120  # scan requests per client address and minute
 MAX_BATCH = 32
 
 
@@ -63,13 +65,33 @@ class Audit:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
+class RateLimit:
+    """At most `per_minute` scan requests per client address in any 60 s (0: no limit)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute, self.seen, self.lock = per_minute, {}, threading.Lock()
+
+    def allow(self, client: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.seen.get(client, []) if now - t < 60.0]
+            if len(recent) >= self.per_minute:
+                self.seen[client] = recent
+                return False
+            self.seen[client] = recent + [now]
+            return True
+
+
 def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, seed: int | None = None,
                token: str | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None,
-               trust: Path | str | None = None) -> FastAPI:
+               trust: Path | str | None = None, rate_limit: int = DEFAULT_RATE_LIMIT) -> FastAPI:
     """`noise_key`: the secret the purification noise of a scan is keyed with (one answer per scan);
     None draws one for this process."""
     predictor = Predictor(model_dir, seed=seed, noise_key=noise_key or os.urandom(32), trust=trust)
     audit = Audit(audit_log)
+    limiter = RateLimit(rate_limit)
     model_id = predictor.bundle.model_id
     limit = int(max_upload_mb * 1024 * 1024)
     page = (resources.files("medfedpure.serving") / "static" / "index.html").read_text()
@@ -95,6 +117,10 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
                 audit.write(request, status=401, model_id=model_id)
                 return JSONResponse({"error": "missing or wrong token (send Authorization: Bearer <token>)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if request.url.path.startswith("/predict") and not limiter.allow(request.client.host if request.client else ""):
+            audit.write(request, status=429, model_id=model_id)
+            return JSONResponse({"error": f"more than {limiter.per_minute} scan requests a minute from this address"},
+                                status_code=429, headers={"Retry-After": "60"})
         return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -202,7 +228,7 @@ def check_exposure(host: str, token: str | None, tls: bool) -> str | None:
 def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, token: str | None = None,
           tls: tuple[str, str] | None = None, audit_log: Path | str | None = None, noise_key: bytes | None = None,
-          trust: Path | str | None = None) -> None:
+          trust: Path | str | None = None, rate_limit: int = DEFAULT_RATE_LIMIT) -> None:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -210,5 +236,6 @@ def serve(model_dir: Path | str, host: str = "127.0.0.1", port: int = 8000,
     for formatter in logging["formatters"].values():
         formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
     options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
-    app = create_app(model_dir, max_upload_mb, token=token, audit_log=audit_log, noise_key=noise_key, trust=trust)
+    app = create_app(model_dir, max_upload_mb, token=token, audit_log=audit_log, noise_key=noise_key, trust=trust,
+                     rate_limit=rate_limit)
     uvicorn.run(app, host=host, port=port, log_level="info", log_config=logging, **options)
