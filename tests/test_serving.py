@@ -62,6 +62,11 @@ def test_export_writes_weights_and_manifest_and_loads_back(bundle):
     assert manifest["format"] == "medfedpure-model" and manifest["client"] == 1
     assert manifest["classes"] == ["healthy", "tumor"] and manifest["image_size"] == 32
     assert manifest["run"]["commit"] == "abc123" and manifest["threshold"] is not None
+    # MONAI bundle-style metadata: the data format, the intended use, the run's strongest-attack figure
+    fmt = manifest["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == [32, 32] and fmt["inputs"]["image"]["value_range"] == [0, 1]
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "healthy", "1": "tumor"}
+    assert "not a medical device" in manifest["intended_use"] and manifest["run"]["adaptive_headline"] is None
     loaded = load_bundle(bundle)
     gate_1 = new_model(loaded.cfg, 2, init_seed=2).gate_state()  # client 1's gate, not client 0's
     for k, v in gate_1.items():

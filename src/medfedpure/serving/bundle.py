@@ -141,7 +141,9 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
                 "sampler": d.sampler, "sampler_steps": d.sampler_steps, "votes": d.votes,
                 "seed": task.client_seed(cfg, client, 10_000), "config": cfg.to_dict(),
                 "run": {"folder": str(run.resolve()), "commit": env.get("git_commit"),
-                        "metrics": {"final": summary.get("final"), "defense": summary.get("defense")}},
+                        "metrics": {"final": summary.get("final"), "defense": summary.get("defense")},
+                        "adaptive_headline": _adaptive_headline(run)},
+                **_monai_metadata(cfg, classes),
                 "tensors": {k: list(v.shape) for k, v in tensors.items()}}
     with atomic_folder(out) as tmp:
         save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
@@ -150,6 +152,35 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
         if key is not None:
             (tmp / SIGNATURE).write_text(key.sign(manifest["digest"].encode()).hex() + "\n")
     return out
+
+
+INTENDED_USE = ("Research only, not a medical device: a brain-MRI tumor classifier trained by federated learning, "
+                "behind an adversarial-scan detector and a diffusion purifier, for the hospital it was exported for. "
+                "Not validated for clinical decisions.")
+
+
+def _monai_metadata(cfg: ExperimentConfig, classes: list[str]) -> dict:
+    """What a MONAI bundle's metadata.json says of a model: its input and output format, and its use."""
+    size = cfg.data.image_size
+    return {"intended_use": INTENDED_USE, "task": "classification", "network_data_format": {
+        "inputs": {"image": {"type": "image", "format": "RGB (a grayscale scan in all three channels)",
+                             "modality": "MRI", "num_channels": 3, "spatial_shape": [size, size], "dtype": "float32",
+                             "value_range": [0, 1], "is_patch_data": False,
+                             "channel_def": {"0": "R", "1": "G", "2": "B"}}},
+        "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(classes),
+                             "dtype": "float32", "value_range": [0, 1], "is_onehot": False,
+                             "channel_def": {str(i): c for i, c in enumerate(classes)}}}}}
+
+
+def _adaptive_headline(run: Path) -> dict | None:
+    """The run's strongest-attack figure (its own-test suite's headline), with its interval and attack."""
+    from medfedpure.evaluation.attack_suite import default_suite_dir
+
+    path = default_suite_dir(run) / "evaluation.json"
+    if not path.is_file():
+        return None
+    h = read_json(path).get("headline", {})
+    return {k: h.get(k) for k in ("attack", "first", "first_ci", "n")}
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
