@@ -273,7 +273,7 @@ def _serve(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     scheme = "https" if args.tls_cert else "http"
-    print(f"medfedpure serve: {args.model} on {scheme}://{args.host}:{args.port}/ (schema: /openapi.json; "
+    print(f"medfedpure serve: {args.model} on {scheme}://{args.host}:{args.port}/ (API: /docs; "
           f"{'token required' if token else 'no token'}; audit log: {args.audit_log or 'none'})", flush=True)
     serve(args.model, args.host, args.port, args.max_upload_mb, token=token,
           tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, audit_log=args.audit_log, noise_key=key,
