@@ -1,12 +1,15 @@
 """Load test of `medfedpure serve`: bounded, on 127.0.0.1, stops by itself.
 
     python benchmarks/load.py --model MODEL_DIR --scan SCAN [--requests 300] [--concurrency 8]
-                              [--out benchmarks/load.json]
+                              [--hostile-every N] [--out benchmarks/load.json]
 
 Starts the service in its own process on a free port, sends `--requests` uploads of `--scan`
 from `--concurrency` threads, then stops the service by its pid. Writes requests/s,
-p50/p95/p99 latency, the error count (anything but HTTP 200) and the service's peak RSS (its
-VmHWM) to the JSON.
+p50/p95/p99 latency, the error count and the service's peak RSS (its VmHWM) to the JSON.
+With `--hostile-every N`, every Nth upload is hostile instead, in turn a decompression-bomb PNG
+(12000 x 12000 pixels in about 140 KB) and a voxel-bomb NIfTI (512 x 512 x 512 voxels, 256 MB
+inflated, in about 250 KB): each must be refused (HTTP 422) while the scans are still answered
+(HTTP 200), with the service's peak RSS bounded; anything else counts as an error.
 """
 
 from __future__ import annotations
@@ -56,7 +59,23 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> N
     raise RuntimeError(f"the service did not answer /health within {timeout_s:.0f} s")
 
 
-def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8) -> dict:
+def hostile_uploads() -> list[tuple[str, bytes]]:
+    """A decompression-bomb PNG and a voxel-bomb .nii.gz, made here (small files, huge when decoded)."""
+    import gzip
+    import io
+
+    import nibabel
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # this process writes the bomb; the service must refuse it
+    png = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(png, "PNG", optimize=True)
+    volume = nibabel.Nifti1Image(np.zeros((512, 512, 512), np.int16), np.eye(4))
+    nii = gzip.compress(volume.to_bytes(), compresslevel=9)
+    return [("bomb.png", png.getvalue()), ("bomb.nii.gz", nii)]
+
+
+def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8, hostile_every: int = 0) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     # one client sends every request: the per-address rate limit would measure itself, not the service
@@ -66,18 +85,25 @@ def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8)
         _wait_ready(url, proc)
         rss_idle = _peak_rss_mb(proc.pid)
         data = scan.read_bytes()
+        bombs = hostile_uploads() if hostile_every else []
         latencies: list[float] = []
         errors: list[str] = []
+        refused: list[str] = []
 
-        def one(_: int) -> None:
+        def one(i: int) -> None:
+            hostile = bool(hostile_every) and i % hostile_every == hostile_every - 1
+            name, body = bombs[(i // hostile_every) % len(bombs)] if hostile else (scan.name, data)
             t0 = time.perf_counter()
             try:
-                r = httpx.post(url + "/predict", files={"file": (scan.name, data)}, timeout=120)
-                if r.status_code != 200:
-                    errors.append(f"HTTP {r.status_code}")
+                r = httpx.post(url + "/predict", files={"file": (name, body)}, timeout=120)
+                if r.status_code != (422 if hostile else 200):
+                    errors.append(f"{name}: HTTP {r.status_code}")
+                elif hostile:
+                    refused.append(name)
             except httpx.HTTPError as err:
                 errors.append(type(err).__name__)
-            latencies.append(time.perf_counter() - t0)
+            if not hostile:
+                latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -85,7 +111,9 @@ def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8)
         wall = time.perf_counter() - t0
         ms = np.array(latencies) * 1e3
         return {"model": str(model), "scan": scan.name, "requests": requests, "concurrency": concurrency,
+                "hostile_every": hostile_every, "hostile_refused": len(refused),
                 "wall_s": round(wall, 2), "requests_per_s": round(requests / wall, 2),
+                "bytes_per_upload": {name: len(body) for name, body in bombs} if bombs else None,
                 "latency_ms": {q: round(float(np.percentile(ms, int(q[1:]))), 1) for q in ("p50", "p95", "p99")},
                 "errors": len(errors), "error_kinds": sorted(set(errors)),
                 "service_rss_mb": {"after_start": rss_idle, "peak": _peak_rss_mb(proc.pid)}}
@@ -104,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan", required=True, type=Path, help="the scan every request uploads")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--hostile-every", type=int, default=0,
+                        help="every Nth upload a decompression-bomb PNG or a voxel-bomb NIfTI (0: none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/load.json"))
     args = parser.parse_args(argv)
-    result = run_load(args.model, args.scan, args.requests, args.concurrency)
+    result = run_load(args.model, args.scan, args.requests, args.concurrency, args.hostile_every)
     write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0 if result["errors"] == 0 else 1

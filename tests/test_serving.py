@@ -394,6 +394,15 @@ def test_load_benchmark_300_requests_at_concurrency_8_without_errors(bundle, tmp
     assert result["requests"] == 300 and result["errors"] == 0 and result["requests_per_s"] > 0
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert result["service_rss_mb"]["peak"] > 0
+    # hostile uploads among them (a decompression-bomb PNG, a voxel-bomb NIfTI) at concurrency 10: each refused,
+    # every scan still answered, and the service's memory stays within 300 MB of what it holds at start
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "load.py"),
+                           "--model", str(bundle), "--scan", str(scan), "--requests", "20", "--concurrency", "10",
+                           "--hostile-every", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    hostile = json.loads(out.read_text())
+    assert hostile["hostile_refused"] == 5 and hostile["errors"] == 0
+    assert hostile["service_rss_mb"]["peak"] - hostile["service_rss_mb"]["after_start"] < 300
 
 
 @pytest.mark.skipif(not BR35H_YES.is_dir(), reason=f"Br35H scans not found at {BR35H_YES}")

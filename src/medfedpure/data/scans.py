@@ -161,6 +161,8 @@ def _nifti_image(data: bytes, name: str, nifti_slice: int | None) -> Image.Image
         if _suffix(name) == ".nii.gz":
             data = _gunzip_bounded(data, name)
         img = nibabel.Nifti1Image.from_bytes(data)
+    except DataError:
+        raise
     except Exception as err:  # gzip, zlib and nibabel (WrapStructError, HeaderDataError, ...) errors
         raise DataError(f"NIfTI file '{name}' cannot be read ({err})") from err
     shape = list(img.shape)
@@ -190,12 +192,20 @@ def _nifti_image(data: bytes, name: str, nifti_slice: int | None) -> Image.Image
 
 
 def _gunzip_bounded(data: bytes, name: str) -> bytes:
-    """A .gz decompressed, refused once it passes MAX_NIFTI_BYTES (a small file can inflate to GBs)."""
+    """A .nii.gz inflated no further than its header says it needs, and refused without inflating
+    when that passes MAX_NIFTI_BYTES (a 250 KB file can hold 256 MB of zeros)."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = inflater.decompress(data, MAX_NIFTI_BYTES + 1)
-    if len(out) > MAX_NIFTI_BYTES:
-        raise DataError(f"NIfTI file '{name}' inflates to more than {MAX_NIFTI_BYTES // 2**20} MB")
-    return out
+    head = inflater.decompress(data, 352)
+    try:
+        header = nibabel.Nifti1Header.from_fileobj(io.BytesIO(head[:348]))
+        need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
+            * header.get_data_dtype().itemsize
+    except Exception as err:  # not a NIfTI-1 header: let the reader say so
+        raise DataError(f"NIfTI file '{name}' cannot be read ({err})") from err
+    if need > MAX_NIFTI_BYTES:
+        raise DataError(f"NIfTI file '{name}' inflates to {need:,} bytes, more than the {MAX_NIFTI_BYTES:,} "
+                        "a scan may have")
+    return head + inflater.decompress(inflater.unconsumed_tail, max(need - len(head), 0))
 
 
 def _dicom_magic(path: Path) -> bool:
