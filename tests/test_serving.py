@@ -254,6 +254,8 @@ def test_a_token_guards_info_and_predict_and_every_request_is_audited(bundle, tm
     assert answered["file"] == "scan.png" and answered["label"] == ok.json()["label"]
     assert answered["sha256"] == hashlib.sha256(scan_png()).hexdigest() and answered["model_id"] == ok.json()["model_id"]
     assert answered["time"].endswith("Z") and "client" in answered and "notes.png" in lines[5]["error"]
+    assert answered["request_id"] == ok.headers["X-Request-Id"] and answered["latency_ms"] > 0
+    assert answered["agreement"] == ok.json()["agreement"]
     # off this machine a token is required, and TLS advised
     assert check_exposure("127.0.0.1", None, False) is None and check_exposure("localhost", None, False) is None
     with pytest.raises(ValueError, match="--token-file"):

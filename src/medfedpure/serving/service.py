@@ -62,8 +62,11 @@ class Audit:
     def write(self, request: Request, **fields) -> None:
         if self.path is None:
             return
+        started = getattr(request.state, "started", None)
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "client": request.client.host if request.client else None, "path": request.url.path, **fields}
+                 "request_id": getattr(request.state, "request_id", None),
+                 "client": request.client.host if request.client else None, "path": request.url.path,
+                 "latency_ms": round(1e3 * (time.perf_counter() - started), 1) if started else None, **fields}
         with self.lock, self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
@@ -114,6 +117,7 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
 
     @app.middleware("http")
     async def _authenticate(request: Request, call_next):
+        request.state.request_id, request.state.started = os.urandom(8).hex(), time.perf_counter()
         if token is not None and request.url.path not in ("/", "/health", "/docs", "/openapi.json") \
                 and not request.url.path.startswith("/docs-assets/"):
             given = request.headers.get("authorization", "")
@@ -125,7 +129,9 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
             audit.write(request, status=429, model_id=model_id)
             return JSONResponse({"error": f"more than {limiter.per_minute} scan requests a minute from this address"},
                                 status_code=429, headers={"Retry-After": "60"})
-        return await call_next(request)
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.request_id  # the audit log's line for this answer
+        return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
