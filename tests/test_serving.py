@@ -205,6 +205,28 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     assert client.post("/predict", files={"file": ("scan.png", scan_png(1), "image/png")}).status_code == 200
 
 
+def test_a_scan_far_from_the_hospitals_own_says_why_and_asks_for_review(bundle, tmp_path):
+    """The bundle keeps the range of its hospital's own scans (mean, spread, color); a scan of that
+    hospital passes, a color photo and a flat grey image are out of its domain."""
+    from medfedpure.methods import task
+
+    loaded = load_bundle(bundle)
+    domain = loaded.manifest["domain"]
+    assert domain["n"] > 0 and domain["mean"][0] < domain["mean"][1]
+    own = torch.cat([b[0] for b in task.validation_loader(loaded.cfg, 1)])[0]
+    Image.fromarray((own * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "own.png")
+    predictor = Predictor(bundle)
+    assert predictor.predict_file(tmp_path / "own.png").report["out_of_domain"] == []
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    photo = predictor.predict_file(tmp_path / "photo.png").report
+    assert any(reason.startswith("color") for reason in photo["out_of_domain"]) and photo["review"]
+    flat = np.full((32, 32), 250, np.uint8)
+    flat[0, 0] = 0
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    assert any(r.startswith("mean intensity") for r in predictor.predict_file(tmp_path / "flat.png").report["out_of_domain"])
+
+
 def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):
     """Graded mode purifies every scan: the same scan gets the same purification (and answer) on
     every submission, whatever came between; another key, or another scan, other noise."""
@@ -223,11 +245,12 @@ def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):
     assert first.report == again.report
     # how stable: the share of 1 + 4 purifications that agree with the answer, below 0.8 for review
     r = first.report
-    assert r["draws"] == 5 and r["agreement"] in (0.2, 0.4, 0.6, 0.8, 1.0) and r["review"] == (r["agreement"] < 0.8)
+    assert r["draws"] == 5 and r["agreement"] in (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert r["review"] == (r["agreement"] < 0.8 or bool(r["out_of_domain"]))
     labels = {one.predict_file(scan_png(s), f"{s}.png").report["agreement"] for s in range(6)}
     assert labels <= {0.2, 0.4, 0.6, 0.8, 1.0}
     quiet = Predictor(bundle, stability_draws=0).predict_file(scan_png(), "scan.png").report
-    assert quiet["draws"] == 1 and quiet["agreement"] == 1.0 and not quiet["review"]
+    assert quiet["draws"] == 1 and quiet["agreement"] == 1.0 and quiet["review"] == bool(quiet["out_of_domain"])
     assert not np.array_equal(first.purified, other.predict_file(scan_png(), "scan.png").purified)
 
 

@@ -75,6 +75,37 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
     return _not_blank(_resize(_nifti_image(data, name, nifti_slice), size), name)
 
 
+def scan_statistics(x: np.ndarray) -> dict[str, float]:
+    """What the out-of-domain check compares, of a uint8 (3, S, S) scan as the model sees it: mean and
+    spread of its intensities (0-1), and how colored it is (mean gap between channels, 0-1)."""
+    f = x.astype(np.float64) / 255
+    color = (np.abs(f[0] - f[1]) + np.abs(f[1] - f[2]) + np.abs(f[0] - f[2])).mean() / 3
+    return {"mean": float(f.mean()), "std": float(f.std()), "color": float(color)}
+
+
+def domain_of(scans: np.ndarray) -> dict:
+    """The range of each statistic over a hospital's clean scans, widened by a quarter of its span
+    on each side (color: up to 0.02 above its largest): what the out-of-domain check accepts."""
+    stats = [scan_statistics(x) for x in scans]
+    out = {"n": len(stats)}
+    for key in ("mean", "std"):
+        values = [s[key] for s in stats]
+        span = max(values) - min(values)
+        out[key] = [min(values) - span / 4, max(values) + span / 4]
+    out["color"] = [0.0, max(s["color"] for s in stats) + 0.02]
+    return out
+
+
+def out_of_domain(x: np.ndarray, domain: dict | None) -> list[str]:
+    """Why the scan is far from the hospital's own (empty: it is not, or no domain is known)."""
+    if not domain:
+        return []
+    stats = scan_statistics(x)
+    words = {"mean": "mean intensity", "std": "intensity spread", "color": "color"}
+    return [f"{words[k]} {stats[k]:.3f} outside [{lo:.3f}, {hi:.3f}] of the hospital's {domain['n']} clean scans"
+            for k, (lo, hi) in ((k, domain[k]) for k in ("mean", "std", "color")) if not lo <= stats[k] <= hi]
+
+
 def _not_blank(x: np.ndarray, name: str) -> np.ndarray:
     """A scan with every pixel the same (blank, or all NaN turned black) is not answered."""
     if x.size and int(x.max()) == int(x.min()):

@@ -19,6 +19,7 @@ finite before it builds anything, and fails with one line naming the file on any
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
 from medfedpure.runfolder import RunFolderError, need, purifier_weights
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "medfedpure-model", 2  # 2: the digest
 WEIGHTS, MANIFEST, SIGNATURE = "model.safetensors", "manifest.json", "signature.ed25519"
@@ -132,6 +135,7 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
     tensors = {**_prefixed("classifier", model), **_prefixed("mae", mae), **_prefixed("diffusion", diffusion),
                "calibration.scores": defended.calibration_scores.clone()}
     d = cfg.defense
+    domain = _hospital_domain(cfg, client)
     env = read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
     summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
     manifest = {"format": FORMAT, "version": VERSION, "client": client, "classes": classes,
@@ -143,7 +147,7 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
                 "run": {"folder": str(run.resolve()), "commit": env.get("git_commit"),
                         "metrics": {"final": summary.get("final"), "defense": summary.get("defense")},
                         "adaptive_headline": _adaptive_headline(run)},
-                **_monai_metadata(cfg, classes),
+                **_monai_metadata(cfg, classes), "domain": domain,
                 "tensors": {k: list(v.shape) for k, v in tensors.items()}}
     with atomic_folder(out) as tmp:
         save_tensors(tmp / WEIGHTS, tensors, {"format": FORMAT, "version": str(VERSION)})
@@ -170,6 +174,25 @@ def _monai_metadata(cfg: ExperimentConfig, classes: list[str]) -> dict:
         "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(classes),
                              "dtype": "float32", "value_range": [0, 1], "is_onehot": False,
                              "channel_def": {str(i): c for i, c in enumerate(classes)}}}}}
+
+
+def _hospital_domain(cfg: ExperimentConfig, client: int) -> dict | None:
+    """The statistics of the hospital's own scans, its training and validation splits as they are
+    (no augmentation; what `predict` checks a scan against), or None where they are not on this machine."""
+    import numpy as np
+
+    from medfedpure.data import DataError, make_loader
+    from medfedpure.data.scans import domain_of
+
+    try:
+        data, split = task.hospital(cfg, client)
+        own = make_loader(data, np.concatenate([split.train_idx, split.val_idx]), 64, train=False)
+        scans = torch.cat([b[0] for b in own])
+    except (DataError, ValueError, OSError) as err:
+        log.warning("no out-of-domain check in the bundle: the hospital's scans are not readable (%s)",
+                    str(err).splitlines()[0] if str(err) else err)
+        return None
+    return domain_of((scans * 255).round().clamp(0, 255).byte().numpy())
 
 
 def _adaptive_headline(run: Path) -> dict | None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medfedpure.data.scans import read_scan
+from medfedpure.data.scans import out_of_domain, read_scan
 from medfedpure.loop import channels_last
 from medfedpure.serving.bundle import Bundle, load_bundle
 
@@ -105,7 +105,10 @@ class Predictor:
                   "mode": self.defended.defense.mode,
                   # how stable the answer is: the share of 1 + stability_draws purifications that agree with it
                   # (1.0 where nothing was purified: no noise); below 0.8 it asks for review
-                  "agreement": round(agreement, 4), "draws": 1 + len(others), "review": agreement < 0.8}
+                  "agreement": round(agreement, 4), "draws": 1 + len(others)}
+        # far from the hospital's own scans (its clean validation scans' statistics): say why, and ask for review
+        report["out_of_domain"] = out_of_domain(pixels, self.bundle.manifest.get("domain"))
+        report["review"] = agreement < 0.8 or bool(report["out_of_domain"])
         error_map = None
         if errors is not None:
             grid = int(round(errors.numel() ** 0.5))
