@@ -85,7 +85,8 @@ def test_a_damaged_or_foreign_bundle_is_refused_in_one_line(bundle, tmp_path):
 
     def refused(edited: dict, match: str, resign: bool = False) -> None:
         """`resign`: with the digest recomputed, as a faulty exporter (not a hand edit) would leave it."""
-        body = {**edited, "digest": bundle_digest((copy / "model.safetensors").read_bytes(), edited)} if resign else edited
+        digest = bundle_digest((copy / "model.safetensors").read_bytes(), edited)
+        body = {**edited, "digest": digest} if resign else edited
         write_json(copy / "manifest.json", body)
         with pytest.raises(BundleError, match=match):
             load_bundle(copy)
@@ -224,7 +225,8 @@ def test_a_scan_far_from_the_hospitals_own_says_why_and_asks_for_review(bundle, 
     flat = np.full((32, 32), 250, np.uint8)
     flat[0, 0] = 0
     Image.fromarray(flat).save(tmp_path / "flat.png")
-    assert any(r.startswith("mean intensity") for r in predictor.predict_file(tmp_path / "flat.png").report["out_of_domain"])
+    reasons = predictor.predict_file(tmp_path / "flat.png").report["out_of_domain"]
+    assert any(r.startswith("mean intensity") for r in reasons)
 
 
 def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):
@@ -275,7 +277,8 @@ def test_a_token_guards_info_and_predict_and_every_request_is_audited(bundle, tm
     assert [e["status"] for e in lines] == [401, 401, 401, 401, 200, 422]
     answered = lines[4]
     assert answered["file"] == "scan.png" and answered["label"] == ok.json()["label"]
-    assert answered["sha256"] == hashlib.sha256(scan_png()).hexdigest() and answered["model_id"] == ok.json()["model_id"]
+    assert answered["sha256"] == hashlib.sha256(scan_png()).hexdigest()
+    assert answered["model_id"] == ok.json()["model_id"]
     assert answered["time"].endswith("Z") and "client" in answered and "notes.png" in lines[5]["error"]
     assert answered["request_id"] == ok.headers["X-Request-Id"] and answered["latency_ms"] > 0
     assert answered["agreement"] == ok.json()["agreement"]
@@ -477,6 +480,49 @@ def test_a_signed_bundle_is_trusted_only_with_its_key(bundle, tmp_path, capsys):
     assert main(["export", "--run", str(bundle.parent / "run"), "--client", "1", "--out", str(tmp_path / "x"),
                  "--sign-key", str(tmp_path / "hospital.pub")]) == 2  # a public key cannot sign
     assert not (tmp_path / "x").exists()
+
+
+def test_https_with_a_token_end_to_end(bundle, tmp_path):
+    """`serve` over TLS with `medfedpure certs`' server certificate, a token and an audit log, in its
+    own process: the CA verifies it, a request without the token is refused, one with it answered."""
+    import socket
+    import time
+
+    import httpx
+
+    from medfedpure.federation.certificates import make_local_certificates
+
+    certs = tmp_path / "certs"
+    make_local_certificates(certs, 1)
+    (tmp_path / "token").write_text("token-of-hospital-one-16+\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "medfedpure.cli", "serve", "--model", str(bundle),
+                             "--port", str(port), "--token-file", str(tmp_path / "token"), "--tls-cert", str(certs / "server.pem"),
+                             "--tls-key", str(certs / "server.key"), "--audit-log", str(tmp_path / "audit.jsonl")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(verify=str(certs / "ca.crt"), timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    assert client.get(url + "/health").status_code == 200
+                    break
+                except httpx.HTTPError:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+                    time.sleep(0.3)
+            upload = {"file": ("scan.png", scan_png(), "image/png")}
+            assert client.post(url + "/predict", files=upload).status_code == 401
+            auth = {"Authorization": "Bearer token-of-hospital-one-16+"}
+            assert client.post(url + "/predict", files=upload, headers=auth).json()["label"] in ("healthy", "tumor")
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert [json.loads(line)["status"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()] == [401, 200]
 
 
 def test_a_client_sending_too_fast_is_told_to_wait(bundle, tmp_path):
