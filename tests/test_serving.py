@@ -498,10 +498,10 @@ def test_https_with_a_token_end_to_end(bundle, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "medfedpure.cli", "serve", "--model", str(bundle),
-                             "--port", str(port), "--token-file", str(tmp_path / "token"), "--tls-cert", str(certs / "server.pem"),
-                             "--tls-key", str(certs / "server.key"), "--audit-log", str(tmp_path / "audit.jsonl")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "medfedpure.cli", "serve", "--model", str(bundle), "--port", str(port),
+               "--token-file", str(tmp_path / "token"), "--tls-cert", str(certs / "server.pem"),
+               "--tls-key", str(certs / "server.key"), "--audit-log", str(tmp_path / "audit.jsonl")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"https://127.0.0.1:{port}"
     try:
         with httpx.Client(verify=str(certs / "ca.crt"), timeout=10) as client:
