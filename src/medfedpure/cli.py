@@ -216,11 +216,10 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from medfedpure.serving.bundle import export_bundle
+    from medfedpure.storage import read_json
 
     out = export_bundle(args.run, args.client, args.out, sign_key=args.sign_key)
-    from medfedpure.serving.bundle import load_bundle
-
-    model_id = load_bundle(out).model_id
+    model_id = read_json(out / "manifest.json")["digest"][:16]  # load_bundle's id, without building the model
     print(f"wrote client {args.client}'s defended classifier to {out}/ (model.safetensors, manifest.json"
           + (", signature.ed25519" if args.sign_key else "") + f"); model id {model_id}")
     return 0
