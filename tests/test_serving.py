@@ -192,6 +192,10 @@ def test_http_service_answers_every_endpoint_and_refuses_bad_uploads(bundle):
     docs = client.get("/docs")  # Swagger UI from this machine: no CDN a hospital network may not reach
     assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    redoc = client.get("/redoc")  # ReDoc too, with no Google fonts either
+    assert redoc.status_code == 200 and "/docs-assets/redoc.standalone.js" in redoc.text
+    assert "cdn" not in redoc.text and "fonts.googleapis" not in redoc.text
+    assert client.get("/docs-assets/redoc.standalone.js").status_code == 200
     # a batch: every scan answered or refused on its own, in the order sent
     batch = client.post("/predict/batch", files=[("files", ("a.png", scan_png(), "image/png")),
                                                  ("files", ("bad.png", b"junk", "image/png")),

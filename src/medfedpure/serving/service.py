@@ -9,8 +9,8 @@
                     and the error map as base64 PNGs
     POST /predict/batch   several uploads (`files`, at most MAX_BATCH) -> a list: each scan's
                     answer, or its error, in the order sent
-    GET  /openapi.json, /docs   the schema, and Swagger UI served from this machine (the
-                    swagger-ui-bundle package: no CDN, so it works on a closed hospital network)
+    GET  /openapi.json, /docs, /redoc   the schema, Swagger UI and ReDoc served from this machine
+                    (fastapi-offline's assets: no CDN, so they work on a closed hospital network)
 
 Each client address may send `--rate-limit` scan requests a minute (120; 429 beyond). With a
 token (`--token-file`), /info and /predict need `Authorization: Bearer <token>` (the page
@@ -40,10 +40,9 @@ from pathlib import Path
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 from medfedpure.data import DataError
 from medfedpure.serving.predict import Predictor, png_bytes
@@ -118,7 +117,7 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
     @app.middleware("http")
     async def _authenticate(request: Request, call_next):
         request.state.request_id, request.state.started = os.urandom(8).hex(), time.perf_counter()
-        if token is not None and request.url.path not in ("/", "/health", "/docs", "/openapi.json") \
+        if token is not None and request.url.path not in ("/", "/health", "/docs", "/redoc", "/openapi.json") \
                 and not request.url.path.startswith("/docs-assets/"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -137,13 +136,18 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
     def index() -> str:
         return page
 
-    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    app.mount("/docs-assets", StaticFiles(directory=str(resources.files("fastapi_offline") / "static")), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="MedFedPure API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="MedFedPure API", with_google_fonts=False,
+                              redoc_js_url="/docs-assets/redoc.standalone.js", redoc_favicon_url="")
 
     @app.get("/health")
     def health() -> dict:
