@@ -5,7 +5,7 @@
 
 Each folder's scans (at most `--per-folder`, spread evenly over the sorted list) go through
 `medfedpure predict`'s Predictor; the JSON has, per folder, how many were read, how many were
-out of the hospital's domain (by reason: mean intensity, spread, color) and how many the
+out of the hospital's domain (by reason: mean intensity, spread, color, size, channels) and how many the
 detector flagged. A folder of the hospital's own kind of scans should rarely be out of domain;
 a foreign set (CIFAR-10 photos, synthetic scans) should mostly be.
 """
@@ -21,6 +21,9 @@ from medfedpure.data import DataError
 from medfedpure.data.scans import list_scans
 from medfedpure.serving.predict import Predictor
 from medfedpure.storage import write_json
+
+
+REASONS = ("mean intensity", "intensity spread", "color", "size")  # else: channels (out_of_domain's wording)
 
 
 def measure(model: Path, folders: dict[str, Path], per_folder: int) -> dict:
@@ -41,8 +44,7 @@ def measure(model: Path, folders: dict[str, Path], per_folder: int) -> dict:
             flagged += report["flagged"]
             outside += bool(report["out_of_domain"])
             for reason in report["out_of_domain"]:
-                key = reason.split(" ")[0] if not reason.startswith("mean") else "mean intensity"
-                key = "intensity spread" if reason.startswith("intensity spread") else key
+                key = next((k for k in REASONS if reason.startswith(k)), "channels")
                 reasons[key] = reasons.get(key, 0) + 1
         out["folders"][name] = {"folder": str(folder), "scans": read, "out_of_domain": outside,
                                 "out_of_domain_share": round(outside / read, 4) if read else None,

@@ -293,3 +293,28 @@ def test_scans_it_should_refuse_are_refused_before_they_cost_memory(tmp_path, mo
     gz = write_nifti(tmp_path / "bomb.nii.gz", np.zeros((64, 64, 4), np.int16))
     with pytest.raises(DataError, match=r"bomb.nii.gz' inflates to 33,\d+ bytes, more than the 2,000"):
         read_scan(gz.read_bytes(), 16, name="bomb.nii.gz")
+
+
+def test_the_domain_knows_the_hospitals_sizes_and_channels_and_names_a_scan_far_from_them(tmp_path):
+    """Sizes and channels come from the files' headers; a scan read from bytes reports the same."""
+    from medfedpure.data.scans import domain_of, image_geometry, out_of_domain
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h, mode) in enumerate([(200, 240, "L"), (300, 300, "RGB"), (400, 380, "L")]):
+        gray = rng.integers(60, 200, (h, w), dtype=np.uint8)
+        Image.fromarray(gray).convert(mode).save(tmp_path / f"s{i}.png")
+        files.append(tmp_path / f"s{i}.png")
+    scans = np.stack([read_scan(f, 16) for f in files])
+    domain = domain_of(scans, [image_geometry(f) for f in files])
+    assert domain["side"] == [200, 400] and domain["channels"] == [1, 3]
+    geometry = {}
+    x = read_scan(files[0].read_bytes(), 16, name="s0.png", geometry=geometry)
+    assert geometry == {"width": 200, "height": 240, "channels": 1}
+    assert out_of_domain(x, domain, geometry) == []
+    Image.fromarray(rng.integers(60, 200, (60, 90), dtype=np.uint8)).convert("RGBA").save(tmp_path / "tiny.png")
+    geometry = {}
+    x = read_scan(tmp_path / "tiny.png", 16, geometry=geometry)
+    reasons = out_of_domain(x, domain, geometry)
+    assert reasons[-2:] == ["size 90 x 60 pixels, far from the hospital's scans (200 to 400 pixels a side)",
+                            "4 channel(s), where the hospital's scans have 1 or 3"]

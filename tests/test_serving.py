@@ -231,6 +231,12 @@ def test_a_scan_far_from_the_hospitals_own_says_why_and_asks_for_review(bundle, 
     Image.fromarray(flat).save(tmp_path / "flat.png")
     reasons = predictor.predict_file(tmp_path / "flat.png").report["out_of_domain"]
     assert any(r.startswith("mean intensity") for r in reasons)
+    # the demo hospital's scans are 32 pixels a side: the same scan at 8x that size is far from them
+    assert domain["side"] == [32, 32]
+    Image.open(tmp_path / "own.png").resize((256, 256)).save(tmp_path / "big.png")
+    big = predictor.predict_file(tmp_path / "big.png").report
+    assert big["out_of_domain"] == ["size 256 x 256 pixels, far from the hospital's scans (32 to 32 pixels a side)"]
+    assert big["review"]
 
 
 def test_one_answer_per_scan_the_noise_keyed_on_its_pixels(bundle):

@@ -44,10 +44,12 @@ def scan_kind(name: str, head: bytes | None = None) -> str:
 
 
 def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
-              nifti_slice: int | None = None) -> np.ndarray:
+              nifti_slice: int | None = None, geometry: dict | None = None) -> np.ndarray:
     """uint8 (3, size, size) of one scan. `source` is a path or the file's bytes; bytes need
     `name` (for the kind and error messages). `nifti_slice`: slice of a 3-D NIfTI along its
-    last axis (default: the middle one)."""
+    last axis (default: the middle one). `geometry`, a dict, receives the scan's own width, height
+    and channels before the resize (what `out_of_domain` compares with the hospital's scans)."""
+    geometry = {} if geometry is None else geometry
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not name:
             raise DataError("scan bytes need a file name")
@@ -59,7 +61,9 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
             raise DataError(f"scan file '{path}' does not exist or is not a file")
         data = None
     if path is not None and _KINDS.get(_suffix(name)) == "image":
-        return _not_blank(decode_image(path, size), name)  # the training path, bit for bit
+        image = _not_blank(decode_image(path, size), name)  # the training path, bit for bit
+        geometry.update(image_geometry(path))
+        return image
     if data is None:
         try:
             data = path.read_bytes()
@@ -69,10 +73,20 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
         raise DataError(f"scan file '{name}' is empty (0 bytes)")
     kind = scan_kind(name, data[:132])
     if kind == "image":
-        return _not_blank(_image_from_bytes(data, name, size), name)
-    if kind == "dicom":
-        return _not_blank(_resize(_dicom_image(data, name), size), name)
-    return _not_blank(_resize(_nifti_image(data, name, nifti_slice), size), name)
+        return _not_blank(_image_from_bytes(data, name, size, geometry), name)
+    img = _dicom_image(data, name) if kind == "dicom" else _nifti_image(data, name, nifti_slice)
+    geometry.update(_geometry(img))
+    return _not_blank(_resize(img, size), name)
+
+
+def _geometry(img: Image.Image) -> dict:
+    return {"width": img.width, "height": img.height, "channels": len(img.getbands())}
+
+
+def image_geometry(path: Path | str) -> dict:
+    """An image file's width, height and channels from its header (its pixels are not decoded)."""
+    with Image.open(path) as img:
+        return _geometry(img)
 
 
 def scan_statistics(x: np.ndarray) -> dict[str, float]:
@@ -83,9 +97,11 @@ def scan_statistics(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(f.mean()), "std": float(f.std()), "color": float(color)}
 
 
-def domain_of(scans: np.ndarray) -> dict:
+def domain_of(scans: np.ndarray, geometries: list[dict] | None = None) -> dict:
     """The range of each statistic over a hospital's clean scans, widened by a quarter of its span
-    on each side (color: up to 0.02 above its largest): what the out-of-domain check accepts."""
+    on each side (color: up to 0.02 above its largest): what the out-of-domain check accepts.
+    `geometries` (the scans' own sizes and channels, before the resize) add the range of their
+    sides and the channel counts seen; without them the scans' own size is the model's input size."""
     stats = [scan_statistics(x) for x in scans]
     out = {"n": len(stats)}
     for key in ("mean", "std"):
@@ -93,17 +109,35 @@ def domain_of(scans: np.ndarray) -> dict:
         span = max(values) - min(values)
         out[key] = [min(values) - span / 4, max(values) + span / 4]
     out["color"] = [0.0, max(s["color"] for s in stats) + 0.02]
+    if geometries:
+        out["side"] = [min(min(g["width"], g["height"]) for g in geometries),
+                       max(max(g["width"], g["height"]) for g in geometries)]
+        out["channels"] = sorted({g["channels"] for g in geometries})
+    else:
+        out["side"] = [int(scans.shape[-1]), int(scans.shape[-1])]
     return out
 
 
-def out_of_domain(x: np.ndarray, domain: dict | None) -> list[str]:
-    """Why the scan is far from the hospital's own (empty: it is not, or no domain is known)."""
+SIDE_FACTOR = 2  # a scan whose shorter side is under half the hospital's smallest, or longer side over twice its largest
+
+
+def out_of_domain(x: np.ndarray, domain: dict | None, geometry: dict | None = None) -> list[str]:
+    """Why the scan is far from the hospital's own (empty: it is not, or no domain is known): its
+    intensities (of `x`, as the model sees it) and, given its `geometry`, its size and channels."""
     if not domain:
         return []
     stats = scan_statistics(x)
     words = {"mean": "mean intensity", "std": "intensity spread", "color": "color"}
-    return [f"{words[k]} {stats[k]:.3f} outside [{lo:.3f}, {hi:.3f}] of the hospital's {domain['n']} clean scans"
-            for k, (lo, hi) in ((k, domain[k]) for k in ("mean", "std", "color")) if not lo <= stats[k] <= hi]
+    reasons = [f"{words[k]} {stats[k]:.3f} outside [{lo:.3f}, {hi:.3f}] of the hospital's {domain['n']} clean scans"
+               for k, (lo, hi) in ((k, domain[k]) for k in ("mean", "std", "color")) if not lo <= stats[k] <= hi]
+    if geometry and domain.get("side"):
+        (lo, hi), (w, h) = domain["side"], (geometry["width"], geometry["height"])
+        if min(w, h) * SIDE_FACTOR < lo or max(w, h) > hi * SIDE_FACTOR:
+            reasons.append(f"size {w} x {h} pixels, far from the hospital's scans ({lo} to {hi} pixels a side)")
+    if geometry and domain.get("channels") and geometry["channels"] not in domain["channels"]:
+        seen = " or ".join(str(c) for c in domain["channels"])
+        reasons.append(f"{geometry['channels']} channel(s), where the hospital's scans have {seen}")
+    return reasons
 
 
 def _not_blank(x: np.ndarray, name: str) -> np.ndarray:
@@ -113,11 +147,12 @@ def _not_blank(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _image_from_bytes(data: bytes, name: str, size: int) -> np.ndarray:
+def _image_from_bytes(data: bytes, name: str, size: int, geometry: dict) -> np.ndarray:
     """`decode_image` for bytes: same decoding, same errors."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img, name)
+            geometry.update(_geometry(img))
             return _resize(img, size)
     except Image.DecompressionBombError as err:
         raise DataError(f"image file '{name}' is too large to decode safely ({err})") from err

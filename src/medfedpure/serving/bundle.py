@@ -186,13 +186,31 @@ def _hospital_domain(cfg: ExperimentConfig, client: int) -> dict | None:
 
     try:
         data, split = task.hospital(cfg, client)
-        own = make_loader(data, np.concatenate([split.train_idx, split.val_idx]), 64, train=False)
+        idx = np.concatenate([split.train_idx, split.val_idx])
+        own = make_loader(data, idx, 64, train=False)
         scans = torch.cat([b[0] for b in own])
+        geometries = _geometries([data.paths[i] for i in idx]) if data.paths else None
     except (DataError, ValueError, OSError) as err:
         log.warning("no out-of-domain check in the bundle: the hospital's scans are not readable (%s)",
                     str(err).splitlines()[0] if str(err) else err)
         return None
-    return domain_of((scans * 255).round().clamp(0, 255).byte().numpy())
+    return domain_of((scans * 255).round().clamp(0, 255).byte().numpy(), geometries)
+
+
+def _geometries(paths: list[str]) -> list[dict] | None:
+    """The hospital's files' own sizes and channels, from their headers (None where no header reads:
+    then the out-of-domain check has no size or channel part; built-in synthetic data has no files)."""
+    from PIL import UnidentifiedImageError
+
+    from medfedpure.data.scans import image_geometry
+
+    found = []
+    for p in paths:
+        try:
+            found.append(image_geometry(p))
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue
+    return found if len(found) == len(paths) else None
 
 
 def _adaptive_headline(run: Path) -> dict | None:

@@ -72,12 +72,14 @@ class Predictor:
     def predict_file(self, source: Path | str | bytes, name: str | None = None,
                      nifti_slice: int | None = None, views: bool = False) -> Answer:
         name = name or str(source)
+        geometry: dict = {}
         with self.decoding:
-            image = read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice)
-        return self.predict_image(image, name, views)
+            image = read_scan(source, self.image_size, name=name, nifti_slice=nifti_slice, geometry=geometry)
+        return self.predict_image(image, name, views, geometry)
 
-    def predict_image(self, image: np.ndarray, name: str, views: bool = False) -> Answer:
-        """`views`: also the MAE's error map (one more MAE pass per scan)."""
+    def predict_image(self, image: np.ndarray, name: str, views: bool = False, geometry: dict | None = None) -> Answer:
+        """`views`: also the MAE's error map (one more MAE pass per scan). `geometry`: the scan's own
+        width, height and channels (before the resize), checked against the hospital's scans."""
         pixels = np.ascontiguousarray(image, dtype=np.uint8)
         x = torch.from_numpy(pixels.copy()).float().div(255).unsqueeze(0)
         noise = int.from_bytes(hmac.new(self.noise_key, pixels.tobytes(), hashlib.sha256).digest()[:8], "little")
@@ -107,7 +109,7 @@ class Predictor:
                   # (1.0 where nothing was purified: no noise); below 0.8 it asks for review
                   "agreement": round(agreement, 4), "draws": 1 + len(others)}
         # far from the hospital's own scans (its clean validation scans' statistics): say why, and ask for review
-        report["out_of_domain"] = out_of_domain(pixels, self.bundle.manifest.get("domain"))
+        report["out_of_domain"] = out_of_domain(pixels, self.bundle.manifest.get("domain"), geometry)
         report["review"] = agreement < 0.8 or bool(report["out_of_domain"])
         error_map = None
         if errors is not None:
