@@ -118,7 +118,7 @@ def domain_of(scans: np.ndarray, geometries: list[dict] | None = None) -> dict:
     return out
 
 
-SIDE_FACTOR = 2  # a scan whose shorter side is under half the hospital's smallest, or longer side over twice its largest
+SIDE_FACTOR = 2  # far: a shorter side under half the hospital's smallest, or a longer one over twice its largest
 
 
 def out_of_domain(x: np.ndarray, domain: dict | None, geometry: dict | None = None) -> list[str]:

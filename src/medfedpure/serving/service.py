@@ -136,7 +136,8 @@ def create_app(model_dir: Path | str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_
     def index() -> str:
         return page
 
-    app.mount("/docs-assets", StaticFiles(directory=str(resources.files("fastapi_offline") / "static")), name="docs-assets")
+    assets = resources.files("fastapi_offline") / "static"  # Swagger UI's and ReDoc's scripts, no CDN
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
