@@ -311,10 +311,15 @@ def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
     # the run's wall time stays its training's; the evaluation run again is recorded beside it
     assert summary["final"]["wall_time_s"] == before["final"]["wall_time_s"] and summary["final"]["reevaluation_s"] > 0
     assert json.loads((tmp_path / "config.json").read_text())["defense"]["purifier"]["rounds"] == 2
+    # the evaluation it replaced is kept, byte for byte: nothing already written is lost
+    (earlier,) = (tmp_path / "earlier").iterdir()
+    assert json.loads((earlier / "summary.json").read_text()) == before
+    assert json.loads((earlier / "config.json").read_text())["defense"]["purifier"]["rounds"] == 0
+    assert (earlier / "defense.json").is_file() and (earlier / "environment.json").is_file()
     # a rerun redoes nothing; an evaluation of the run purifies with phase 4's U-Net
     stamp = (tmp_path / "summary.json").stat().st_mtime_ns
     run_experiment(cfg, tmp_path, progress=False, transfer=False)
-    assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "earlier").iterdir())) == 1
     r = open_run(tmp_path, None)
     assert all(torch.equal(v, tuned[k]) for k, v in r.diffusion.state_dict().items())
 

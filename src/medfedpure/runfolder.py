@@ -9,6 +9,9 @@
 <run>/clients/client_NN/                                 what a hospital keeps (gate, calibration, history)
 <run>/checkpoints/<phase>.safetensors + <phase>.json     the last finished round, for resume
 <run>/baselines/<method>/                                another method trained on the same federation
+<run>/earlier/<UTC time>/                                an evaluation's files (config, summary, defense)
+                                                         as they were before an evaluation-only change
+                                                         re-evaluated the run in place
 ```
 
 After every round the server writes `checkpoints/<phase>.safetensors` (the global model) and
@@ -21,17 +24,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medfedpure.config import ExperimentConfig
-from medfedpure.storage import load_tensors, save_tensors, tensor_metadata, write_json
+from medfedpure.storage import atomic_folder, load_tensors, save_tensors, tensor_metadata, write_json
 
 # the defense models of phases 1-2, by phase
 CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
 PURIFIER = "purifier.safetensors"  # phase 4: the U-Net fine-tuned against the phase-3 classifiers
+EARLIER = "earlier"
+EVALUATION_FILES = ("config.json", "environment.json", "summary.json", "defense.json", "defense.csv")  # what a re-evaluation rewrites
+
+
+def evaluation_files(run: Path | str) -> dict[str, bytes]:
+    """The run's evaluation files as they are now (name -> bytes), to keep before a re-evaluation."""
+    return {name: (Path(run) / name).read_bytes() for name in EVALUATION_FILES if (Path(run) / name).is_file()}
+
+
+def keep_earlier(run: Path | str, files: dict[str, bytes]) -> Path:
+    """Write an evaluation's files, as they were, into `<run>/earlier/<UTC time>/` (atomically), so a
+    re-evaluation in place loses nothing already written."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = Path(run) / EARLIER / stamp, 1
+    while target.exists():
+        n += 1
+        target = Path(run) / EARLIER / f"{stamp}-{n}"
+    with atomic_folder(target) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return target
 
 
 class ResumeError(ValueError):

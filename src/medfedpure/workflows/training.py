@@ -35,7 +35,8 @@ from medfedpure.federation.strategy import FederationError, PretrainFedAvg, Puri
 from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.runfolder import CHECKPOINTS, PURIFIER, ResumeError, load_round, need, purifier_weights, save_round
+from medfedpure.runfolder import (CHECKPOINTS, PURIFIER, ResumeError, evaluation_files, keep_earlier, load_round, need,
+                                  purifier_weights, save_round)
 from medfedpure.storage import load_tensors, read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,13 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     MAE and diffusion checkpoints and the method runs the defense) the defended evaluation."""
     cfg, defense_models = _phase3_config(cfg, Path(out_dir).resolve())
     resumed = load_round(Path(out_dir).resolve(), "train", fingerprint(cfg, "train"))  # refuse before writing
+    finished = resumed is not None and resumed.round >= cfg.train.rounds  # only the evaluation runs now
+    earlier = evaluation_files(Path(out_dir).resolve()) if finished else {}
+    trained = _earlier_training_s(Path(out_dir).resolve(), cfg) if finished else None
     out = prepare_run(cfg, out_dir, progress=progress, local_data=deployment is None)
+    if earlier.get("config.json", b"") not in (b"", (out / "config.json").read_bytes()):  # evaluation-only change
+        log.info("the training is done and only the evaluation changed: re-evaluating in place; the earlier "
+                 "evaluation's files are kept in %s", keep_earlier(out, earlier))
     t0 = time.time()
     task.set_seed(cfg.seed)
     model = new_model(cfg, task.num_classes(cfg), init_seed=cfg.seed)
@@ -252,7 +259,6 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
         raise FederationError("the defended evaluation got no answer; see the Flower log above")
     model.load_experts(final_arrays[0].to_torch_state_dict())
     seconds = time.time() - t0
-    trained = _earlier_training_s(out, cfg) if resumed is not None and resumed.round >= cfg.train.rounds else None
     if trained is not None:  # only the evaluation ran now: the run's wall time stays its training's
         return _write_results(cfg, out, model, strategy.history, defense_results, trained, evaluation_s=seconds)
     return _write_results(cfg, out, model, strategy.history, defense_results, seconds)
