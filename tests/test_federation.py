@@ -90,3 +90,20 @@ def test_learns_and_writes_results(run):
     assert final["clean_acc"] == pytest.approx(weighted)
     env = json.loads((run.out_dir / "environment.json").read_text())
     assert env["seed"] == 0 and env["packages"]["flwr"].startswith("1.42")
+
+
+def test_the_median_over_a_poisoned_hospital_is_the_median_of_what_each_sent(tmp_path, monkeypatch):
+    """federation.aggregation=median through Flower, with client 2 rehearsing a sign-flipped update:
+    the new experts are the coordinate-wise median of the three replies, so client 2's are not them."""
+    cfg = load_preset("demo")
+    cfg.data.num_clients, cfg.train.rounds, cfg.attack.max_eval_per_client = 3, 1, 8
+    cfg.federation.aggregation = "median"
+    monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "2=sign-flip*5")
+    rec = run_federated(cfg, tmp_path, keep_client_arrays=True, progress=False).history[1]
+    sent = [rec["clients"][c]["arrays"] for c in range(3)]
+    floats = [k for k, v in rec["aggregated"].items() if v.dtype.kind == "f"]
+    for key in floats:
+        assert np.allclose(rec["aggregated"][key], np.median(np.stack([s[key] for s in sent]), axis=0), atol=1e-6)
+    weight = next(k for k in floats if k.endswith("weight") and "running" not in k)
+    assert not np.allclose(sent[2][weight], rec["aggregated"][weight])
+    assert json.loads((tmp_path / "config.json").read_text())["federation"]["aggregation"] == "median"

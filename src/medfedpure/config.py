@@ -109,6 +109,9 @@ class AttackConfig:
     convergence_max_per_client: int | None = 5
 
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # their strategies: federation.strategy.ROBUST
+
+
 @dataclass
 class FederationConfig:
     backend: str = "ray"
@@ -121,6 +124,11 @@ class FederationConfig:
     join_timeout_s: float = 600.0  # how long the server waits for every hospital to connect before round 1
     round_timeout_s: float = 6 * 3600.0  # how long a round waits for a hospital's answer
     rejoin_wait_s: float = 30.0  # before each round, how long to wait for a disconnected hospital to come back
+    # how phase 3 combines the hospitals' experts: "fedavg" (n-weighted mean), or a robust rule against
+    # a poisoned or broken hospital, per coordinate: "median" (Yin et al. 2018) or "trimmed-mean"
+    # (trim_fraction of the hospitals cut from each tail); the robust rules weigh every hospital alike
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.1
 
 
 @dataclass
@@ -324,6 +332,8 @@ class ExperimentConfig:
             (self.federation.join_timeout_s > 0, "federation.join_timeout_s", "> 0"),
             (self.federation.round_timeout_s > 0, "federation.round_timeout_s", "> 0"),
             (self.federation.rejoin_wait_s >= 0, "federation.rejoin_wait_s", ">= 0"),
+            (self.federation.aggregation in AGGREGATIONS, "federation.aggregation", f"one of {list(AGGREGATIONS)}"),
+            (0 <= self.federation.trim_fraction < 0.5, "federation.trim_fraction", "in [0, 0.5)"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),

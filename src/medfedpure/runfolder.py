@@ -123,7 +123,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
     raw = cfg.to_dict()
     raw["data"].pop("cache_dir", None)
     raw["train"].pop("channels_last", None)  # a layout, not the weights' recipe
-    raw.pop("federation", None)
+    federation = raw.pop("federation", {})
     raw.pop("name", None)
     method = raw.pop("method", {})
     for name in ATTACK_EVALUATION_ONLY:
@@ -137,6 +137,9 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
                 phase: raw["defense"][phase]}
     else:
         part = raw
+        if federation.get("aggregation", "fedavg") != "fedavg":  # a robust rule makes other experts
+            part["aggregation"] = {k: federation[k] for k in ("aggregation", "trim_fraction")
+                                   if k == "aggregation" or federation["aggregation"] == "trimmed-mean"}
         purifier = raw["defense"].get("purifier")
         part["defense"] = {k: v for k, v in raw["defense"].items()
                            if k not in EVALUATION_ONLY + ("mae", "training", "purifier")}

@@ -82,6 +82,39 @@ def _rehearsed_failure(partition: int, server_round: int) -> None:
             raise RuntimeError(f"client {partition} failed on purpose in round {server_round} (MEDFEDPURE_FAIL_CLIENT)")
 
 
+POISONS = {"sign-flip": 1.0, "scale": 10.0, "noise": 1.0}  # rehearsed poisoning, and each kind's default factor
+
+
+def rehearsed_poison(partition: int, server_round: int, sent: dict[str, torch.Tensor],
+                     shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`MEDFEDPURE_POISON_CLIENT=<client>=<kind>[*<factor>][,...]` makes that hospital send poisoned
+    experts every round, to rehearse a compromised or broken one (a test hook, off by default):
+    `sign-flip` sends the global weights minus factor x its update, `scale` plus factor x its update
+    (default 10: a model-replacement boost), `noise` Gaussian noise of factor x each tensor's spread in
+    place of its weights. Norm statistics (`running_*`) and integer buffers are sent as trained."""
+    for item in filter(None, (i.strip() for i in os.environ.get("MEDFEDPURE_POISON_CLIENT", "").split(","))):
+        who, _, what = item.partition("=")
+        kind, _, factor = what.partition("*")
+        if kind not in POISONS or not who.strip().isdigit():
+            raise RuntimeError(f"MEDFEDPURE_POISON_CLIENT: '{item}' is not <client>=<kind>[*<factor>] with a kind "
+                               f"of {', '.join(POISONS)}")
+        if int(who) != partition:
+            continue
+        f = float(factor) if factor else POISONS[kind]
+        noise = torch.Generator().manual_seed(1_000_003 * partition + server_round)
+        out = {}
+        for key, w in shared.items():
+            if not w.is_floating_point() or ".running_" in key or key not in sent:
+                out[key] = w
+            elif kind == "noise":
+                out[key] = f * w.std(unbiased=False) * torch.randn(w.shape, generator=noise, dtype=w.dtype)
+            else:
+                g = sent[key].to(w.dtype)
+                out[key] = g + (f if kind == "scale" else -f) * (w - g)
+        return out
+    return shared
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, state = _setup(msg, context)
@@ -99,7 +132,9 @@ def train(msg: Message, context: Context) -> Message:
     state.append_history({"round": server_round, "phase": "train", "gate_in": gate_in,
                           "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
     metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
-    content = RecordDict({"arrays": ArrayRecord(method.shared_state(model)), "metrics": metrics})
+    shared = rehearsed_poison(partition, server_round, msg.content["arrays"].to_torch_state_dict(),
+                              method.shared_state(model))
+    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.federation.strategy import (ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies,
-                                            needed_answers)
+                                            expert_strategy, needed_answers)
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,12 @@ def _defended_evaluation(grid: Grid, experts: ArrayRecord, defense_models: dict[
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,
                   round_offset: int = 0, history: dict | None = None,
                   train_extras: dict[str, ArrayRecord] | None = None) -> ExpertFedAvg:
-    return ExpertFedAvg(num_rounds=cfg.train.rounds, on_round_end=on_round_end,
-                        keep_client_arrays=keep_client_arrays, round_offset=round_offset, history=history,
-                        num_clients=cfg.data.num_clients, min_fit_fraction=cfg.federation.min_fit_fraction,
-                        rejoin_wait_s=cfg.federation.rejoin_wait_s, train_extras=train_extras)
+    fed = cfg.federation
+    rule = {"beta": fed.trim_fraction} if fed.aggregation == "trimmed-mean" else {}
+    return expert_strategy(fed.aggregation)(
+        num_rounds=cfg.train.rounds, on_round_end=on_round_end, keep_client_arrays=keep_client_arrays,
+        round_offset=round_offset, history=history, num_clients=cfg.data.num_clients,
+        min_fit_fraction=fed.min_fit_fraction, rejoin_wait_s=fed.rejoin_wait_s, train_extras=train_extras, **rule)
 
 
 def make_pretrain_server_app(cfg: ExperimentConfig, phase: str, initial: ArrayRecord, strategy: PretrainFedAvg,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 SHARED_PREFIX = "experts."
 
@@ -221,6 +221,22 @@ class ExpertFedAvg(ResumableFedAvg):
         if self.on_round_end is not None:
             self.on_round_end(server_round, rec)
         return _metrics_without_id(agg)
+
+
+# Flower's robust rules for phase 3's experts, by `federation.aggregation` (fedavg: ExpertFedAvg itself)
+ROBUST = {"median": FedMedian, "trimmed-mean": FedTrimmedAvg}
+
+
+def expert_strategy(aggregation: str) -> type[ExpertFedAvg]:
+    """ExpertFedAvg whose arrays are combined by `aggregation`: its own n-weighted mean, or Flower's
+    coordinate-wise median or trimmed mean (ExpertFedAvg's checks and bookkeeping come first in the
+    MRO, then the rule's `aggregate_train`); the round's metrics stay n-weighted means."""
+    if aggregation == "fedavg":
+        return ExpertFedAvg
+    if aggregation not in ROBUST:
+        raise ValueError(f"federation.aggregation: '{aggregation}' is not one of fedavg, {', '.join(ROBUST)}")
+    rule = ROBUST[aggregation]
+    return type(f"Expert{rule.__name__}", (ExpertFedAvg, rule), {"__doc__": f"ExpertFedAvg with {rule.__name__}."})
 
 
 class PretrainFedAvg(ResumableFedAvg):
