@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from medfedpure.config import AGGREGATIONS, ConfigError, apply_overrides, load_preset
-from medfedpure.federation.client_app import POISONS, rehearsed_poison
+from medfedpure.federation.client_app import poison_plan, rehearsed_poison
 from medfedpure.federation.strategy import ROBUST, expert_strategy
 from medfedpure.methods import fingerprint
 
@@ -57,9 +57,10 @@ def test_one_outlier_moves_fedavg_but_not_the_median_or_the_trimmed_mean():
 
 
 def test_the_robust_rule_keeps_the_strategys_bookkeeping():
-    _, _, strategy = aggregate("median", [1.0, 2.0, 3.0])
+    _, metrics, strategy = aggregate("median", [1.0, 2.0, 3.0])
     rec = strategy.history[1]
     assert sorted(rec["clients"]) == [0, 1, 2] and rec["clients"][2]["n_train"] == 30
+    assert metrics["train_loss"] == pytest.approx((10 * 0.5 + 20 * 1.5 + 30 * 2.5) / 60)  # still n-weighted
 
 
 def test_the_rule_is_validated_and_changes_phase_3s_fingerprint_only():
@@ -68,37 +69,48 @@ def test_the_rule_is_validated_and_changes_phase_3s_fingerprint_only():
                        ("federation.trim_fraction=0.5", "federation.trim_fraction")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             apply_overrides(load_preset("demo"), [bad]).validate()
-    median = apply_overrides(load_preset("demo"), ["federation.aggregation=median"]).validate()
-    trimmed = apply_overrides(load_preset("demo"), ["federation.aggregation=trimmed-mean"]).validate()
-    assert fingerprint(median, "train") != fingerprint(cfg, "train") != fingerprint(trimmed, "train")
-    assert fingerprint(median, "mae") == fingerprint(cfg, "mae")  # phases 1-2 stay FedAvg
+    with pytest.raises(ConfigError, match="cuts at least one hospital"):  # 0.1 of 3 hospitals cuts none
+        apply_overrides(load_preset("demo"), ["data.num_clients=3", "federation.aggregation=trimmed-mean"]).validate()
+
+    def variant(*overrides):
+        return apply_overrides(load_preset("demo"), ["data.num_clients=3", *overrides]).validate()
+
+    plain, median = variant(), variant("federation.aggregation=median")
+    trimmed = variant("federation.aggregation=trimmed-mean", "federation.trim_fraction=0.34")
+    prints = {fingerprint(c, "train") for c in (plain, median, trimmed)}
+    assert len(prints) == 3  # each rule makes other experts
+    assert fingerprint(variant("federation.aggregation=trimmed-mean", "federation.trim_fraction=0.4"), "train") \
+        != fingerprint(trimmed, "train")
+    assert fingerprint(median, "mae") == fingerprint(plain, "mae")  # phases 1-2 stay FedAvg
     # trim_fraction matters only to the trimmed mean (runs made before the field still resume)
-    assert fingerprint(apply_overrides(load_preset("demo"), ["federation.trim_fraction=0.3"]), "train") \
-        == fingerprint(cfg, "train")
+    assert fingerprint(variant("federation.trim_fraction=0.3"), "train") == fingerprint(plain, "train")
+    assert fingerprint(cfg, "train") == fingerprint(load_preset("demo"), "train")
 
 
 def test_a_rehearsed_poisoned_hospital_sends_what_it_says(monkeypatch):
-    sent = {"experts.w": torch.ones(4), "experts.bn.running_var": torch.ones(4),
-            "experts.bn.num_batches_tracked": torch.tensor(3)}
+    sent = ArrayRecord({"experts.w": torch.ones(4), "experts.bn.running_var": torch.ones(4),
+                        "experts.bn.num_batches_tracked": torch.tensor(3)})
     trained = {"experts.w": torch.full((4,), 1.5), "experts.bn.running_var": torch.full((4,), 2.0),
                "experts.bn.num_batches_tracked": torch.tensor(4)}
     monkeypatch.delenv("MEDFEDPURE_POISON_CLIENT", raising=False)
-    assert rehearsed_poison(1, 1, sent, trained) is trained  # off by default
+    assert poison_plan(1) is None and rehearsed_poison(None, 1, 1, sent, trained) is trained  # off by default
     monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "1=sign-flip*2")
-    assert rehearsed_poison(0, 1, sent, trained) is trained  # another hospital: as trained
-    flipped = rehearsed_poison(1, 1, sent, trained)
+    assert poison_plan(0) is None  # another hospital: as trained
+    flipped = rehearsed_poison(poison_plan(1), 1, 1, sent, trained)
     assert flipped["experts.w"].tolist() == [0.0] * 4  # 1 - 2 x 0.5
     assert torch.equal(flipped["experts.bn.running_var"], trained["experts.bn.running_var"])  # statistics as trained
     assert int(flipped["experts.bn.num_batches_tracked"]) == 4
     monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "0=noise,1=scale")
-    assert rehearsed_poison(1, 1, sent, trained)["experts.w"].tolist() == [6.0] * 4  # 1 + 10 x 0.5
+    assert poison_plan(1) == ("scale", 10.0) and poison_plan(0) == ("noise", 1.0)
+    assert rehearsed_poison(poison_plan(1), 1, 1, sent, trained)["experts.w"].tolist() == [6.0] * 4  # 1 + 10 x 0.5
     weights = {"experts.w": 3 * torch.randn(1000, generator=torch.Generator().manual_seed(0))}
-    sent = {"experts.w": torch.zeros(1000)}
-    noise = rehearsed_poison(0, 1, sent, weights)["experts.w"]  # noise of the weights' own spread, in their place
+    zeros = ArrayRecord({"experts.w": torch.zeros(1000)})
+    noise = rehearsed_poison(("noise", 1.0), 0, 1, zeros, weights)["experts.w"]  # the weights' spread, in their place
     assert float(noise.std()) == pytest.approx(float(weights["experts.w"].std()), rel=0.1)
     assert float(torch.corrcoef(torch.stack([noise, weights["experts.w"]]))[0, 1]) == pytest.approx(0, abs=0.1)
-    assert torch.equal(noise, rehearsed_poison(0, 1, sent, weights)["experts.w"])  # the same draw on a rerun
-    assert not torch.equal(noise, rehearsed_poison(0, 2, sent, weights)["experts.w"])  # another each round
-    monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "1=flip")
-    with pytest.raises(RuntimeError, match=f"MEDFEDPURE_POISON_CLIENT: '1=flip'.*{', '.join(POISONS)}"):
-        rehearsed_poison(1, 1, sent, trained)
+    assert torch.equal(noise, rehearsed_poison(("noise", 1.0), 0, 1, zeros, weights)["experts.w"])  # same on a rerun
+    assert not torch.equal(noise, rehearsed_poison(("noise", 1.0), 0, 2, zeros, weights)["experts.w"])  # per round
+    for bad in ("1=flip", "1=scale*x", "x=noise", "0=noise,2=scale*inf"):  # every entry checked, for any hospital
+        monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", bad)
+        with pytest.raises(RuntimeError, match="MEDFEDPURE_POISON_CLIENT: '.*' is not <client>=<kind>"):
+            poison_plan(0)

@@ -126,7 +126,8 @@ class FederationConfig:
     rejoin_wait_s: float = 30.0  # before each round, how long to wait for a disconnected hospital to come back
     # how phase 3 combines the hospitals' experts: "fedavg" (n-weighted mean), or a robust rule against
     # a poisoned or broken hospital, per coordinate: "median" (Yin et al. 2018) or "trimmed-mean"
-    # (trim_fraction of the hospitals cut from each tail); the robust rules weigh every hospital alike
+    # (int(trim_fraction x the hospitals that answered) cut from each tail: Flower's FedTrimmedAvg,
+    # so fewer answers may cut fewer); the robust rules weigh every hospital alike
     aggregation: str = "fedavg"
     trim_fraction: float = 0.1
 
@@ -334,6 +335,10 @@ class ExperimentConfig:
             (self.federation.rejoin_wait_s >= 0, "federation.rejoin_wait_s", ">= 0"),
             (self.federation.aggregation in AGGREGATIONS, "federation.aggregation", f"one of {list(AGGREGATIONS)}"),
             (0 <= self.federation.trim_fraction < 0.5, "federation.trim_fraction", "in [0, 0.5)"),
+            (self.federation.aggregation != "trimmed-mean"
+             or int(self.federation.trim_fraction * self.data.num_clients) >= 1, "federation.trim_fraction",
+             f"at least 1/data.num_clients = {1 / max(self.data.num_clients, 1):.3g}, so that the trimmed mean "
+             "cuts at least one hospital from each tail"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),

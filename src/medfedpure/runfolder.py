@@ -37,7 +37,8 @@ from medfedpure.storage import atomic_folder, load_tensors, save_tensors, tensor
 CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
 PURIFIER = "purifier.safetensors"  # phase 4: the U-Net fine-tuned against the phase-3 classifiers
 EARLIER = "earlier"
-EVALUATION_FILES = ("config.json", "environment.json", "summary.json", "defense.json", "defense.csv")  # what a re-evaluation rewrites
+# what a re-evaluation rewrites
+EVALUATION_FILES = ("config.json", "environment.json", "summary.json", "defense.json", "defense.csv")
 
 
 def evaluation_files(run: Path | str) -> dict[str, bytes]:

@@ -101,7 +101,7 @@ def domain_of(scans: np.ndarray, geometries: list[dict] | None = None) -> dict:
     """The range of each statistic over a hospital's clean scans, widened by a quarter of its span
     on each side (color: up to 0.02 above its largest): what the out-of-domain check accepts.
     `geometries` (the scans' own sizes and channels, before the resize) add the range of their
-    sides and the channel counts seen; without them the scans' own size is the model's input size."""
+    sides and the channel counts seen (without them the check has no size or channel part)."""
     stats = [scan_statistics(x) for x in scans]
     out = {"n": len(stats)}
     for key in ("mean", "std"):
@@ -113,8 +113,6 @@ def domain_of(scans: np.ndarray, geometries: list[dict] | None = None) -> dict:
         out["side"] = [min(min(g["width"], g["height"]) for g in geometries),
                        max(max(g["width"], g["height"]) for g in geometries)]
         out["channels"] = sorted({g["channels"] for g in geometries})
-    else:
-        out["side"] = [int(scans.shape[-1]), int(scans.shape[-1])]
     return out
 
 
@@ -134,7 +132,9 @@ def out_of_domain(x: np.ndarray, domain: dict | None, geometry: dict | None = No
         (lo, hi), (w, h) = domain["side"], (geometry["width"], geometry["height"])
         if min(w, h) * SIDE_FACTOR < lo or max(w, h) > hi * SIDE_FACTOR:
             reasons.append(f"size {w} x {h} pixels, far from the hospital's scans ({lo} to {hi} pixels a side)")
-    if geometry and domain.get("channels") and geometry["channels"] not in domain["channels"]:
+    # one channel or three are both a grey scan as the model sees it (color is judged above); another
+    # count (an alpha channel, two, four) the hospital's files never had is named
+    if geometry and domain.get("channels") and geometry["channels"] not in {1, 3, *domain["channels"]}:
         seen = " or ".join(str(c) for c in domain["channels"])
         reasons.append(f"{geometry['channels']} channel(s), where the hospital's scans have {seen}")
     return reasons

@@ -10,6 +10,7 @@ those with the `finetune` action fine-tune the U-Net against the hospital's clas
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -85,40 +86,56 @@ def _rehearsed_failure(partition: int, server_round: int) -> None:
 POISONS = {"sign-flip": 1.0, "scale": 10.0, "noise": 1.0}  # rehearsed poisoning, and each kind's default factor
 
 
-def rehearsed_poison(partition: int, server_round: int, sent: dict[str, torch.Tensor],
-                     shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def poison_plan(partition: int) -> tuple[str, float] | None:
     """`MEDFEDPURE_POISON_CLIENT=<client>=<kind>[*<factor>][,...]` makes that hospital send poisoned
     experts every round, to rehearse a compromised or broken one (a test hook, off by default):
     `sign-flip` sends the global weights minus factor x its update, `scale` plus factor x its update
     (default 10: a model-replacement boost), `noise` Gaussian noise of factor x each tensor's spread in
-    place of its weights. Norm statistics (`running_*`) and integer buffers are sent as trained."""
+    place of its weights. This hospital's (kind, factor), or None; every entry is checked first."""
+    plan = None
     for item in filter(None, (i.strip() for i in os.environ.get("MEDFEDPURE_POISON_CLIENT", "").split(","))):
         who, _, what = item.partition("=")
         kind, _, factor = what.partition("*")
-        if kind not in POISONS or not who.strip().isdigit():
+        try:
+            f = float(factor) if factor else POISONS[kind]
+            ok = kind in POISONS and who.strip().isdigit() and math.isfinite(f)
+        except (KeyError, ValueError):
+            ok = False
+        if not ok:
             raise RuntimeError(f"MEDFEDPURE_POISON_CLIENT: '{item}' is not <client>=<kind>[*<factor>] with a kind "
-                               f"of {', '.join(POISONS)}")
-        if int(who) != partition:
-            continue
-        f = float(factor) if factor else POISONS[kind]
-        noise = torch.Generator().manual_seed(1_000_003 * partition + server_round)
-        out = {}
-        for key, w in shared.items():
-            if not w.is_floating_point() or ".running_" in key or key not in sent:
-                out[key] = w
-            elif kind == "noise":
-                out[key] = f * w.std(unbiased=False) * torch.randn(w.shape, generator=noise, dtype=w.dtype)
-            else:
-                g = sent[key].to(w.dtype)
-                out[key] = g + (f if kind == "scale" else -f) * (w - g)
-        return out
-    return shared
+                               f"of {', '.join(POISONS)} and a finite factor")
+        if int(who) == partition and plan is None:
+            plan = (kind, f)
+    return plan
+
+
+def rehearsed_poison(plan: tuple[str, float] | None, partition: int, server_round: int, sent: ArrayRecord,
+                     shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The experts this hospital sends under its `poison_plan` (`sent`: the global ones it received),
+    on the CPU. Norm statistics (`running_*`) and integer buffers are sent as trained."""
+    if plan is None:
+        return shared
+    kind, f = plan
+    sent = sent.to_torch_state_dict()
+    noise = torch.Generator().manual_seed(1_000_003 * partition + server_round)
+    out = {}
+    for key, w in shared.items():
+        w = w.detach().cpu()
+        if not w.is_floating_point() or ".running_" in key or key not in sent:
+            out[key] = w
+        elif kind == "noise":
+            out[key] = f * w.std(unbiased=False) * torch.randn(w.shape, generator=noise, dtype=w.dtype)
+        else:
+            g = sent[key].to(w.dtype)
+            out[key] = g + (f if kind == "scale" else -f) * (w - g)
+    return out
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, partition, server_round, state = _setup(msg, context)
     _rehearsed_failure(partition, server_round)
+    poison = poison_plan(partition)  # checked before the round's training, not after
     method = method_of(cfg)
     task.set_seed(task.client_seed(cfg, partition, server_round))
     model = _personal_model(cfg, partition, msg, state, server_round - 1)
@@ -132,8 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     state.append_history({"round": server_round, "phase": "train", "gate_in": gate_in,
                           "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
     metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
-    shared = rehearsed_poison(partition, server_round, msg.content["arrays"].to_torch_state_dict(),
-                              method.shared_state(model))
+    shared = rehearsed_poison(poison, partition, server_round, msg.content["arrays"], method.shared_state(model))
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -118,7 +118,8 @@ class ResumableFedAvg(FedAvg):
 
 
 class ExpertFedAvg(ResumableFedAvg):
-    """Averages each expert weighted by n_i and refuses any array outside `experts.*`.
+    """Averages each expert weighted by n_i (or, as `expert_strategy`'s robust variants, by the rule
+    mixed in after it) and refuses any array outside `experts.*`.
 
     `history[round]` holds the keys sent and received and each client's metrics;
     with `keep_client_arrays` it also keeps what every client sent (for audits and tests).

@@ -189,7 +189,12 @@ def _hospital_domain(cfg: ExperimentConfig, client: int) -> dict | None:
         idx = np.concatenate([split.train_idx, split.val_idx])
         own = make_loader(data, idx, 64, train=False)
         scans = torch.cat([b[0] for b in own])
-        geometries = _geometries([data.paths[i] for i in idx]) if data.paths else None
+        if data.paths:
+            geometries = _geometries([data.paths[i] for i in idx])
+        elif cfg.data.dataset == "synthetic":  # made at the model's input size, three channels
+            geometries = [{"width": cfg.data.image_size, "height": cfg.data.image_size, "channels": 3}]
+        else:
+            geometries = None
     except (DataError, ValueError, OSError) as err:
         log.warning("no out-of-domain check in the bundle: the hospital's scans are not readable (%s)",
                     str(err).splitlines()[0] if str(err) else err)

@@ -13,6 +13,7 @@ finished round is checkpointed, so a killed run resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     earlier = evaluation_files(Path(out_dir).resolve()) if finished else {}
     trained = _earlier_training_s(Path(out_dir).resolve(), cfg) if finished else None
     out = prepare_run(cfg, out_dir, progress=progress, local_data=deployment is None)
-    if earlier.get("config.json", b"") not in (b"", (out / "config.json").read_bytes()):  # evaluation-only change
+    if _config_changed(earlier.get("config.json"), cfg):  # an evaluation-only change: keep what it replaces
         log.info("the training is done and only the evaluation changed: re-evaluating in place; the earlier "
                  "evaluation's files are kept in %s", keep_earlier(out, earlier))
     t0 = time.time()
@@ -262,6 +263,17 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     if trained is not None:  # only the evaluation ran now: the run's wall time stays its training's
         return _write_results(cfg, out, model, strategy.history, defense_results, trained, evaluation_s=seconds)
     return _write_results(cfg, out, model, strategy.history, defense_results, seconds)
+
+
+def _config_changed(earlier: bytes | None, cfg: ExperimentConfig) -> bool:
+    """Whether a finished run's config.json (`earlier`, its bytes) asked for something else than
+    `cfg`, once read as a config (fields added since it was written take their defaults)."""
+    if earlier is None:
+        return False
+    try:
+        return ExperimentConfig.from_dict(json.loads(earlier)).to_dict() != cfg.to_dict()
+    except (ValueError, TypeError):  # unreadable: it is replaced, so it is kept
+        return True
 
 
 def _earlier_training_s(out: Path, cfg: ExperimentConfig) -> float | None:
