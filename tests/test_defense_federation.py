@@ -2,6 +2,7 @@
 evaluation on every client, on the built-in data with tiny models."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.numpy import load_file
@@ -63,6 +64,22 @@ def test_defended_evaluation_per_client_and_mean(run_dir):
         assert (folder / "defense.json").is_file()
         calib = load_file(str(folder / "detector_calibration.safetensors"))
         assert set(calib) == {"mae", "disagreement"} and len(calib["mae"]) > 0
+
+
+def test_a_hospital_lost_in_the_defended_evaluation_is_named_and_the_means_say_over_how_many(
+        run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "again"
+    shutil.copytree(run_dir[0], out)
+    monkeypatch.setenv("MEDFEDPURE_FAIL_CLIENT", "1@defense")
+    run_federated(tiny_config(), out, progress=False)  # a finished run: only the defended evaluation runs
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(f["round"], f["phase"], f["client"]) for f in summary["failures"]] == [(2, "defended evaluation", 1)]
+    assert "on purpose" in summary["failures"][0]["error"]
+    rows = json.loads((out / "defense.json").read_text())["rows"]
+    assert {r["client"] for r in rows} == {0, "mean"}
+    assert {r["hospitals"] for r in rows if r["client"] == "mean"} == {1}
+    assert {r["hospitals"] for r in json.loads((run_dir[0] / "defense.json").read_text())["rows"]
+            if r["client"] == "mean"} == {2}
 
 
 def test_central_mode_pools_the_clients(tmp_path):

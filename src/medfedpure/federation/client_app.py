@@ -75,9 +75,10 @@ def _defense_model(name: str, cfg: ExperimentConfig, msg: Message) -> torch.nn.M
     return build_pretrained(name, cfg, msg.content[name].to_torch_state_dict(), f"the server's {name} weights")
 
 
-def _rehearsed_failure(partition: int, server_round: int) -> None:
-    """`MEDFEDPURE_FAIL_CLIENT=<client>@<round>[,...]` makes that client fail that round's training,
-    to rehearse how the federation copes with a hospital that drops out (a test hook, off by default)."""
+def _rehearsed_failure(partition: int, server_round: int | str) -> None:
+    """`MEDFEDPURE_FAIL_CLIENT=<client>@<round>[,...]` makes that client fail that round's training
+    (`<client>@defense`: the defended evaluation), to rehearse how the federation copes with a hospital
+    that drops out (a test hook, off by default)."""
     for item in os.environ.get("MEDFEDPURE_FAIL_CLIENT", "").split(","):
         if item.strip() == f"{partition}@{server_round}":
             raise RuntimeError(f"client {partition} failed on purpose in round {server_round} (MEDFEDPURE_FAIL_CLIENT)")
@@ -173,6 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def defend(msg: Message, context: Context) -> Message:
     """Final defended evaluation on this client's test split, with its own gate and calibration."""
     cfg, partition, server_round, state = _setup(msg, context)
+    _rehearsed_failure(partition, "defense")
     model = _personal_model(cfg, partition, msg, state, server_round).eval()
     mae, diffusion = _defense_model("mae", cfg, msg), _defense_model("diffusion", cfg, msg)
     _, test_loader, _ = task.client_loaders(cfg, partition)

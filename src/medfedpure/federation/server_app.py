@@ -38,7 +38,10 @@ def make_server_app(cfg: ExperimentConfig, initial_experts: ArrayRecord, out_dir
         on_done(final)
         if defense_models and on_defense is not None:
             config["server-round"] = cfg.train.rounds  # each hospital's gate as of the last round
-            on_defense(_defended_evaluation(grid, final, defense_models, config, cfg, strategy.clients_of))
+            results, failed = _defended_evaluation(grid, final, defense_models, config, cfg, strategy.clients_of)
+            # a hospital lost here is named in summary.json's failures, as one lost in a round is
+            strategy.record_failures(cfg.train.rounds, "defended evaluation", failed)
+            on_defense(results)
 
     return app
 
@@ -76,16 +79,18 @@ def _wait_for_hospitals(grid: Grid, cfg: ExperimentConfig, timeout_s: float | No
 
 
 def _defended_evaluation(grid: Grid, experts: ArrayRecord, defense_models: dict[str, ArrayRecord],
-                         config: ConfigRecord, cfg: ExperimentConfig, clients_of: dict[int, int]) -> list[dict]:
-    """One query to every client: evaluate the final experts with its own gate and defense."""
+                         config: ConfigRecord, cfg: ExperimentConfig,
+                         clients_of: dict[int, int]) -> tuple[list[dict], list[dict]]:
+    """One query to every client: evaluate the final experts with its own gate and defense. The
+    hospitals' figures, and a record of each that failed."""
     ExpertFedAvg.check_keys(experts.keys(), "server -> client defense query")
     content = RecordDict({"arrays": experts, "config": config, **defense_models})
     nodes = _wait_for_hospitals(grid, cfg, timeout_s=cfg.federation.rejoin_wait_s)  # not 600 s after training
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-    valid, _ = accept_replies(replies, cfg.data.num_clients, cfg.federation.min_fit_fraction, "defended evaluation",
-                              clients_of)
-    return [dict(m.content["metrics"]) for m in valid]
+    valid, failed = accept_replies(replies, cfg.data.num_clients, cfg.federation.min_fit_fraction,
+                                   "defended evaluation", clients_of)
+    return [dict(m.content["metrics"]) for m in valid], failed
 
 
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,

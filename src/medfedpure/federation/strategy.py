@@ -138,9 +138,13 @@ class ExpertFedAvg(ResumableFedAvg):
 
     def _accept(self, replies: Iterable[Message], where: str, rec: dict, phase: str) -> list[Message]:
         valid, failed = self.accept(replies, where)
-        if failed:
-            rec.setdefault("failed", []).extend({"phase": phase, **f} for f in failed)
+        self.record_failures(rec["round"], phase, failed)
         return valid
+
+    def record_failures(self, server_round: int, phase: str, failed: list[dict]) -> None:
+        """Keep a round's failures (`phase`: train, evaluate, defended evaluation) in its history record."""
+        if failed:
+            self._round(server_round).setdefault("failed", []).extend({"phase": phase, **f} for f in failed)
 
     def _round(self, server_round: int) -> dict:
         return self.history.setdefault(server_round, {"round": server_round, "clients": {}})

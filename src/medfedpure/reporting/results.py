@@ -76,7 +76,8 @@ DEFENSE_FIELDS = ("bare_clean_acc", "bare_adv_acc", "clean_acc", "adv_acc", "aur
 
 
 def defense_rows(client_metrics: list[dict], cfg) -> list[dict]:
-    """One row per (client, detector, mode) plus test-size-weighted 'mean' rows."""
+    """One row per (client, detector, mode) plus test-size-weighted 'mean' rows, each saying over how
+    many hospitals it is (a hospital lost in the defended evaluation is named in summary.json)."""
     rows = []
     for m in sorted(client_metrics, key=lambda m: int(m["partition-id"])):
         for detector in cfg.defense.eval_detectors:
@@ -95,7 +96,7 @@ def defense_rows(client_metrics: list[dict], cfg) -> list[dict]:
         for mode in cfg.defense.eval_modes:
             group = [r for r in rows if r["detector"] == detector and r["mode"] == mode]
             mean = {"client": "mean", "detector": detector, "mode": mode, "rule": cfg.defense.rule,
-                    "n_test": sum(r["n_test"] for r in group)}
+                    "n_test": sum(r["n_test"] for r in group), "hospitals": len(group)}
             mean.update({f: weighted_mean(group, f) or 0.0 for f in DEFENSE_FIELDS})
             means.append(mean)
     return rows + means

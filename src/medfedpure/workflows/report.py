@@ -98,16 +98,26 @@ def build_tables(run: Path) -> dict:
 
 
 def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]:
-    """A line per method whose final figures are a mean over fewer hospitals than the federation
-    has (a hospital lost in the last round), naming the missing ones and what the log said."""
+    """A line per method whose final or defended figures are a mean over fewer hospitals than the
+    federation has (a hospital lost in the last round or in the defended evaluation), naming the
+    missing ones and what the log said."""
     answered = {c.get("client") for c in summary.get("clients", [])}
     absent = [c for c in range(num_clients) if c not in answered]
-    if not absent:
-        return []
-    last = {f.get("client"): f.get("error", "") for f in summary.get("failures", []) if f.get("client") is not None}
-    why = "; ".join(f"client {c}: {last[c]}" for c in absent if c in last)
-    return [f"{label}: the final figures are means over {num_clients - len(absent)} of {num_clients} hospitals; "
-            f"missing in the last round: client(s) {', '.join(map(str, absent))}" + (f" ({why})" if why else "")]
+    failures = summary.get("failures", [])
+    last = {f.get("client"): f.get("error", "") for f in failures if f.get("client") is not None}
+    lines = []
+    if absent:
+        why = "; ".join(f"client {c}: {last[c]}" for c in absent if c in last)
+        lines.append(f"{label}: the final figures are means over {num_clients - len(absent)} of {num_clients} "
+                     f"hospitals; missing in the last round: client(s) {', '.join(map(str, absent))}"
+                     + (f" ({why})" if why else ""))
+    lost = [f for f in failures if f.get("phase") == "defended evaluation"]
+    if lost:
+        who = "; ".join(f"client {f['client'] if f.get('client') is not None else '?'}: {f.get('error', '')}"
+                        for f in lost)
+        lines.append(f"{label}: the defended figures are means over {num_clients - len(lost)} of {num_clients} "
+                     f"hospitals; missing in the defended evaluation: {who}")
+    return lines
 
 
 def _method_rows(method, folder: Path, summary: dict, suite: dict | None, setting: dict,
