@@ -110,7 +110,7 @@ def run_load(model: Path, scan: Path, requests: int = 300, concurrency: int = 8,
             list(pool.map(one, range(requests)))
         wall = time.perf_counter() - t0
         ms = np.array(latencies) * 1e3
-        return {"model": str(model), "scan": scan.name, "requests": requests, "concurrency": concurrency,
+        return {"measured": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model), "scan": scan.name, "requests": requests, "concurrency": concurrency,
                 "hostile_every": hostile_every, "hostile_refused": len(refused),
                 "wall_s": round(wall, 2), "requests_per_s": round(requests / wall, 2),
                 "bytes_per_upload": {name: len(body) for name, body in bombs} if bombs else None,

@@ -51,3 +51,21 @@ def test_benchmark_command_writes_its_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(candidate.read_text())["overrides"] == ["train.batch_size=8"]
     assert json.loads(out.read_text()) == again  # untouched
+
+
+def test_the_readme_benchmark_table_is_what_the_benchmarks_json_gives(tmp_path):
+    root = BENCH.parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "readme.py"), "--check"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr  # README.md's table regenerated from benchmarks/*.json
+    readme = tmp_path / "README.md"  # a hand-edited figure is caught, and the command puts it back
+    text = (root / "README.md").read_text()
+    readme.write_text(text.replace("| 54.0 images/s |", "| 99.0 images/s |"))
+    args = ["--readme", str(readme), "--results", str(root / "benchmarks" / "results.json"),
+            "--load", str(root / "benchmarks" / "load.json")]
+    check = subprocess.run([sys.executable, str(root / "benchmarks" / "readme.py"), "--check", *args],
+                           capture_output=True, text=True, timeout=120)
+    if "54.0 images/s" in text:
+        assert check.returncode == 1 and "benchmarks/readme.py" in check.stderr
+    assert subprocess.run([sys.executable, str(root / "benchmarks" / "readme.py"), *args], timeout=120).returncode == 0
+    assert readme.read_text() == text

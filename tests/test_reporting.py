@@ -43,3 +43,26 @@ def test_a_mean_over_fewer_hospitals_says_which_are_missing():
     (line,) = _missing_hospitals("MedFedPure", summary, 3)
     assert "2 of 3 hospitals" in line and "client(s) 1 (client 1: Node Unavailable)" in line
     assert _missing_hospitals("FAT", {"clients": [{"client": 0}, {"client": 1}], "failures": []}, 2) == []
+
+
+def test_a_hospital_lost_in_the_defended_evaluation_is_named_beside_the_defended_means():
+    from medfedpure.workflows.report import _missing_hospitals
+
+    summary = {"clients": [{"client": 0}, {"client": 1}, {"client": 2}],
+               "failures": [{"round": 3, "phase": "defended evaluation", "client": 2, "error": "Node Unavailable"}]}
+    (line,) = _missing_hospitals("MedFedPure", summary, 3)
+    assert "defended figures are means over 2 of 3 hospitals" in line and "client 2: Node Unavailable" in line
+
+
+def test_one_markdown_renderer_and_a_regenerated_block_leaves_the_rest_alone():
+    import pytest
+
+    from medfedpure.reporting.markdown import read_block, replace_block, table
+
+    assert table(["a", "b"], [[1, None], ["x|y", 2.5]]) == "| a | b |\n|---|---|\n| 1 |  |\n| x\\|y | 2.5 |"
+    doc = "intro\n<!-- t: generated, do not edit -->\nold\n<!-- /t -->\nend\n"
+    new = replace_block(doc, "t", "new\nrows")
+    assert new == "intro\n<!-- t: generated, do not edit -->\nnew\nrows\n<!-- /t -->\nend\n"
+    assert read_block(new, "t") == "new\nrows" and read_block(doc, "other") is None
+    with pytest.raises(ValueError, match="t2: generated"):
+        replace_block(doc, "t2", "x")
