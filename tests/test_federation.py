@@ -107,3 +107,25 @@ def test_the_median_over_a_poisoned_hospital_is_the_median_of_what_each_sent(tmp
     weight = next(k for k in floats if k.endswith("weight") and "running" not in k)
     assert not np.allclose(sent[2][weight], rec["aggregated"][weight])
     assert json.loads((tmp_path / "config.json").read_text())["federation"]["aggregation"] == "median"
+
+
+def test_a_private_federation_clips_each_update_adds_noise_and_reports_its_epsilon(tmp_path):
+    """federation.dp_epsilon=8 through Flower: every hospital's update leaves clipped to the norm, the
+    new experts are their mean plus noise, and summary.json says what the run spent."""
+    cfg = load_preset("demo")
+    cfg.data.num_clients, cfg.train.rounds, cfg.attack.max_eval_per_client = 3, 2, 8
+    cfg.federation.dp_epsilon, cfg.federation.dp_clipping_norm = 8.0, 0.5
+    history = run_federated(cfg, tmp_path, keep_client_arrays=True, progress=False).history
+    for rnd in (1, 2):
+        rec = history[rnd]
+        floats = [k for k, v in rec["aggregated"].items() if v.dtype.kind == "f"]
+        for c in range(3):
+            update = [rec["clients"][c]["arrays"][k] - rec["sent_arrays"][k] for k in floats]
+            assert np.sqrt(sum(float((u ** 2).sum()) for u in update)) <= 0.5 * (1 + 1e-4)
+            assert rec["clients"][c]["dp_update_norm"] > 0
+        mean = {k: np.mean([rec["clients"][c]["arrays"][k] for c in range(3)], axis=0) for k in floats}
+        noise = np.concatenate([(rec["aggregated"][k] - mean[k]).ravel() for k in floats])
+        assert np.std(noise) == pytest.approx(rec["dp"]["noise_std"], rel=0.05)
+    privacy = json.loads((tmp_path / "summary.json").read_text())["privacy"]
+    assert privacy["rounds"] == 2 and 7.9 <= privacy["epsilon"] <= 8.0 and privacy["delta"] == 1e-5
+    assert privacy["noise_std"] == pytest.approx(privacy["noise_multiplier"] * 0.5 / 3)

@@ -130,6 +130,18 @@ class FederationConfig:
     # so fewer answers may cut fewer); the robust rules weigh every hospital alike
     aggregation: str = "fedavg"
     trim_fraction: float = 0.1
+    # client-level differential privacy of phase 3's experts (federation/privacy.py): each hospital clips
+    # its update to dp_clipping_norm, the server adds Gaussian noise of dp_noise_multiplier x that norm to
+    # the average; dp_epsilon instead solves the noise multiplier for that epsilon at dp_delta over
+    # train.rounds. Off (0 and null) by default
+    dp_noise_multiplier: float = 0.0
+    dp_epsilon: float | None = None
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+
+    @property
+    def private(self) -> bool:
+        return self.dp_noise_multiplier > 0 or self.dp_epsilon is not None
 
 
 @dataclass
@@ -339,6 +351,14 @@ class ExperimentConfig:
              or int(self.federation.trim_fraction * self.data.num_clients) >= 1, "federation.trim_fraction",
              f"at least 1/data.num_clients = {1 / max(self.data.num_clients, 1):.3g}, so that the trimmed mean "
              "cuts at least one hospital from each tail"),
+            (self.federation.dp_noise_multiplier >= 0, "federation.dp_noise_multiplier", ">= 0 (0: no privacy)"),
+            (self.federation.dp_epsilon is None or self.federation.dp_epsilon > 0, "federation.dp_epsilon", "> 0 or null"),
+            (self.federation.dp_epsilon is None or self.federation.dp_noise_multiplier == 0,
+             "federation.dp_epsilon", "alone: it sets the noise multiplier (leave federation.dp_noise_multiplier 0)"),
+            (self.federation.dp_clipping_norm > 0, "federation.dp_clipping_norm", "> 0"),
+            (0 < self.federation.dp_delta < 1, "federation.dp_delta", "in (0, 1)"),
+            (not self.federation.private or self.federation.aggregation == "fedavg", "federation.aggregation",
+             "fedavg with differential privacy (its noise is calibrated to a mean of clipped updates)"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),

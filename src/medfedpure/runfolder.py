@@ -141,6 +141,9 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
         if federation.get("aggregation", "fedavg") != "fedavg":  # a robust rule makes other experts
             part["aggregation"] = {k: federation[k] for k in ("aggregation", "trim_fraction")
                                    if k == "aggregation" or federation["aggregation"] == "trimmed-mean"}
+        if federation.get("dp_noise_multiplier", 0) or federation.get("dp_epsilon") is not None:  # and privacy
+            part["privacy"] = {k: federation[k] for k in ("dp_noise_multiplier", "dp_epsilon", "dp_clipping_norm",
+                                                          "dp_delta")}
         purifier = raw["defense"].get("purifier")
         part["defense"] = {k: v for k, v in raw["defense"].items()
                            if k not in EVALUATION_ONLY + ("mae", "training", "purifier")}

@@ -24,6 +24,7 @@ from medfedpure.defense.evaluation import evaluate_defense
 from medfedpure.defense.finetune import evaluate_purifier, finetune_purifier
 from medfedpure.defense.trainer import PHASES, build_pretrained, eval_loss, train_epochs
 from medfedpure.federation.client_state import HospitalState
+from medfedpure.federation.privacy import KEY_CLIPPING_NORM, clip_update
 from medfedpure.methods import LocalRound, fingerprint, method_of, new_model, task
 from medfedpure.reporting.plots import plot_defense_examples
 from medfedpure.runfolder import client_dir
@@ -151,6 +152,13 @@ def train(msg: Message, context: Context) -> Message:
                           "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
     metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
     shared = rehearsed_poison(poison, partition, server_round, msg.content["arrays"], method.shared_state(model))
+    clipping_norm = msg.content["config"].get(KEY_CLIPPING_NORM)
+    if clipping_norm is not None:  # differential privacy: the update is clipped before it leaves
+        sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        clipped, norm = clip_update(sent, {k: v.detach().cpu().numpy() for k, v in shared.items()},
+                                    float(clipping_norm))
+        shared = {k: torch.from_numpy(v) for k, v in clipped.items()}
+        metrics["dp-weight"], metrics["dp_update_norm"] = 1, norm
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig
+from medfedpure.federation.privacy import Privacy, noise_for_epsilon
 from medfedpure.federation.strategy import (ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies,
                                             expert_strategy, needed_answers)
 
@@ -98,6 +99,10 @@ def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: 
                   train_extras: dict[str, ArrayRecord] | None = None) -> ExpertFedAvg:
     fed = cfg.federation
     rule = {"beta": fed.trim_fraction} if fed.aggregation == "trimmed-mean" else {}
+    if fed.private:
+        z = fed.dp_noise_multiplier or noise_for_epsilon(fed.dp_epsilon, cfg.train.rounds, fed.dp_delta,
+                                                         cfg.data.num_clients)
+        rule["privacy"] = Privacy(z, fed.dp_clipping_norm, fed.dp_delta, cfg.data.num_clients, seed=cfg.seed)
     return expert_strategy(fed.aggregation)(
         num_rounds=cfg.train.rounds, on_round_end=on_round_end, keep_client_arrays=keep_client_arrays,
         round_offset=round_offset, history=history, num_clients=cfg.data.num_clients,

@@ -12,6 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
+from medfedpure.federation.privacy import KEY_CLIPPING_NORM, Privacy
+
 SHARED_PREFIX = "experts."
 
 log = logging.getLogger(__name__)
@@ -128,13 +130,19 @@ class ExpertFedAvg(ResumableFedAvg):
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
                  keep_client_arrays: bool = False, history: dict[int, dict] | None = None,
-                 train_extras: dict[str, ArrayRecord] | None = None, **kwargs) -> None:
+                 train_extras: dict[str, ArrayRecord] | None = None, privacy: Privacy | None = None,
+                 **kwargs) -> None:
+        if privacy is not None:  # the noise is calibrated to a plain mean of clipped updates
+            kwargs["weighted_by_key"] = "dp-weight"
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.train_extras = dict(train_extras or {})  # e.g. the purifier the experts train through
         self.on_round_end = on_round_end
         self.keep_client_arrays = keep_client_arrays
         self.history: dict[int, dict] = dict(history or {})
+        self.privacy = privacy
+        if privacy is not None:
+            privacy.replay(self.history)
 
     def _accept(self, replies: Iterable[Message], where: str, rec: dict, phase: str) -> list[Message]:
         valid, failed = self.accept(replies, where)
@@ -166,6 +174,8 @@ class ExpertFedAvg(ResumableFedAvg):
         rec["sent_bytes"] = 2 * payload_bytes(arrays) + sum(payload_bytes(r) for r in self.train_extras.values())
         if self.keep_client_arrays:
             rec["sent_arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
+        if self.privacy is not None:  # each hospital clips its update to this norm (client_app.train)
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for msg in messages:
             for name, record in self.train_extras.items():
@@ -187,6 +197,12 @@ class ExpertFedAvg(ResumableFedAvg):
         for msg in replies:
             dtypes.update(self._record_client(rec, msg))
         agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
+        if agg_arrays is not None and self.privacy is not None:
+            noisy, rec["dp"] = self.privacy.release(server_round, {k: v.numpy() for k, v in agg_arrays.items()},
+                                                    len(replies))
+            agg_arrays = ArrayRecord({k: Array(v) for k, v in noisy.items()})
+            log.info("round %d: differential privacy, noise std %.3g; spent epsilon %.3g at delta %g", server_round,
+                     rec["dp"]["noise_std"], rec["dp"]["epsilon"], rec["dp"]["delta"])
         if agg_arrays is not None:
             # Integer buffers (BatchNorm's num_batches_tracked) stay integers.
             agg_arrays = ArrayRecord({k: Array(_cast(v.numpy(), dtypes[k])) for k, v in agg_arrays.items()})
@@ -207,6 +223,8 @@ class ExpertFedAvg(ResumableFedAvg):
                      train_loss=float(metrics["train_loss"]), gate_entropy=float(metrics["gate_entropy"]))
         if "adv_share" in metrics:  # adversarial training: the share of training inputs that were PGD
             entry["adv_share"] = float(metrics["adv_share"])
+        if "dp_update_norm" in metrics:  # its update's L2 norm before clipping (to choose the clipping norm)
+            entry["dp_update_norm"] = float(metrics["dp_update_norm"])
         if self.keep_client_arrays:
             entry["arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
         return {k: v.numpy().dtype for k, v in arrays.items()}

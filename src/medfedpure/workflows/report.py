@@ -67,7 +67,7 @@ def build_tables(run: Path) -> dict:
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
     paper = PAPER.get((table, cfg.data.dataset), {})
-    rows, detection, transfer, wall, suites, missing = [], [], [], {}, [], []
+    rows, detection, transfer, wall, suites, missing, privacy = [], [], [], {}, [], [], {}
     for name, method in METHODS.items():
         if name not in runs:
             if method.label in paper:
@@ -80,6 +80,8 @@ def build_tables(run: Path) -> dict:
         summary = _load(folder, "summary.json")
         wall[name] = summary["final"].get("wall_time_s")
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
+        if summary.get("privacy"):
+            privacy[method.label] = summary["privacy"]
         evaluations = _suites(folder)
         suites += [{"method": method.label, **ev} for ev in evaluations.values()]
         suite = evaluations.get("headline", evaluations.get("suite"))  # the table's adaptive column
@@ -91,7 +93,7 @@ def build_tables(run: Path) -> dict:
         # "beats plain federated adversarial training" is a paired test against it, evaluation by evaluation
         _pair_with(reference, reference["method"], suites)
     return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
-            "suites": suites, "missing_hospitals": missing,
+            "suites": suites, "missing_hospitals": missing, "privacy": privacy,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall}
@@ -233,6 +235,11 @@ def _markdown(tables: dict) -> str:
         lines += ["", tables["note"]]
     for line in tables.get("missing_hospitals", []):
         lines += ["", f"**A hospital is missing.** {line}."]
+    for label, p in tables.get("privacy", {}).items():
+        lines += ["", f"**Differential privacy ({label}).** Each hospital's expert update clipped to L2 norm "
+                      f"{p['clipping_norm']:g}, Gaussian noise of multiplier {p['noise_multiplier']:.3g} on the mean, "
+                      f"{p['rounds']} rounds: (epsilon {p['epsilon']:.3g}, delta {p['delta']:g}) per hospital "
+                      "(client-level, RDP accountant, no sampling amplification; round metrics are not covered)."]
     if tables.get("suites"):
         lines += ["", "In the attack tables below, each attacked scan is answered N times (`attack.draws`) with fresh "
                       "purification noise: *first draw* is the first answer (what one submission sees), *majority* "

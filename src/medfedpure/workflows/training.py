@@ -367,6 +367,10 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
                # which U-Net the defended evaluation purified with: phase 4's (its fingerprint) or phase 1's
                "purifier": purifier_tag(cfg) if defense_results else None,
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
+    released = [history[rnd]["dp"] for rnd in sorted(history) if "dp" in history[rnd]]
+    if released:  # differential privacy of the experts: what the whole run spent, per hospital
+        summary["privacy"] = {**released[-1], "rounds": len(released),
+                              "unit": "a hospital (client-level DP of the experts it sends)"}
     if defense_results:
         drows = defense_rows(defense_results, cfg)
         write_json(out / "defense.json", {"attack": label + " (crafted on the classifier)", "rows": drows})
