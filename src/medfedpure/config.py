@@ -265,7 +265,7 @@ METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "p
 
 @dataclass
 class MethodConfig:
-    """The federated method that trains the classifier (SPEC §6b). Only `medfedpure` uses the
+    """The federated method that trains the classifier (docs/design.md, Baselines). Only `medfedpure` uses the
     defense; the others are the paper's baselines, trained on the same federation."""
 
     name: str = "medfedpure"  # medfedpure | fedavg | local | fedem | fat | local-adv | pfeddef
@@ -352,7 +352,8 @@ class ExperimentConfig:
              f"at least 1/data.num_clients = {1 / max(self.data.num_clients, 1):.3g}, so that the trimmed mean "
              "cuts at least one hospital from each tail"),
             (self.federation.dp_noise_multiplier >= 0, "federation.dp_noise_multiplier", ">= 0 (0: no privacy)"),
-            (self.federation.dp_epsilon is None or self.federation.dp_epsilon > 0, "federation.dp_epsilon", "> 0 or null"),
+            (self.federation.dp_epsilon is None or self.federation.dp_epsilon > 0, "federation.dp_epsilon",
+             "> 0 or null"),
             (self.federation.dp_epsilon is None or self.federation.dp_noise_multiplier == 0,
              "federation.dp_epsilon", "alone: it sets the noise multiplier (leave federation.dp_noise_multiplier 0)"),
             (self.federation.dp_clipping_norm > 0, "federation.dp_clipping_norm", "> 0"),

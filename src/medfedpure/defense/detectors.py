@@ -4,7 +4,7 @@
 - `ResidualDetector`: how badly the diffusion model predicts the noise it was given at a
   small t; adversarial high-frequency patterns are off the model's clean manifold.
 - `DisagreementDetector`: KL between the classifier's prediction on a scan and on its
-  one-step purification; PGD perturbations are brittle under denoising (SPEC §3b).
+  one-step purification; PGD perturbations are brittle under denoising (docs/design.md, Why three detectors).
 All are deterministic for a given scan (fixed noise seeds) and differentiable.
 """
 

@@ -1,4 +1,4 @@
-"""DDPM forward/reverse process around an epsilon-prediction network (SPEC §4, Eq. 13-17).
+"""DDPM forward/reverse process around an epsilon-prediction network (docs/design.md, The defense; paper Eq. 13-17).
 
 Images live in [0,1] outside and in [-1,1] inside. `purify(x, t_star)` noises each scan to
 its own depth t* in closed form and runs the reverse process back to t=0, with either the

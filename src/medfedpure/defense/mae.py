@@ -1,4 +1,4 @@
-"""Masked autoencoder with a ViT encoder/decoder (He et al.; SPEC §3), used as a detector.
+"""Masked autoencoder with a ViT encoder/decoder (He et al.; docs/design.md, The defense), used as a detector.
 
 Follows the official `models_mae.py` with timm's ViT `Block`. The loss is plain MSE on
 raw pixels of the masked patches (no per-patch normalisation: that would hide the

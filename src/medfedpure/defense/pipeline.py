@@ -1,4 +1,4 @@
-"""The defended classifier (SPEC §3-5): score -> flag -> purify the flagged -> personalized MoE.
+"""The defended classifier (docs/design.md, The defense): score -> flag -> purify the flagged -> personalized MoE.
 
 One `nn.Module` from [0,1] images to logits, differentiable end to end when gradients are
 requested (no `no_grad`, no `detach` on the path from input to logits, nothing added to

@@ -1,4 +1,4 @@
-"""Decision rules: which scans to purify, and how deep (SPEC §3-4).
+"""Decision rules: which scans to purify, and how deep (docs/design.md, The defense).
 
 - rank: flag the top kappa of a batch or dataset, as the paper does;
 - threshold: flag scores above tau, calibrated on clean validation scores for a target

@@ -1,4 +1,4 @@
-"""Epsilon-prediction U-Net (SPEC §4): DoubleConv blocks, 4 down and 4 up with skips,
+"""Epsilon-prediction U-Net (docs/design.md, The defense): DoubleConv blocks, 4 down and 4 up with skips,
 sinusoidal time embedding -> Linear -> SiLU -> MLP (paper Eq. 11-12)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Robust accuracy under the attack suite, scored as a stochastic defense must be (SPEC §6c).
+"""Robust accuracy under the attack suite, scored as a stochastic defense must be (docs/design.md,
+Evaluation protocols).
 
 Every attacked scan is answered `draws` times by the model, each time with fresh
 purification noise. Per scan that gives three verdicts:

@@ -1,4 +1,4 @@
-"""Internal evasion (pFedDef's threat, SPEC §2): a client crafts PGD on its own personalized
+"""Internal evasion (pFedDef's threat, docs/design.md, Threat model): a client crafts PGD on its own personalized
 model, from its own test scans, and sends the result to every other client.
 
 `matrix[v][a]` is victim v's accuracy on attacker a's adversarial scans. The diagonal is

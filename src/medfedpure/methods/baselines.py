@@ -1,4 +1,4 @@
-"""Local training of the paper's baselines (SPEC §6b), one round on one client.
+"""Local training of the paper's baselines (docs/design.md, Baselines), one round on one client.
 
 - FedAvg / Local: cross-entropy on a plain classifier (a `LearnerMixture` with K=1).
 - FAT / Local Adv: the same, with a share of every batch replaced by PGD examples made on

@@ -1,4 +1,4 @@
-"""The baselines' classifier (SPEC §6b): K learners mixed by one weight vector per client.
+"""The baselines' classifier (docs/design.md, Baselines): K learners mixed by one weight vector per client.
 
 FedEM and pFedDef use K learners and mixture weights pi that never leave the client;
 FedAvg, FAT, Local and Local Adv are the K=1 case (pi = 1: a plain classifier). The

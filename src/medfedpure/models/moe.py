@@ -1,4 +1,4 @@
-"""Personalized mixture of experts (SPEC §1, paper Eq. 4-10).
+"""Personalized mixture of experts (docs/design.md, The classifier; paper Eq. 4-10).
 
 Experts (backbone + head) are shared through federated averaging; the attention nets
 that form the gate stay on the client. The model maps [0,1] images to log p(y|x), which

@@ -17,7 +17,7 @@ from medfedpure.storage import atomic_write_text, read_json, write_csv, write_js
 
 log = logging.getLogger(__name__)
 
-# SPEC §6: what the paper reports (clean %, adversarial %).
+# docs/design.md, Evaluation protocols: what the paper reports (clean %, adversarial %).
 PAPER = {
     ("II", "br35h"): {"pFedDef": (98.33, 49.50), "MedFedPure": (97.67, 87.33)},
     ("II", "cifar10"): {"pFedDef": (68.64, 14.28), "MedFedPure": (88.11, 77.98)},
