@@ -110,6 +110,7 @@ class AttackConfig:
 
 
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # their strategies: federation.strategy.ROBUST
+MEAN = AGGREGATIONS[0]  # the plain (n-weighted) mean of the experts, the default rule
 
 
 @dataclass

@@ -30,15 +30,17 @@ from pathlib import Path
 
 import torch
 
-from medfedpure.config import ExperimentConfig
+from medfedpure.config import MEAN, ExperimentConfig
 from medfedpure.storage import atomic_folder, load_tensors, save_tensors, tensor_metadata, write_json
 
+# what every run folder holds: what it was asked for, its data split, where it ran, what it got
+CONFIG, PARTITION, ENVIRONMENT, SUMMARY = "config.json", "partition.json", "environment.json", "summary.json"
 # the defense models of phases 1-2, by phase
 CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
 PURIFIER = "purifier.safetensors"  # phase 4: the U-Net fine-tuned against the phase-3 classifiers
 EARLIER = "earlier"
 # what a re-evaluation rewrites
-EVALUATION_FILES = ("config.json", "environment.json", "summary.json", "defense.json", "defense.csv")
+EVALUATION_FILES = (CONFIG, ENVIRONMENT, SUMMARY, "defense.json", "defense.csv")
 
 
 def evaluation_files(run: Path | str) -> dict[str, bytes]:
@@ -138,7 +140,7 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
                 phase: raw["defense"][phase]}
     else:
         part = raw
-        if federation.get("aggregation", "fedavg") != "fedavg":  # a robust rule makes other experts
+        if federation.get("aggregation", MEAN) != MEAN:  # a robust rule makes other experts
             part["aggregation"] = {k: federation[k] for k in ("aggregation", "trim_fraction")
                                    if k == "aggregation" or federation["aggregation"] == "trimmed-mean"}
         if federation.get("dp_noise_multiplier", 0) or federation.get("dp_epsilon") is not None:  # and privacy

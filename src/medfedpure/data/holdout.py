@@ -17,6 +17,7 @@ import numpy as np
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.data.datasets import DataError, files_digest, load_dataset
+from medfedpure.runfolder import CONFIG, PARTITION
 from medfedpure.storage import atomic_folder, read_json, write_json
 
 
@@ -72,11 +73,11 @@ def export_holdout(run: Path, data: Path, out: Path, per_class: int | None = Non
 
 
 def _read_run(run: Path) -> tuple[ExperimentConfig, dict]:
-    for name in ("config.json", "partition.json"):
+    for name in (CONFIG, PARTITION):
         if not (run / name).is_file():
             raise DataError(f"run folder '{run}' lacks {name} (written by `medfedpure train` or `experiment`)")
-    cfg = ExperimentConfig.from_dict(read_json(run / "config.json"))
-    return cfg, read_json(run / "partition.json")
+    cfg = ExperimentConfig.from_dict(read_json(run / CONFIG))
+    return cfg, read_json(run / PARTITION)
 
 
 def _check_out(out: Path, data: Path) -> None:

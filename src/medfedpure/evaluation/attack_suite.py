@@ -25,6 +25,7 @@ from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
+from medfedpure.runfolder import SUMMARY
 
 KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes",
                      "fixed-noise": "yes, and its noise (not in the headline)", "bpda": "yes",
@@ -60,7 +61,7 @@ def suite_request(run: Path | str, data: Path | str | None, attacks: list[str], 
                   overrides: list[str] | None = None, max_per_client: int | None = None) -> dict:
     """What a suite evaluation was asked for (saved beside it, so a rerun can tell it is done),
     with the U-Net the run's defended evaluation used (phase 4's, once it has one)."""
-    summary = Path(run) / "summary.json"
+    summary = Path(run) / SUMMARY
     request = {"run": str(Path(run).resolve()), "data": None if data is None else str(Path(data).resolve()),
                "attacks": list(attacks), "clients": str(clients), "overrides": list(overrides or []),
                "max_per_client": max_per_client}
@@ -72,7 +73,7 @@ def suite_request(run: Path | str, data: Path | str | None, attacks: list[str], 
 def current_purifier(evaluation: Path | str, run: Path | str) -> bool:
     """Whether a suite evaluation (its folder) was made with the U-Net the run's defended evaluation
     now uses (phase 4's, once the run has one): an evaluation of a replaced purifier is stale."""
-    saved = [Path(evaluation) / "request.json", Path(run) / "summary.json"]
+    saved = [Path(evaluation) / "request.json", Path(run) / SUMMARY]
     made, now = (read_json(f) if f.is_file() else {} for f in saved)
     return (made.get("purifier") if isinstance(made, dict) else None) == (now.get("purifier") if isinstance(
         now, dict) else None)

@@ -19,7 +19,7 @@ from medfedpure.defense.evaluation import build_detector
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import CHECKPOINTS, RunFolderError, client_dir, need, purifier_weights
+from medfedpure.runfolder import CHECKPOINTS, CONFIG, PARTITION, RunFolderError, client_dir, need, purifier_weights
 from medfedpure.storage import load_tensors, read_json
 
 
@@ -104,7 +104,7 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
              overrides: list[str] | None = None, progress: bool = True) -> RunUnderTest:
     """`data=None`: every client on its own test split, the scans of the run's final evaluation."""
     run = Path(run)
-    config = need(run / "config.json", "config")
+    config = need(run / CONFIG, "config")
     cfg = trained = ExperimentConfig.from_dict(read_json(config), source=str(config))
     own_test = data is None
     if own_test:
@@ -113,7 +113,7 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
             raise ValueError(f"evaluating on the run's own test splits keeps its data and model: only attack.* "
                              f"and defense.* overrides apply, not {changed}")
     cfg = apply_overrides(cfg, overrides or []).validate()
-    classes = read_json(need(run / "partition.json", "partition record"))["classes"]
+    classes = read_json(need(run / PARTITION, "partition record"))["classes"]
     if clients != "all" and not (clients.isdigit() and int(clients) < cfg.data.num_clients):
         raise ValueError(f"--client must be 'all' or a client index 0-{cfg.data.num_clients - 1} "
                          f"(the run has {cfg.data.num_clients} clients), not '{clients}'")

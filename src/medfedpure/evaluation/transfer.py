@@ -29,7 +29,7 @@ from medfedpure.evaluation.runs import defended_classifier, load_client_model, l
 from medfedpure.methods import fingerprint, method_of, purifier_tag, task
 from medfedpure.metrics import attacked_index, attacked_positions, batched_accuracy
 from medfedpure.reporting.plots import plot_transfer
-from medfedpure.runfolder import RunFolderError
+from medfedpure.runfolder import CONFIG, RunFolderError
 from medfedpure.storage import read_json, write_csv, write_json
 
 
@@ -63,7 +63,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     """Victim-by-attacker accuracy (bare, and defended when the run has MedFedPure's defense);
     writes transfer.json, transfer.csv and transfer.png in the run folder."""
     run = Path(run)
-    config_path = run / "config.json"
+    config_path = run / CONFIG
     if not config_path.is_file():
         raise RunFolderError(f"run folder '{run}' has no config.json")
     cfg = ExperimentConfig.from_dict(read_json(config_path))

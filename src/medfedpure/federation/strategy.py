@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
+from medfedpure.config import MEAN
 from medfedpure.federation.privacy import KEY_CLIPPING_NORM, Privacy
 
 SHARED_PREFIX = "experts."
@@ -254,7 +255,7 @@ def expert_strategy(aggregation: str) -> type[ExpertFedAvg]:
     """ExpertFedAvg whose arrays are combined by `aggregation`: its own n-weighted mean, or Flower's
     coordinate-wise median or trimmed mean (ExpertFedAvg's checks and bookkeeping come first in the
     MRO, then the rule's `aggregate_train`); the round's metrics stay n-weighted means."""
-    if aggregation == "fedavg":
+    if aggregation == MEAN:
         return ExpertFedAvg
     if aggregation not in ROBUST:
         raise ValueError(f"federation.aggregation: '{aggregation}' is not one of fedavg, {', '.join(ROBUST)}")

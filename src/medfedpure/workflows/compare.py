@@ -22,6 +22,7 @@ from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, 
                                                suite_request)
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, read_json, write_json
+from medfedpure.runfolder import CONFIG
 
 SPEC_FIELDS = {"attacks", "max_per_client", "overrides", "candidates"}
 CANDIDATE_FIELDS = {"name", "run", "overrides", "note", "from"}
@@ -65,7 +66,7 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
     for c in spec["candidates"]:  # fail before hours of attacks, not after
         if "from" in c:
             _reuse(c, spec)
-        elif not (Path(c["run"]) / "config.json").is_file():
+        elif not (Path(c["run"]) / CONFIG).is_file():
             raise FileNotFoundError(f"candidate '{c['name']}': run folder '{c['run']}' has no config.json")
     rows, evaluations = [], []
     for c in spec["candidates"]:
@@ -99,7 +100,7 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no suite evaluation at '{path}'")
     ev = read_json(path)
-    config = Path(candidate["run"]) / "config.json"
+    config = Path(candidate["run"]) / CONFIG
     if not config.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': run folder '{candidate['run']}' has no config.json")
     probe = apply_overrides(ExperimentConfig.from_dict(read_json(config)),

@@ -29,7 +29,7 @@ from medfedpure.data.hospitals import write_hospital_folders
 from medfedpure.federation.certificates import make_local_certificates
 from medfedpure.federation.simulation import FLOWER_ENV
 from medfedpure.methods import task
-from medfedpure.runfolder import client_dir
+from medfedpure.runfolder import SUMMARY, client_dir
 from medfedpure.storage import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def deploy_local(cfg: ExperimentConfig, out: Path | str, secure: bool = True, pr
             code = run.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
             raise DeploymentError(f"the run did not finish within {timeout_s:.0f} s; see {fed.logs}") from err
-    summary = out / "summary.json"
+    summary = out / SUMMARY
     if code != 0 or not summary.is_file():
         raise DeploymentError(f"the deployed run failed (flwr run exit {code}); see {fed.logs / 'flwr-run.log'} "
                               f"and {fed.logs / 'superlink.log'}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.transfer import transfer_done, transfer_matrix
 from medfedpure.methods import METHODS, fingerprint
-from medfedpure.runfolder import CHECKPOINTS, EVALUATION_ONLY, PURIFIER, ResumeError, load_round
+from medfedpure.runfolder import CHECKPOINTS, CONFIG, EVALUATION_ONLY, PURIFIER, SUMMARY, ResumeError, load_round
 from medfedpure.storage import folder_kept_only_if_used, read_json, tensor_metadata, write_json
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, default_suite_dir, evaluate_suite, suite_done,
                                                suite_request)
@@ -47,7 +47,7 @@ def phase_done(cfg: ExperimentConfig, out: Path, phase: str) -> bool:
     defended evaluation made with the U-Net the config asks for)."""
     if phase in CHECKPOINTS:
         return _weights_done(out / CHECKPOINTS[phase], fingerprint(cfg, phase))
-    path = out / "summary.json"
+    path = out / SUMMARY
     if not path.is_file():
         return False
     summary = read_json(path)
@@ -142,7 +142,7 @@ def _suite(cfg: ExperimentConfig, folder: Path, kind: str, timings: _Timings, ke
     attacks, cap = getattr(cfg.attack, attacks_field), getattr(cfg.attack, cap_field)
     if not attacks:
         return
-    changed = evaluation_overrides(cfg, ExperimentConfig.from_dict(read_json(folder / "config.json")))
+    changed = evaluation_overrides(cfg, ExperimentConfig.from_dict(read_json(folder / CONFIG)))
     request = suite_request(folder, None, attacks, overrides=changed, max_per_client=cap)
     if not suite_done(default_suite_dir(folder, kind), request):
         timings.run(key, evaluate_suite, folder, None, attacks, overrides=changed, max_per_client=cap,

@@ -14,6 +14,7 @@ from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_lab
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
+from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _pct(x: float | None) -> float | None:
 def method_runs(run: Path) -> dict[str, Path]:
     """The run folders of every method an experiment trained: MedFedPure in `run` itself,
     the baselines in `run/baselines/<method>`."""
-    return {name: m.folder(run) for name, m in METHODS.items() if (m.folder(run) / "summary.json").is_file()}
+    return {name: m.folder(run) for name, m in METHODS.items() if (m.folder(run) / SUMMARY).is_file()}
 
 
 def build_tables(run: Path) -> dict:
@@ -61,8 +62,8 @@ def build_tables(run: Path) -> dict:
         raise ReportError(f"run folder '{run}' has no summary.json (nor baselines/<method>/summary.json): "
                           "run `medfedpure experiment` or `train` there first")
     first = runs.get(OURS.name, next(iter(runs.values())))
-    cfg = ExperimentConfig.from_dict(_load(first, "config.json"))
-    env = _load(first, "environment.json")
+    cfg = ExperimentConfig.from_dict(_load(first, CONFIG))
+    env = _load(first, ENVIRONMENT)
     table = _table_id(cfg)
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
@@ -77,7 +78,7 @@ def build_tables(run: Path) -> dict:
                              "adv": None, "paper_clean": paper_clean, "paper_adv": paper_adv})
             continue
         folder = runs[name]
-        summary = _load(folder, "summary.json")
+        summary = _load(folder, SUMMARY)
         wall[name] = summary["final"].get("wall_time_s")
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
         if summary.get("privacy"):
@@ -125,7 +126,7 @@ def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]
 def _method_rows(method, folder: Path, summary: dict, suite: dict | None, setting: dict,
                  paper: tuple[float | None, float | None]) -> list[dict]:
     """A method's bare row (white-box PGD on its classifier), and ours behind its defense."""
-    mcfg = ExperimentConfig.from_dict(_load(folder, "config.json"))
+    mcfg = ExperimentConfig.from_dict(_load(folder, CONFIG))
     final = summary["final"]
     model = f"K={method.num_models(mcfg)} x {mcfg.model.backbone}"
     ours = method.defended
@@ -322,7 +323,7 @@ def write_report(run: Path | str) -> dict:
         write_csv(run / "detection.csv", tables["detection"])
     atomic_write_text(run / "tables.md", _markdown(tables))
     for name, folder in method_runs(run).items():
-        cfg = ExperimentConfig.from_dict(_load(folder, "config.json"))
+        cfg = ExperimentConfig.from_dict(_load(folder, CONFIG))
         metrics = _load(folder, "metrics.json")
         plot_convergence(metrics["rows"], folder / "accuracy_per_round.png",
                          f"{cfg.name} / {name}: {cfg.data.dataset} {cfg.data.image_size}px, "

@@ -36,8 +36,8 @@ from medfedpure.federation.strategy import FederationError, PretrainFedAvg, Puri
 from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.runfolder import (CHECKPOINTS, PURIFIER, ResumeError, evaluation_files, keep_earlier, load_round, need,
-                                  purifier_weights, save_round)
+from medfedpure.runfolder import (CHECKPOINTS, CONFIG, PARTITION, PURIFIER, SUMMARY, ResumeError, evaluation_files,
+                                  keep_earlier, load_round, need, purifier_weights, save_round)
 from medfedpure.storage import load_tensors, read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def prepare_run(cfg: ExperimentConfig, out_dir: str | Path, tag: str = "", progr
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"config{tag}.json", cfg.to_dict())
     write_json(out / f"environment{tag}.json", environment_info(cfg.seed))
-    write_json(out / "partition.json", {"classes": list(data.classes), "source": data.source,
+    write_json(out / PARTITION, {"classes": list(data.classes), "source": data.source,
                                         "files_sha256": files_digest(data), "clients": sizes})
     log.info("%d clients, n_i (train) = %s, n_i (test) = %s", len(splits),
              [s["n_train"] for s in sizes], [s["n_test"] for s in sizes])
@@ -232,7 +232,7 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     earlier = evaluation_files(Path(out_dir).resolve()) if finished else {}
     trained = _earlier_training_s(Path(out_dir).resolve(), cfg) if finished else None
     out = prepare_run(cfg, out_dir, progress=progress, local_data=deployment is None)
-    if _config_changed(earlier.get("config.json"), cfg):  # an evaluation-only change: keep what it replaces
+    if _config_changed(earlier.get(CONFIG), cfg):  # an evaluation-only change: keep what it replaces
         log.info("the training is done and only the evaluation changed: re-evaluating in place; the earlier "
                  "evaluation's files are kept in %s", keep_earlier(out, earlier))
     t0 = time.time()
@@ -278,7 +278,7 @@ def _config_changed(earlier: bytes | None, cfg: ExperimentConfig) -> bool:
 
 def _earlier_training_s(out: Path, cfg: ExperimentConfig) -> float | None:
     """The wall time the summary of this same training recorded, if there is one."""
-    path = out / "summary.json"
+    path = out / SUMMARY
     summary = read_json(path) if path.is_file() else None
     if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint(cfg, "train"):
         return None
@@ -376,7 +376,7 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
         write_json(out / "defense.json", {"attack": label + " (crafted on the classifier)", "rows": drows})
         write_csv(out / "defense.csv", drows)
         summary["defense"] = [r for r in drows if r["client"] == "mean"]
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     plot_convergence(rows, out / "accuracy_per_round.png",
                      f"{cfg.name}: {cfg.data.dataset} {cfg.data.image_size}px, {cfg.data.num_clients} clients, "
                      f"K={cfg.model.num_experts} {cfg.model.backbone}", label)
