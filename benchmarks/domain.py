@@ -1,13 +1,15 @@
 """How often an exported model's out-of-domain check fires, per folder of scans.
 
     python benchmarks/domain.py --model MODEL_DIR --scans NAME=DIR [NAME=DIR ...] [--per-folder 200]
-                                [--out benchmarks/domain.json]
+                                [--synthetic N] [--out benchmarks/domain.json]
 
 Each folder's scans (at most `--per-folder`, spread evenly over the sorted list) go through
 `medfedpure predict`'s Predictor; the JSON has, per folder, how many were read, how many were
 out of the hospital's domain (by reason: mean intensity, spread, color, size, channels) and how many the
 detector flagged. A folder of the hospital's own kind of scans should rarely be out of domain;
-a foreign set (CIFAR-10 photos, synthetic scans) should mostly be.
+a foreign set (CIFAR-10 photos, synthetic scans) should mostly be. `--synthetic N` adds N of the
+built-in synthetic scans (`make_synthetic`, seed 7, at the model's image size) as the folder
+`synthetic`, written as PNGs to a temporary folder.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 from medfedpure.data import DataError
+from medfedpure.data.datasets import make_synthetic
 from medfedpure.data.scans import list_scans
 from medfedpure.serving.predict import Predictor
 from medfedpure.storage import write_json
@@ -52,11 +58,21 @@ def measure(model: Path, folders: dict[str, Path], per_folder: int) -> dict:
     return out
 
 
+def write_synthetic(folder: Path, count: int, model: Path) -> Path:
+    """`count` built-in synthetic scans (half with a lesion) at the model's image size, as PNGs."""
+    size = int(json.loads((model / "manifest.json").read_text())["image_size"])
+    scans = make_synthetic((count + 1) // 2, size, seed=7)
+    for i, image in enumerate(scans.images[:count]):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"synthetic-{i:04d}.png")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="folder written by `medfedpure export`")
     parser.add_argument("--scans", required=True, nargs="+", help="NAME=DIR: a folder of scans to check")
     parser.add_argument("--per-folder", type=int, default=200)
+    parser.add_argument("--synthetic", type=int, default=0, help="also N built-in synthetic scans (0: none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/domain.json"))
     args = parser.parse_args(argv)
     folders = {}
@@ -65,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not Path(folder).is_dir():
             parser.error(f"--scans wants NAME=DIR with an existing folder, not '{item}'")
         folders[name] = Path(folder)
-    result = measure(args.model, folders, args.per_folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic > 0:
+            folders["synthetic"] = write_synthetic(Path(tmp), args.synthetic, args.model)
+        result = measure(args.model, folders, args.per_folder)
     write_json(args.out, result)
     print(json.dumps(result["folders"], indent=2))
     return 0

@@ -33,6 +33,8 @@ def test_an_update_is_clipped_to_the_norm_and_integer_buffers_go_back_as_they_ca
     assert np.linalg.norm(update) == pytest.approx(1.0, rel=1e-5)
     assert np.allclose(update, np.array([3, 0, 0, 0, 0, 4]) / 5, atol=1e-6)
     assert out["bn.num_batches_tracked"] == 5 and out["bn.num_batches_tracked"].dtype == np.int64
+    scalar, _ = clip_update({"s": np.array(0.0, np.float32)}, {"s": np.array(2.0, np.float32)}, 1.0)
+    assert isinstance(scalar["s"], np.ndarray) and scalar["s"].shape == () and scalar["s"] == 1.0
     small, norm = clip_update(sent, {**new, "w": np.full(4, 0.1, np.float32),
                                      "bn.running_mean": np.ones(2, np.float32)}, 1.0)
     assert norm == pytest.approx(0.2) and np.allclose(small["w"], 0.1)  # within the norm: unchanged
@@ -40,10 +42,11 @@ def test_an_update_is_clipped_to_the_norm_and_integer_buffers_go_back_as_they_ca
 
 def test_the_noise_has_its_std_is_reproducible_and_the_accountant_resumes():
     privacy = Privacy(noise_multiplier=2.0, clipping_norm=0.5, delta=1e-5, hospitals=10, seed=3)
-    mean = {"w": np.zeros(200_000, np.float32), "n": np.array(4, np.int64)}
+    mean = {"w": np.zeros(200_000, np.float32), "n": np.array(4, np.int64), "s": np.array(1.0, np.float32)}
     noisy, rec = privacy.release(1, mean, answered=8)
     assert rec["noise_std"] == pytest.approx(2.0 * 0.5 / 8)
     assert np.std(noisy["w"]) == pytest.approx(rec["noise_std"], rel=0.01) and noisy["n"] == 4
+    assert isinstance(noisy["s"], np.ndarray) and noisy["s"].dtype == np.float32  # 0-d arrays stay arrays
     again, _ = Privacy(2.0, 0.5, 1e-5, 10, seed=3).release(1, mean, 8)
     assert np.array_equal(again["w"], noisy["w"])  # the same seed and round: the same noise
     _, rec2 = privacy.release(2, mean, 8)

@@ -545,3 +545,20 @@ def test_a_client_sending_too_fast_is_told_to_wait(bundle, tmp_path):
     refused = client.post("/predict", files=upload)
     assert refused.json()["error"].startswith("more than 3 scan requests") and refused.headers["Retry-After"] == "60"
     assert [json.loads(line)["status"] for line in audit.read_text().splitlines()] == [200, 200, 200, 429, 429]
+
+
+def test_the_domain_benchmark_counts_what_falls_outside_the_hospitals_scans(bundle, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):  # saturated color: never the grey scans the demo hospital trained on
+        Image.fromarray(np.tile(np.array([255, 0, 0], np.uint8), (32, 32, 1))).save(photos / f"red{i}.png")
+    out = tmp_path / "domain.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "domain.py"),
+                           "--model", str(bundle), "--scans", f"photos={photos}", "--synthetic", "6",
+                           "--per-folder", "5", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    folders = json.loads(out.read_text())["folders"]
+    assert folders["photos"]["scans"] == 3 and folders["photos"]["out_of_domain"] == 3
+    assert folders["photos"]["by_reason"].get("color") == 3
+    assert folders["synthetic"]["scans"] == 5  # the hospital's own kind of scan: rarely outside
+    assert folders["synthetic"]["out_of_domain"] <= 1

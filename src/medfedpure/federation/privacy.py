@@ -55,10 +55,11 @@ def clip_update(sent: dict[str, np.ndarray], new: dict[str, np.ndarray], clippin
     before clipping."""
     floats = [k for k in new if np.issubdtype(new[k].dtype, np.floating)]
     before = get_norm([new[k] - sent[k] for k in floats])
-    params = [new[k].astype(new[k].dtype, copy=True) for k in floats]
-    compute_clip_model_update(params, [sent[k] for k in floats], clipping_norm)
+    # flattened: Flower's clipping scales each update array in place, which a 0-d array cannot be
+    params = [np.array(new[k], copy=True).reshape(-1) for k in floats]
+    compute_clip_model_update(params, [sent[k].reshape(-1) for k in floats], clipping_norm)
     out = {k: sent[k].copy() for k in new}
-    out.update(zip(floats, params))
+    out.update((k, np.asarray(v, dtype=new[k].dtype).reshape(new[k].shape)) for k, v in zip(floats, params))
     return out, before
 
 
@@ -86,8 +87,8 @@ class Privacy:
         """The average of `answered` clipped updates with its noise, and the round's record."""
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, answered)
         rng = np.random.default_rng([self.seed, server_round, 0xD9])  # reproducible, its own stream
-        noisy = {k: (v + rng.normal(0.0, std, v.shape).astype(v.dtype)) if np.issubdtype(v.dtype, np.floating)
-                 else v for k, v in arrays.items()}
+        noisy = {k: np.asarray(v + rng.normal(0.0, std, v.shape).astype(v.dtype), dtype=v.dtype)
+                 if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
         self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, answered, self.hospitals))
         spent = self.accountant.get_privacy_spent()
         return noisy, {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,

@@ -38,6 +38,13 @@ def accept_replies(replies: list[Message], expected: int, min_fraction: float, w
             last = reason[-1] if reason else ""
             last = last.split("occurred. Message: ", 1)[-1]  # Flower's wrapper around the client's own error
             failed.append({"node": node, "client": clients_of.get(node), "error": last})
+    unnamed = [f for f in failed if f["client"] is None]
+    if len(unnamed) == 1:  # a node not heard from before (a resumed run): the one client that did not answer
+        answered = {int(m.content["metrics"]["partition-id"]) for m in valid if "partition-id" in m.content["metrics"]}
+        named = {f["client"] for f in failed if f["client"] is not None}
+        unheard = [c for c in range(expected) if c not in answered | named]
+        if len(unheard) == 1 and len(replies) == expected:
+            unnamed[0]["client"] = unheard[0]
     failed += _missing(replies, expected, clients_of)
     for f in failed:
         who = f"client {f['client']}" if f["client"] is not None else f"node {f['node']}"
@@ -133,8 +140,6 @@ class ExpertFedAvg(ResumableFedAvg):
                  keep_client_arrays: bool = False, history: dict[int, dict] | None = None,
                  train_extras: dict[str, ArrayRecord] | None = None, privacy: Privacy | None = None,
                  **kwargs) -> None:
-        if privacy is not None:  # the noise is calibrated to a plain mean of clipped updates
-            kwargs["weighted_by_key"] = "dp-weight"
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.train_extras = dict(train_extras or {})  # e.g. the purifier the experts train through
@@ -197,7 +202,14 @@ class ExpertFedAvg(ResumableFedAvg):
         dtypes = {}
         for msg in replies:
             dtypes.update(self._record_client(rec, msg))
-        agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
+        if self.privacy is None:
+            agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
+        else:  # the noise is calibrated to a plain mean of clipped updates: every hospital weighs alike
+            weighted_by, self.weighted_by_key = self.weighted_by_key, "dp-weight"
+            try:
+                agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
+            finally:
+                self.weighted_by_key = weighted_by
         if agg_arrays is not None and self.privacy is not None:
             noisy, rec["dp"] = self.privacy.release(server_round, {k: v.numpy() for k, v in agg_arrays.items()},
                                                     len(replies))
