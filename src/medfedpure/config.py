@@ -359,7 +359,7 @@ class ExperimentConfig:
              "federation.dp_epsilon", "alone: it sets the noise multiplier (leave federation.dp_noise_multiplier 0)"),
             (self.federation.dp_clipping_norm > 0, "federation.dp_clipping_norm", "> 0"),
             (0 < self.federation.dp_delta < 1, "federation.dp_delta", "in (0, 1)"),
-            (not self.federation.private or self.federation.aggregation == "fedavg", "federation.aggregation",
+            (not self.federation.private or self.federation.aggregation == MEAN, "federation.aggregation",
              "fedavg with differential privacy (its noise is calibrated to a mean of clipped updates)"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),
             (self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "> 0"),
