@@ -7,13 +7,12 @@ from torch import nn
 
 from medfedpure.metrics import clopper_pearson
 from medfedpure.attacks import (BPDA, PGD, SUITE, DetectorAwarePGD, OrthogonalPGD, Square, attack_loss, build_attack,
-                                parse_attacks)
+                                parse_attack_name, parse_attacks, valid_attack_name)
 from medfedpure.attacks.orthogonal import remove_component
 from medfedpure.config import AttackConfig, DefenseConfig, load_preset
 from medfedpure.defense import DefendedClassifier, DisagreementDetector, build_diffusion
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import PHASES, train_epochs
-from medfedpure.config import parse_attack_name, valid_attack_name
 from medfedpure.evaluation.robustness import Tally, answer, attack_cost, fixed_noise, mcnemar, run_suite, scan_ids
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local

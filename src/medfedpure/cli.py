@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medfedpure.attacks.registry import suite_help
 from medfedpure.config import METHOD_NAMES, ConfigError, apply_overrides, load_preset, preset_names
 from medfedpure.data import DataError
 
@@ -340,12 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--own-test", action="store_true",
                         help="each client's own test split from the run (e.g. a stronger attack: attack.steps=50)")
     p.add_argument("--attack", metavar="NAME[,NAME]",
-                   help="run the attack suite instead of the paper-protocol evaluation: pgd (paper protocol), "
-                        "eot-pgd, fixed-noise (the purifier's noise fixed, attacker and defender alike), bpda, "
-                        "detector-aware, orthogonal, square, 'adaptive' (eot-pgd, bpda, detector-aware, orthogonal, "
-                        "square) or 'all'; a gradient attack may name its loss (eot-pgd:margin; otherwise "
-                        "attack.loss) and its budget, steps x EOT draws (eot-pgd:margin@200x20: the convergence "
-                        "check); budget from attack.adaptive_steps, attack.eot, attack.square_queries, attack.draws")
+                   help=suite_help())
     p.add_argument("--max-per-client", type=int, metavar="N",
                    help="attack at most N scans per client, spread evenly over its split (default: all)")
     p.add_argument("--client", default="all", help="client index, or 'all' (default)")

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from medfedpure.attacks.base import LOSSES as ATTACK_LOSSES
+from medfedpure.attacks.registry import NAME_HELP, SUITE, TRAINING_ATTACKS, valid_attack_name
+
 
 class ConfigError(ValueError):
     """A preset, file or override that does not describe a valid experiment."""
@@ -195,11 +198,15 @@ class PurifierSettings:
     denoise_weight: float = 1.0  # weight of the U-Net's own denoising loss (Eq. 16)
 
 
+# the detectors a defense may use, each built by defense.detectors.DETECTORS (which checks it has them all)
+DETECTOR_NAMES = ("mae", "residual", "disagreement")
+
+
 @dataclass
 class DefenseConfig:
     enabled: bool = True
     training: str = "federated"  # federated | central (phases 1-2)
-    detector: str = "mae"  # mae | residual | disagreement
+    detector: str = DETECTOR_NAMES[0]  # mae | residual | disagreement (defense.detectors.DETECTORS)
     mode: str = "selective"  # selective | graded | off
     rule: str = "threshold"  # threshold | rank
     kappa: float = 0.18  # rank rule: top share flagged (paper: 18% Br35H, 5% CIFAR-10)
@@ -217,50 +224,12 @@ class DefenseConfig:
     # classifier alone (as FAT does) and left unpurified, so the experts also know raw adversarial scans
     adv_raw_share: float = 0.0
     eval_modes: list = field(default_factory=lambda: ["selective", "graded"])
-    eval_detectors: list = field(default_factory=lambda: ["mae", "residual", "disagreement"])
+    eval_detectors: list = field(default_factory=lambda: list(DETECTOR_NAMES))
     mae: MAESettings = field(default_factory=MAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
     purifier: PurifierSettings = field(default_factory=PurifierSettings)
 
 
-SUITE_NAMES = ("pgd", "eot-pgd", "fixed-noise", "bpda", "detector-aware", "orthogonal",
-               "square")  # medfedpure.attacks.SUITE
-ATTACK_LOSSES = ("ce", "margin")
-BUDGETED = ("eot-pgd", "fixed-noise", "bpda", "detector-aware", "orthogonal")  # take `@STEPSxDRAWS`
-
-
-def parse_attack_name(name: str) -> tuple[str, str | None, tuple[int, int] | None]:
-    """'eot-pgd:margin@200x20' -> ('eot-pgd', 'margin', (200, 20)): a suite entry may name the loss its
-    gradient attack maximizes (overriding `attack.loss`) and its own budget, steps x EOT draws
-    (overriding `attack.adaptive_steps` and `attack.eot`), for that entry alone. A budget that is not
-    two positive integers parses as (0, 0), which `valid_attack_name` refuses."""
-    head, at, budget = name.strip().partition("@")
-    base, _, loss = head.partition(":")
-    parsed = None
-    if at:
-        steps, x, draws = budget.strip().lower().partition("x")
-        parsed = (int(steps), int(draws)) if x and steps.isdigit() and draws.isdigit() else (0, 0)
-    return base.strip(), loss.strip() or None, parsed
-
-
-def split_attack_name(name: str) -> tuple[str, str | None]:
-    """'eot-pgd:margin' -> ('eot-pgd', 'margin'); 'eot-pgd' -> ('eot-pgd', None) (a budget is dropped)."""
-    base, loss, _ = parse_attack_name(name)
-    return base, loss
-
-
-def valid_attack_name(name: str) -> bool:
-    """A suite name, with an optional ':ce' / ':margin' on a gradient attack (not on square) and an
-    optional '@STEPSxDRAWS' on an attack that knows the defense's gradient."""
-    if not isinstance(name, str):
-        return False
-    base, loss, budget = parse_attack_name(name)
-    return (base in SUITE_NAMES and (loss is None or (loss in ATTACK_LOSSES and base != "square"))
-            and (budget is None or (base in BUDGETED and min(budget) >= 1
-                                    and (base != "fixed-noise" or budget[1] == 1))))  # fixed noise: one draw
-
-
-ADV_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")  # adversarial training's attacks (attacks.make_training_attack)
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
 
 
@@ -393,19 +362,16 @@ class ExperimentConfig:
             (self.attack.square_queries >= 1, "attack.square_queries", ">= 1"),
             (self.attack.draws >= 1, "attack.draws", ">= 1"),
             (self.attack.batch_size >= 1, "attack.batch_size", ">= 1"),
-            (all(valid_attack_name(a) for a in self.attack.suite), "attack.suite",
-             "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss and budget: "
-             "eot-pgd:margin@200x20)"),
             *[(isinstance(getattr(self.attack, kind), list)
                and all(valid_attack_name(a) for a in getattr(self.attack, kind)), f"attack.{kind}",
-               "a list of " + ", ".join(SUITE_NAMES) + " (a gradient attack may name its loss and budget: "
-               "eot-pgd:margin@200x20)") for kind in ("headline", "convergence")],
+               f"a list of {', '.join(SUITE)} ({NAME_HELP})") for kind in ("suite", "headline", "convergence")],
             *[(getattr(self.attack, f"{kind}_max_per_client") is None or getattr(self.attack, f"{kind}_max_per_client")
                >= 1, f"attack.{kind}_max_per_client", ">= 1 or null (every scan)")
               for kind in ("suite", "headline", "convergence")],
             (self.defense.training in {"federated", "central"}, "defense.training", "federated or central"),
-            (self.defense.detector in {"mae", "residual", "disagreement"}, "defense.detector",
-             "one of mae, residual, disagreement"),
+            (self.defense.detector in DETECTOR_NAMES, "defense.detector", "one of " + ", ".join(DETECTOR_NAMES)),
+            (isinstance(self.defense.eval_detectors, list) and set(self.defense.eval_detectors) <= set(DETECTOR_NAMES),
+             "defense.eval_detectors", "a list of " + ", ".join(DETECTOR_NAMES)),
             (self.defense.mode in {"selective", "graded", "off"}, "defense.mode", "selective, graded or off"),
             (self.defense.rule in {"threshold", "rank"}, "defense.rule", "threshold or rank"),
             (0 < self.defense.kappa < 1, "defense.kappa", "in (0, 1)"),
@@ -439,9 +405,11 @@ class ExperimentConfig:
             (_valid_resources(self.method.adv_resources, self.data.num_clients), "method.adv_resources",
              "null, a share in [0, 1], or one such share per client (data.num_clients of them)"),
             (self.method.adv_norm in {None, "linf", "l2"}, "method.adv_norm", "linf, l2 or null"),
-            (self.method.adv_attack in ADV_ATTACKS, "method.adv_attack", "one of " + ", ".join(ADV_ATTACKS)),
-            (self.method.adv_attack == "pgd" or (self.method.adv_norm or self.attack.norm) == "linf",
-             "method.adv_attack", "pgd unless adversarial training's norm is linf (fgsm-rs, n-fgsm are l_inf)"),
+            (self.method.adv_attack in TRAINING_ATTACKS, "method.adv_attack", "one of " + ", ".join(TRAINING_ATTACKS)),
+            (self.method.adv_attack not in TRAINING_ATTACKS or not TRAINING_ATTACKS[self.method.adv_attack].linf_only
+             or (self.method.adv_norm or self.attack.norm) == "linf", "method.adv_attack",
+             "one without an l_inf-only budget unless adversarial training's norm is linf (l_inf only: "
+             + ", ".join(n for n, t in TRAINING_ATTACKS.items() if t.linf_only) + ")"),
             (self.method.adv_noise is None or self.method.adv_noise >= 0, "method.adv_noise", ">= 0 or null"),
         ]
         for ok, name, expected in checks:

@@ -8,12 +8,36 @@ n independent draws in one call, sharing whatever does not depend on the noise.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LOSSES = ("ce", "margin")
 NORMS = ("linf", "l2")
+
+
+@runtime_checkable
+class Defended(Protocol):
+    """A classifier behind a defense (defense.pipeline.DefendedClassifier): its bare `classifier`, the
+    detector's decision, its purification draws, and whether its answers are `stochastic` (fresh
+    purification noise per call). An attack or an evaluation asks `isinstance(model, Defended)`."""
+
+    classifier: nn.Module
+
+    def purify_draws(self, images, draws, scores=None): ...
+
+    def sample_logits(self, images, draws, scores=None): ...
+
+    def decide(self, images, scores=None): ...
+
+    def threshold(self): ...
+
+
+def is_stochastic(model: nn.Module) -> bool:
+    """A defended model whose answers draw fresh purification noise (a bare classifier: never)."""
+    return isinstance(model, Defended) and bool(model.stochastic)
 
 
 class Attack:
@@ -53,7 +77,7 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce") ->
 
 def sample_logits(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
     """(draws, B, C) logits from `draws` forward passes (one call where the model offers it)."""
-    if draws > 1 and hasattr(model, "sample_logits"):
+    if draws > 1 and isinstance(model, Defended):
         return model.sample_logits(x, draws)
     return torch.stack([model(x) for _ in range(draws)])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from medfedpure.attacks.base import attack_loss
+from medfedpure.attacks.base import Defended, attack_loss
 from medfedpure.attacks.pgd import PGD
 
 
@@ -19,7 +19,7 @@ class BPDA(PGD):
 
     def objective(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         defended = self.model
-        if not hasattr(defended, "purify_draws"):  # nothing to approximate: plain PGD
+        if not isinstance(defended, Defended):  # nothing to approximate: plain PGD
             return super().objective(x, labels)
         with torch.no_grad():
             views = defended.purify_draws(x, self.eot)

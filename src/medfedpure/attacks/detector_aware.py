@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medfedpure.attacks.base import attack_loss
+from medfedpure.attacks.base import Defended, attack_loss
 from medfedpure.attacks.pgd import PGD
 
 
@@ -28,7 +28,7 @@ class DetectorAwarePGD(PGD):
 
     def objective(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         defended = self.model
-        tau = defended.threshold() if hasattr(defended, "threshold") else None
+        tau = defended.threshold() if isinstance(defended, Defended) else None
         if tau is None:  # no detector to evade: plain EOT-PGD
             return super().objective(x, labels)
         scores = defended.detector(x)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medfedpure.attacks.base import attack_loss, project, steepest_step
+from medfedpure.attacks.base import Defended, attack_loss, project, steepest_step
 from medfedpure.attacks.pgd import PGD, _better
 
 
@@ -67,7 +67,7 @@ class OrthogonalPGD(PGD):
         return margin + 1e6 * (quiet & (margin > 0)).float() - 1e6 * (~quiet).float()
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        tau = self.model.threshold() if hasattr(self.model, "threshold") else None
+        tau = self.model.threshold() if isinstance(self.model, Defended) else None
         if tau is None:  # no detector to evade
             return super().perturb(images, labels)
         x_adv = images.clone()

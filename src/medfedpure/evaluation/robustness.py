@@ -24,8 +24,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from medfedpure.attacks import build_attack
-from medfedpure.config import parse_attack_name
+from medfedpure.attacks import ATTACKS, WHITE_BOX, Defended, base_attack, build_attack, is_stochastic, parse_attack_name
 from medfedpure.metrics import clopper_pearson
 
 VERDICTS = ("first", "majority", "worst")
@@ -72,7 +71,7 @@ class Tally:
 @torch.no_grad()
 def answer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch: int = 64) -> torch.Tensor:
     """(draws, n) correctness of `draws` independent answers per scan (one for a deterministic model)."""
-    draws = draws if getattr(model, "stochastic", False) else 1
+    draws = draws if is_stochastic(model) else 1
     rows = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
@@ -84,7 +83,7 @@ def answer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, batch
 @torch.no_grad()
 def flagged(model: nn.Module, x: torch.Tensor, batch: int = 64) -> float | None:
     """Share of scans the detector flags (None for a model without one)."""
-    if not getattr(model, "stochastic", False):
+    if not is_stochastic(model):
         return None
     return float(torch.cat([model.decide(x[i:i + batch])[1] for i in range(0, len(x), batch)]).float().mean())
 
@@ -121,7 +120,7 @@ def mcnemar(a: str, b: str) -> dict:
 def reseed(model: nn.Module, seed: int) -> None:
     """Fix the purification noise stream (a defended model), so each cell of the evaluation is
     reproducible and does not depend on what ran before it."""
-    if getattr(model, "generator", None) is not None:
+    if isinstance(model, Defended) and model.generator is not None:
         model.generator.manual_seed(seed)
 
 
@@ -136,21 +135,18 @@ def fixed_noise(model: nn.Module, seed: int):
         model.noise_seed = previous
 
 
-# on a model without purifier or detector these attacks are exactly eot-pgd (white-box PGD)
-SAME_AS_PGD_WITHOUT_DEFENSE = ("fixed-noise", "bpda", "detector-aware", "orthogonal")
-
-
 def _same_run(name: str, done: dict, cfg, defended: bool) -> str | None:
     """The eot-pgd entry already in `done` that `name` would repeat exactly (an undefended model,
     the same loss and steps), or None."""
     base, loss, budget = parse_attack_name(name)
-    if defended or base not in SAME_AS_PGD_WITHOUT_DEFENSE:
+    spec = ATTACKS.get(base)  # None: clean
+    if defended or spec is None or not spec.same_as_pgd_without_defense:  # on a bare model exactly eot-pgd
         return None
 
     def key(loss_, budget_):  # an undefended model takes one draw per step whatever the budget says
         return loss_ or cfg.loss, (budget_ or (cfg.adaptive_steps, 1))[0]
 
-    return next((d for d in done if parse_attack_name(d)[0] == "eot-pgd" and key(*parse_attack_name(d)[1:]) ==
+    return next((d for d in done if parse_attack_name(d)[0] == WHITE_BOX and key(*parse_attack_name(d)[1:]) ==
                  key(loss, budget)), None)
 
 
@@ -172,13 +168,7 @@ def _attack_fixed_noise(attack, model: nn.Module, x: torch.Tensor, y: torch.Tens
 def attack_cost(name: str, cfg) -> int:
     """Model calls (forward and backward) one scan costs under suite attack `name` with the budget of
     `cfg` (an AttackConfig), for a progress bar whose time estimate holds across attacks."""
-    base, _, budget = parse_attack_name(name)
-    if base == "pgd":
-        return max(1, cfg.steps)
-    if base == "square":
-        return max(1, cfg.square_queries)
-    steps, eot = budget or (cfg.adaptive_steps, cfg.eot)
-    return max(1, steps * (1 if base == "fixed-noise" else eot))
+    return base_attack(name).cost(cfg, parse_attack_name(name)[2])
 
 
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
@@ -187,13 +177,14 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
     classifier's accuracy on the same inputs, the attack's settings and its time per scan.
     `cfg` is the attack config; `on_batch(work)` is called after every attacked batch with the
     batch's scans times the attack's cost per scan (`attack_cost`)."""
-    bare = getattr(model, "classifier", model)
+    defended = isinstance(model, Defended)
+    bare = model.classifier if defended else model
     results: dict[str, dict] = {}
     for k, name in enumerate(["clean", *attacks]):
         t0 = time.perf_counter()
         cost = attack_cost(name, cfg) if name != "clean" else 0
         done = (lambda n, cost=cost: on_batch(n * cost)) if on_batch is not None else None
-        same = _same_run(name, results, cfg, hasattr(model, "purify_draws"))
+        same = _same_run(name, results, cfg, defended)
         if same is not None:
             results[name] = {**results[same], "same_as": same}  # not run twice
             if done is not None:
@@ -202,7 +193,7 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[
         correct = None
         if name == "clean":
             x_adv, described = x, {"attack": "none"}
-        elif parse_attack_name(name)[0] == "fixed-noise" and hasattr(model, "purify_draws"):
+        elif base_attack(name).one_draw and defended:
             attack = build_attack(name, model, cfg, seed + 1_000 * k)
             x_adv, correct = _attack_fixed_noise(attack, model, x, y, seed + 1_000 * k + 1, batch, done)
             described = attack.describe()
