@@ -1,6 +1,6 @@
 """Client-side defense: MAE detector, diffusion purifier, decision rules and the defended classifier."""
 
-from medfedpure.defense.detectors import DisagreementDetector, MAEDetector, ResidualDetector
+from medfedpure.defense.detectors import DETECTORS, DisagreementDetector, MAEDetector, ResidualDetector, build_detector
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
 from medfedpure.defense.pipeline import DefendedClassifier, DefenseOutput

@@ -5,6 +5,7 @@
   small t; adversarial high-frequency patterns are off the model's clean manifold.
 - `DisagreementDetector`: KL between the classifier's prediction on a scan and on its
   one-step purification; PGD perturbations are brittle under denoising (docs/design.md, Why three detectors).
+Each registers in `DETECTORS` under its `name`; `build_detector` makes one from the defense's parts.
 All are deterministic for a given scan (fixed noise seeds) and differentiable.
 """
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfedpure.config import DETECTOR_NAMES
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
 
@@ -31,6 +33,10 @@ class MAEDetector(nn.Module):
         super().__init__()
         self.mae = mae
 
+    @classmethod
+    def from_parts(cls, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module, seed: int):
+        return cls(mae)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.mae.score(images)
 
@@ -41,6 +47,10 @@ class ResidualDetector(nn.Module):
     def __init__(self, diffusion: GaussianDiffusion, t: int = 5, seed: int = 0) -> None:
         super().__init__()
         self.diffusion, self.t, self.seed = diffusion, t, seed
+
+    @classmethod
+    def from_parts(cls, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module, seed: int):
+        return cls(diffusion, seed=seed)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x0 = images * 2 - 1
@@ -56,6 +66,10 @@ class DisagreementDetector(nn.Module):
     def __init__(self, diffusion: GaussianDiffusion, classifier: nn.Module, t: int = 30, seed: int = 0) -> None:
         super().__init__()
         self.diffusion, self.classifier, self.t, self.seed = diffusion, classifier, t, seed
+
+    @classmethod
+    def from_parts(cls, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module, seed: int):
+        return cls(diffusion, classifier, seed=seed)
 
     def scores_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The scores and, on the way, the classifier's logits on the scans themselves (what a
@@ -73,4 +87,14 @@ class DisagreementDetector(nn.Module):
         return self.scores_and_logits(images)[0]
 
 
-DETECTORS = ("mae", "residual", "disagreement")
+# the registry: `defense.detector` (and `defense.eval_detectors`) name one of these
+DETECTORS: dict[str, type[nn.Module]] = {c.name: c for c in (MAEDetector, ResidualDetector, DisagreementDetector)}
+assert tuple(DETECTORS) == DETECTOR_NAMES, "config.DETECTOR_NAMES and the detector registry disagree"
+
+
+def build_detector(name: str, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module,
+                   seed: int = 0) -> nn.Module:
+    """Detector `name` from the defense's parts (the MAE, the diffusion model, the classifier)."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector '{name}' ({', '.join(DETECTORS)})")
+    return DETECTORS[name].from_parts(mae, diffusion, classifier, seed)

@@ -16,23 +16,12 @@ from torch.utils.data import DataLoader
 
 from medfedpure.attacks import PGD
 from medfedpure.config import DefenseConfig
-from medfedpure.defense.detectors import DisagreementDetector, MAEDetector, ResidualDetector
+from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.diffusion import GaussianDiffusion
 from medfedpure.defense.mae import MaskedAutoencoder
 from medfedpure.defense.pipeline import DefendedClassifier
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.metrics import auroc, batched_accuracy
-
-
-def build_detector(name: str, mae: MaskedAutoencoder, diffusion: GaussianDiffusion, classifier: nn.Module,
-                   seed: int = 0) -> nn.Module:
-    if name == "mae":
-        return MAEDetector(mae)
-    if name == "residual":
-        return ResidualDetector(diffusion, seed=seed)
-    if name == "disagreement":
-        return DisagreementDetector(diffusion, classifier, seed=seed)
-    raise ValueError(f"unknown detector '{name}' (mae, residual, disagreement)")
 
 
 @torch.no_grad()

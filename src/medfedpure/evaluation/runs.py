@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from medfedpure.config import ExperimentConfig, apply_overrides
 from medfedpure.data import load_dataset, make_loader
 from medfedpure.defense import DefendedClassifier
-from medfedpure.defense.evaluation import build_detector
+from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.methods import new_model, task
@@ -158,7 +158,7 @@ def defended_classifier(run: Path, cfg: ExperimentConfig, client: int, model: nn
                                     f"client {client}'s calibration"))
     if d.detector not in calibration:
         raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
-    seed = task.client_seed(cfg, client, 10_000)
+    seed = task.client_seed(cfg, client, purpose="defense")
     scores = calibration[d.detector]
     defended = DefendedClassifier(model, build_detector(d.detector, mae, diffusion, model, seed), diffusion,
                                   d, calibrate_threshold(scores, d.target_fpr), scores).eval()

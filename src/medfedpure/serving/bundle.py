@@ -29,7 +29,7 @@ from torch import nn
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense import DefendedClassifier
-from medfedpure.defense.evaluation import build_detector
+from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
@@ -143,7 +143,7 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
                 "detector": d.detector, "tau": defended.tau, "threshold": defended.threshold(),
                 "target_fpr": d.target_fpr, "mode": d.mode, "rule": d.rule, "t_min": d.t_min, "t_max": d.t_max,
                 "sampler": d.sampler, "sampler_steps": d.sampler_steps, "votes": d.votes,
-                "seed": task.client_seed(cfg, client, 10_000), "config": cfg.to_dict(),
+                "seed": task.client_seed(cfg, client, purpose="defense"), "config": cfg.to_dict(),
                 "run": {"folder": str(run.resolve()), "commit": env.get("git_commit"),
                         "metrics": {"final": summary.get("final"), "defense": summary.get("defense")},
                         "adaptive_headline": _adaptive_headline(run)},
