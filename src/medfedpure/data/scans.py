@@ -1,4 +1,5 @@
-"""One clinical scan file (JPEG/PNG/BMP/TIFF, DICOM, NIfTI) as the array the model sees.
+"""One clinical scan file (JPEG/PNG/BMP/TIFF, DICOM, NIfTI) as the array the model sees; each format
+is one `ScanReader` in `READERS` (a new format: one `register_reader` call).
 
 `read_scan` returns uint8 (3, size, size) like `decode_image`: photos go through exactly the
 training path; DICOM and NIfTI pixels are mapped to 8 bits first, then take the same RGB
@@ -11,7 +12,9 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nibabel
 import numpy as np
@@ -21,9 +24,39 @@ from PIL import Image, UnidentifiedImageError
 from medfedpure.data.datasets import IMAGE_SUFFIXES, MAX_SCAN_PIXELS, DataError, _check_pixels, _resize, decode_image
 
 MAX_NIFTI_BYTES = 256 * 2**20  # a NIfTI inflated: a 512 x 512 x 400 int16 CT is 200 MB
-SCAN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz"}
-_KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".dcm": "dicom", ".dicom": "dicom",
-          ".nii": "nifti", ".nii.gz": "nifti"}
+HEAD_BYTES = 132  # what a reader's `sniff` sees of a file without a known suffix
+
+
+@dataclass(frozen=True)
+class ScanReader:
+    """One scan format: the file suffixes it claims, how it knows a file without one by its first
+    `HEAD_BYTES` bytes (`sniff`, optional), and `read(data, name, size, geometry, nifti_slice)` -> uint8
+    (3, size, size), filling `geometry` with the scan's own width, height and channels."""
+
+    kind: str
+    suffixes: tuple[str, ...]
+    read: Callable[[bytes, str, int, dict, int | None], np.ndarray]
+    sniff: Callable[[bytes], bool] | None = None
+
+
+READERS: dict[str, ScanReader] = {}  # by kind; `register_reader` adds one (a new format: one reader here)
+
+
+def register_reader(reader: ScanReader) -> ScanReader:
+    taken = [s for s in reader.suffixes if s in _by_suffix()]
+    if reader.kind in READERS or taken:
+        raise ValueError(f"scan reader '{reader.kind}' clashes with a registered one ({taken or reader.kind})")
+    READERS[reader.kind] = reader
+    return reader
+
+
+def _by_suffix() -> dict[str, str]:
+    return {s: r.kind for r in READERS.values() for s in r.suffixes}
+
+
+def scan_suffixes() -> set[str]:
+    """Every suffix a registered reader claims."""
+    return set(_by_suffix())
 
 
 def _suffix(name: str) -> str:
@@ -34,13 +67,14 @@ def _suffix(name: str) -> str:
 def scan_kind(name: str, head: bytes | None = None) -> str:
     """'image', 'dicom' or 'nifti' from the file name; a name without a known suffix is DICOM
     if `head` (the file's first bytes) has the 'DICM' magic at byte 128, else a DataError."""
-    kind = _KINDS.get(_suffix(name))
+    kind = _by_suffix().get(_suffix(name))
     if kind:
         return kind
-    if head is not None and head[128:132] == b"DICM":
-        return "dicom"
+    sniffed = [r.kind for r in READERS.values() if head is not None and r.sniff is not None and r.sniff(head)]
+    if sniffed:
+        return sniffed[0]
     raise DataError(f"scan file '{name}' is not a known scan type "
-                    f"(suffixes: {', '.join(sorted(SCAN_SUFFIXES))}, or DICOM with a 'DICM' header)")
+                    f"(suffixes: {', '.join(sorted(scan_suffixes()))}, or DICOM with a 'DICM' header)")
 
 
 def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
@@ -60,7 +94,7 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
         if not path.is_file():
             raise DataError(f"scan file '{path}' does not exist or is not a file")
         data = None
-    if path is not None and _KINDS.get(_suffix(name)) == "image":
+    if path is not None and _by_suffix().get(_suffix(name)) == IMAGE:
         image = _not_blank(decode_image(path, size), name)  # the training path, bit for bit
         geometry.update(image_geometry(path))
         return image
@@ -71,12 +105,8 @@ def read_scan(source: Path | str | bytes, size: int, name: str | None = None,
             raise DataError(f"scan file '{path}' cannot be read ({err.strerror or err})") from err
     if not data:
         raise DataError(f"scan file '{name}' is empty (0 bytes)")
-    kind = scan_kind(name, data[:132])
-    if kind == "image":
-        return _not_blank(_image_from_bytes(data, name, size, geometry), name)
-    img = _dicom_image(data, name) if kind == "dicom" else _nifti_image(data, name, nifti_slice)
-    geometry.update(_geometry(img))
-    return _not_blank(_resize(img, size), name)
+    reader = READERS[scan_kind(name, data[:HEAD_BYTES])]
+    return _not_blank(reader.read(data, name, size, geometry, nifti_slice), name)
 
 
 def _geometry(img: Image.Image) -> dict:
@@ -277,13 +307,14 @@ def _gunzip_bounded(data: bytes, name: str) -> bytes:
 def _dicom_magic(path: Path) -> bool:
     """Whether a file without a scan suffix is DICOM by its 'DICM' preamble (scanners often write
     files with no suffix at all)."""
-    if _suffix(path.name) in SCAN_SUFFIXES or not path.is_file():
+    if _suffix(path.name) in scan_suffixes() or not path.is_file():
         return False
     try:
         with path.open("rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
+            head = fh.read(HEAD_BYTES)
     except OSError:
         return False
+    return any(r.sniff is not None and r.sniff(head) for r in READERS.values())
 
 
 def list_scans(paths: list[Path | str]) -> list[Path]:
@@ -299,7 +330,7 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 below += [Path(dirpath) / f for f in filenames
-                          if not f.startswith(".") and (_suffix(f) in SCAN_SUFFIXES or _dicom_magic(Path(dirpath) / f))]
+                          if not f.startswith(".") and (_suffix(f) in scan_suffixes() or _dicom_magic(Path(dirpath) / f))]
             if not below:
                 raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(SCAN_SUFFIXES))})")
             found += sorted(below)
@@ -308,3 +339,20 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
         else:
             raise DataError(f"scan path '{p}' does not exist")
     return found
+
+
+def _decoded(image_of: Callable[[bytes, str, int | None], Image.Image]) -> Callable:
+    """A reader's `read` from a function giving the scan as an 8-bit PIL image: its geometry kept,
+    then the training path's RGB conversion and bilinear resize."""
+    def read(data: bytes, name: str, size: int, geometry: dict, nifti_slice: int | None) -> np.ndarray:
+        img = image_of(data, name, nifti_slice)
+        geometry.update(_geometry(img))
+        return _resize(img, size)
+    return read
+
+
+IMAGE = register_reader(ScanReader("image", tuple(sorted(IMAGE_SUFFIXES)),
+                                   lambda data, name, size, geometry, _: _image_from_bytes(data, name, size, geometry))).kind
+register_reader(ScanReader("dicom", (".dcm", ".dicom"), _decoded(lambda data, name, _: _dicom_image(data, name)),
+                           sniff=lambda head: head[128:132] == b"DICM"))
+register_reader(ScanReader("nifti", (".nii", ".nii.gz"), _decoded(_nifti_image)))
