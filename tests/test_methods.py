@@ -23,6 +23,24 @@ def _data(n_per_class=12, size=16):
     return make_synthetic(n_per_class, size, seed=3)
 
 
+# ----------------------------------------------------------------------------- seeds
+def test_no_two_purposes_or_hospitals_share_a_seed():
+    """Every seed a hospital draws (task.SEEDS: rounds, phase 4, the transfer matrix, the suite, the
+    evaluation, the defense) differs from every other hospital's and purpose's, for 200 hospitals."""
+    from medfedpure.methods import task
+    cfg = ExperimentConfig()
+    seen: dict[int, tuple] = {}
+    for client in range(200):
+        for purpose, (_, size) in task.SEEDS.items():
+            for index in range(size):
+                seed = task.client_seed(cfg, client, index, purpose)
+                assert seed not in seen, f"{(client, purpose, index)} and {seen[seed]} share seed {seed}"
+                seen[seed] = (client, purpose, index)
+    assert task.client_seed(cfg, 3, 7) == task.client_seed(cfg, 3, 7, "round")  # a round by default
+    with pytest.raises(ValueError, match="outside purpose 'suite'"):
+        task.client_seed(cfg, 0, 1, "suite")
+
+
 # ----------------------------------------------------------------------------- models and registry
 def test_registry_and_parse_methods():
     assert list(METHODS) == ["medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]

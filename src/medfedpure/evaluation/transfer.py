@@ -87,7 +87,7 @@ def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
             for v in range(n):
                 for k, (x, target) in enumerate(((x_adv, matrices), (x_clean, clean))):
                     if isinstance(nets[v], DefendedClassifier):  # purifier noise fixed per cell, not per order
-                        nets[v].generator.manual_seed(task.client_seed(cfg, v, 10_000 + 2 * a + k))
+                        nets[v].generator.manual_seed(task.client_seed(cfg, v, 2 * a + k, "transfer"))
                     target[kind][v, a] = batched_accuracy(nets[v], x, y)
     result = {"method": cfg.method.name, "attack": {**vars(cfg.attack)}, "n_adv_per_attacker": sizes,
               "protocol": "each attacker crafts PGD on its own bare personalized classifier from its own test "

@@ -186,7 +186,7 @@ def defend(msg: Message, context: Context) -> Message:
     model = _personal_model(cfg, partition, msg, state, server_round).eval()
     mae, diffusion = _defense_model("mae", cfg, msg), _defense_model("diffusion", cfg, msg)
     _, test_loader, _ = task.client_loaders(cfg, partition)
-    seed = task.client_seed(cfg, partition, 10_000)
+    seed = task.client_seed(cfg, partition, purpose="defense")
     d = cfg.defense
     metrics, examples, calibration = evaluate_defense(
         model, mae, diffusion, task.validation_loader(cfg, partition), test_loader, make_pgd(model, cfg.attack, seed),
@@ -244,7 +244,6 @@ def pretrain_loss(msg: Message, context: Context) -> Message:
 
 
 # --------------------------------------------------------------------------- phase 4
-PHASE4_SEED = 40_000  # offset of phase 4's seeds from a hospital's round seeds
 
 
 def _finetune_setup(msg: Message, context: Context):
@@ -263,7 +262,7 @@ def _finetune_setup(msg: Message, context: Context):
 def finetune(msg: Message, context: Context) -> Message:
     """Fine-tune the U-Net so that this hospital's classifier answers right behind it (defense.purifier)."""
     cfg, partition, server_round, diffusion, classifier = _finetune_setup(msg, context)
-    seed = task.client_seed(cfg, partition, PHASE4_SEED + server_round)
+    seed = task.client_seed(cfg, partition, server_round, "finetune")
     task.set_seed(seed)  # augmentation draws from the global RNG
     loader = task.client_loaders(cfg, partition, server_round, batch_size=cfg.defense.purifier.batch_size)[0]
     stats = finetune_purifier(diffusion.train(), classifier, loader, cfg, seed)
@@ -277,7 +276,7 @@ def finetune(msg: Message, context: Context) -> Message:
 def finetune_loss(msg: Message, context: Context) -> Message:
     cfg, partition, _, diffusion, classifier = _finetune_setup(msg, context)
     test_loader = task.client_loaders(cfg, partition)[1]
-    stats = evaluate_purifier(diffusion, classifier, test_loader, cfg, seed=task.client_seed(cfg, partition, PHASE4_SEED))
+    stats = evaluate_purifier(diffusion, classifier, test_loader, cfg, seed=task.client_seed(cfg, partition, purpose="finetune"))
     metrics = MetricRecord({"partition-id": partition, "num-examples": len(test_loader.dataset),
                             **{f"test_{k}": v for k, v in stats.items()}})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -26,8 +26,27 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def client_seed(cfg: ExperimentConfig, client: int, round_: int = 0) -> int:
-    return cfg.seed * 1_000_003 + client * 10_007 + round_
+CLIENT_STRIDE = 10_007
+# One seed namespace (docs/design.md, Seeds): a hospital's seed for a purpose is
+#   cfg.seed * 1_000_003 + client * CLIENT_STRIDE + start + index,   0 <= index < size,
+# and the purposes' offsets (start .. start + size - 1) fall in disjoint ranges modulo CLIENT_STRIDE, so no
+# seed of one purpose or hospital is ever another's (tests/test_task.py checks it). (start, size) by purpose:
+SEEDS = {
+    "round": (0, 5_000),  # a hospital's training round (model init: round 0; augmentation; its PGD test)
+    "finetune": (5_000, 1_000),  # phase 4's rounds, and its evaluation (index 0)
+    "transfer": (6_000, 2_000),  # the transfer matrix: purification noise per (attacker, clean or attacked)
+    "suite": (30_000, 1),  # the attack suite (its attacks take sub-streams of it: evaluation.robustness)
+    "evaluate": (20_000, 1),  # the paper-protocol evaluation of a trained run
+    "defense": (10_000, 1),  # the defended classifier's detector and purification noise (runs, bundles)
+}
+
+
+def client_seed(cfg: ExperimentConfig, client: int, index: int = 0, purpose: str = "round") -> int:
+    """Hospital `client`'s seed for `purpose` (SEEDS), its `index`-th (a round, a cell)."""
+    start, size = SEEDS[purpose]
+    if not 0 <= index < size:
+        raise ValueError(f"seed index {index} is outside purpose '{purpose}' (0..{size - 1})")
+    return cfg.seed * 1_000_003 + client * CLIENT_STRIDE + start + index
 
 
 _CACHE: dict[tuple[str, int], tuple[ImageSet, list[ClientSplit]]] = {}

@@ -32,14 +32,14 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
     for i in tqdm(list(r.loaders), desc="evaluating clients", unit="client", disable=not progress):
         loader = r.loaders[i]
         model = r.model(i)
-        attack = make_pgd(model, cfg.attack, seed=task.client_seed(cfg, i, 20_000))
+        attack = make_pgd(model, cfg.attack, seed=task.client_seed(cfg, i, purpose="evaluate"))
         if r.defended:
             calibration = load_tensors(need(client_dir(r.run, i) / "detector_calibration.safetensors",
                                             f"client {i}'s calibration"))
             d = cfg.defense
             detectors = [name for name in d.eval_detectors if name in calibration]
             m, _, _ = evaluate_defense(model, r.mae, r.diffusion, calibration, loader, attack, d, detectors,
-                                       list(d.eval_modes), seed=task.client_seed(cfg, i, 20_000))
+                                       list(d.eval_modes), seed=task.client_seed(cfg, i, purpose="evaluate"))
             cfg.defense.eval_detectors = detectors
             metrics.append({"partition-id": i, "num-examples": int(m.pop("n_test")), **m})
         else:
