@@ -140,6 +140,17 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert conv["headline"]["first"] == min(conv["suite"][a]["first"] for a in ("eot-pgd", "eot-pgd@3x3"))
     report = (checked / "evaluation.md").read_text()
     assert "Convergence: eot-pgd@3x3" in report and "| majority [CI] | worst of N [CI] |" in report
+    # an interrupted evaluation resumes hospital by hospital: a finished hospital is not attacked again
+    stamp = (checked / "clients" / "0.json").stat().st_mtime_ns
+    for name in ("request.json", "evaluation.json", "clients/1.json"):  # stopped while attacking hospital 1
+        (checked / name).unlink()
+    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
+                 "--max-per-client", "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2",
+                 "attack.eot=2", "attack.draws=2"]) == 0
+    resumed = json.loads((checked / "evaluation.json").read_text())
+    assert (checked / "clients" / "0.json").stat().st_mtime_ns == stamp and (checked / "clients" / "1.json").is_file()
+    assert resumed["suite"]["eot-pgd@3x3"]["outcomes"] == conv["suite"]["eot-pgd@3x3"]["outcomes"]
+    assert resumed["scans"] == conv["scans"]
 
     # defense candidates under the same attacks on the same scans; a rerun redoes nothing; the suite
     # above stands in for a candidate because it ran the same attack on the same scans with the same budget

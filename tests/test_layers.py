@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from medfedpure.config import METHOD_NAMES
+from medfedpure.attacks import SUITE, TRAINING_ATTACKS
+from medfedpure.config import DETECTOR_NAMES, METHOD_NAMES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "medfedpure"
 
@@ -76,15 +77,15 @@ def test_the_layer_check_sees_a_back_edge(tmp_path):
     assert _layer("workflows") > _layer("data")
 
 
-def _name_checks(tree: ast.AST) -> list[int]:
-    """Lines comparing something with a method's name (`== "fedem"`, `in {"fedem", "pfeddef"}`)."""
+def _name_checks(tree: ast.AST, names=METHOD_NAMES) -> list[int]:
+    """Lines comparing something with one of `names` (`== "fedem"`, `in {"fedem", "pfeddef"}`)."""
     lines = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Compare):
             continue
         for operand in [node.left, *node.comparators]:
             values = operand.elts if isinstance(operand, (ast.Set, ast.Tuple, ast.List)) else [operand]
-            if any(isinstance(v, ast.Constant) and v.value in METHOD_NAMES for v in values):
+            if any(isinstance(v, ast.Constant) and v.value in names for v in values):
                 lines.append(node.lineno)
     return lines
 
@@ -97,6 +98,28 @@ def test_method_names_are_compared_only_in_the_registry():
         found += [f"{path.relative_to(PACKAGE)}:{line}" for line in _name_checks(ast.parse(path.read_text()))]
     assert not found, "method-name checks outside methods/ (ask the method instead):\n" + "\n".join(found)
     assert _name_checks(ast.parse('if cfg.method.name in {"fedem", "pfeddef"}:\n    pass\n')) == [1]
+
+
+@pytest.mark.parametrize("kind, names, home", [
+    ("attack", (*SUITE, *TRAINING_ATTACKS), ("attacks", "registry")),
+    ("detector", DETECTOR_NAMES, ("defense", "detectors")),
+])
+def test_attack_and_detector_names_are_compared_only_in_their_registry(kind, names, home):
+    """An attack's or a detector's facts live in its registry: nothing else asks `name == "square"`.
+    (Phase names that are also detector names, the MAE's "mae", are told apart by what they compare.)"""
+    found = []
+    for path, parts in _modules():
+        if parts == home:
+            continue
+        tree = ast.parse(path.read_text())
+        found += [f"{path.relative_to(PACKAGE)}:{line}" for line in _name_checks(tree, names)
+                  if kind == "attack" or "detector" in ast.get_source_segment(path.read_text(), _node_at(tree, line))]
+    assert not found, f"{kind}-name checks outside {'/'.join(home)}.py (ask the registry):\n" + "\n".join(found)
+    assert _name_checks(ast.parse('if name == "square":\n    pass\n'), SUITE) == [1]
+
+
+def _node_at(tree: ast.AST, line: int) -> ast.AST:
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.Compare) and n.lineno == line)
 
 
 @pytest.mark.parametrize("package", ["federation", "workflows"])

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medfedpure.attacks import ADAPTIVE, SUITE, base_attack
-from medfedpure.config import parse_attack_name
+from medfedpure.attacks import ATTACKS, SUITE, base_attack, parse_attack_name
 from medfedpure.evaluation.robustness import VERDICTS, Tally, answer, attack_cost, mcnemar, run_suite, scan_ids
 from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
@@ -26,11 +25,6 @@ from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import SUMMARY
-
-KNOWS_THE_DEFENSE = {"clean": "", "pgd": "no (paper protocol)", "eot-pgd": "yes",
-                     "fixed-noise": "yes, and its noise (not in the headline)", "bpda": "yes",
-                     "detector-aware": "yes", "orthogonal": "yes", "square": "yes (queries)"}
-
 
 # the own-test evaluations `experiment` runs after training, by kind: (the attack.* list it runs,
 # the attack.* field capping its scans per client)
@@ -102,14 +96,20 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
     bar = tqdm(total=total, desc="attack suite (model calls)", unit="call", unit_scale=True, disable=not progress)
     per_client: list[dict] = []
     device = torch.device(cfg.device)
+    target_dir = Path(out) if out else r.default_out("-suite")
     try:
         for i, (x, y, n_split) in scans.items():
             bar.set_postfix(client=i)
+            done = _finished_client(target_dir, i, request)
+            if done is not None:  # a long evaluation resumes hospital by hospital
+                per_client.append(done)
+                bar.update(len(y) * sum(attack_cost(a, cfg.attack) for a in attacks))
+                continue
             model = r.model(i)
             if cfg.attack.channels_last:
                 channels_last(model, *([r.diffusion] if r.defended else []))
             target = r.defended_model(i, model) if r.defended else model
-            seed = task.client_seed(cfg, i, 30_000)
+            seed = task.client_seed(cfg, i, purpose="suite")
             results = run_suite(target, x.to(device), y.to(device), attacks, cfg.attack, seed,
                                 batch=cfg.attack.batch_size, on_batch=bar.update)
             if len(y) < n_split:  # clean answers on the whole split too
@@ -117,10 +117,10 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
                 correct = answer(target, torch.cat(xs).to(device), torch.cat(ys).to(device), cfg.attack.draws)
                 results["clean (whole split)"] = {"tally": Tally.from_draws(correct.cpu())}
             per_client.append({"client": i, "results": results, "scan_ids": scan_ids(x)})
+            _save_client(target_dir, per_client[-1], request)
     finally:
         bar.close()
     result = _summarize(r, attacks, per_client, max_per_client)
-    target_dir = Path(out) if out else r.default_out("-suite")
     write_json(target_dir / "evaluation.json", result)
     write_csv(target_dir / "evaluation.csv", result["rows"])
     atomic_write_text(target_dir / "evaluation.md", suite_markdown(result))
@@ -128,6 +128,26 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
     write_json(target_dir / "request.json", request)  # last: marks the evaluation finished
     result["out"] = str(target_dir)
     return result
+
+
+def _client_file(out: Path, client: int) -> Path:
+    return out / "clients" / f"{client}.json"
+
+
+def _save_client(out: Path, done: dict, request: dict) -> None:
+    """One hospital's finished results, kept with the request they answer (so a rerun resumes)."""
+    results = {name: {**res, "tally": asdict(res["tally"])} for name, res in done["results"].items()}
+    write_json(_client_file(out, done["client"]), {"request": request, **done, "results": results})
+
+
+def _finished_client(out: Path, client: int, request: dict) -> dict | None:
+    """A hospital's results saved by an earlier, interrupted run of this very request, or None."""
+    path = _client_file(out, client)
+    saved = read_json(path) if path.is_file() else None
+    if not isinstance(saved, dict) or saved.get("request") != request:
+        return None
+    results = {name: {**res, "tally": Tally(**res["tally"])} for name, res in saved["results"].items()}
+    return {"client": saved["client"], "results": results, "scan_ids": saved["scan_ids"]}
 
 
 def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap: int | None) -> dict:
@@ -157,7 +177,8 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                 "seconds_per_scan": seconds / tally.n if "seconds_per_scan" in first else None,
                 "latency_ms": latency / tally.n if first.get("latency_ms") is not None else None}
         rows.append(mean)
-        knows = KNOWS_THE_DEFENSE.get(base_attack(name.split(" ")[0]), "")
+        spec = ATTACKS.get(parse_attack_name(name)[0])  # None for clean
+        knows = spec.knows if spec is not None else ""
         if first.get("same_as"):
             knows = f"= {first['same_as']} (no defense to know)"
         pooled[name] = {**mean, "settings": first.get("settings"), "draws": first.get("draws"), "max_linf": linf,
@@ -165,7 +186,7 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
         if "outcomes" in first:  # per scan, in the order of `scans` below
             pooled[name]["outcomes"] = {v: "".join(c["results"][name]["outcomes"][v] for c in per_client)
                                         for v in VERDICTS}
-    adaptive = [a for a in attacks if base_attack(a) in ADAPTIVE] or list(attacks)
+    adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
     convergence = []  # each attack run at its own budget beside the same attack at the suite's
     for name in attacks:
