@@ -66,3 +66,49 @@ def test_one_markdown_renderer_and_a_regenerated_block_leaves_the_rest_alone():
     assert read_block(new, "t") == "new\nrows" and read_block(doc, "other") is None
     with pytest.raises(ValueError, match="t2: generated"):
         replace_block(doc, "t2", "x")
+
+
+def _published(name: str, robust: float) -> dict:
+    row = {"name": name, "run": "~/runs/x", "overrides": [], "note": "", "defense": None, "clean": 0.99,
+           "clean_ci": [0.97, 0.998], "clean_n": 480, "robust": robust, "robust_ci": [robust - 0.03, robust + 0.02],
+           "robust_n": 480, "strongest": "eot-pgd:margin", "budget": "50 x 4", "robust_majority": robust,
+           "robust_worst": robust - 0.01, "per_attack": {"eot-pgd:margin": robust}, "latency_ms": 2.2}
+    return {"spec": "studies/x.yaml", "attacks": ["eot-pgd:margin"], "max_per_client": None, "overrides": [],
+            "rows": [row, {**row, "name": "B", "robust": 0.95, "latency_ms": None,
+                           "paired": {"only_a": 3, "only_b": 9, "p_value": 0.146}}]}
+
+
+EXPECTED = """\
+| candidate | clean % [CI] | robust % [CI] | strongest attack | majority | worst of N | eot-pgd:margin | ms / scan | paired with the first |
+|---|---|---|---|---|---|---|---|---|
+| FAT | 99.0 [97.0, 99.8] | 91.0 [88.0, 93.0] | eot-pgd:margin (50 x 4) | 91.0 | 90.0 | 91.0 | 2.2 | (reference) |
+| B | 99.0 [97.0, 99.8] | 95.0 [88.0, 93.0] | eot-pgd:margin (50 x 4) | 91.0 | 90.0 | 91.0 |  | 9 vs 3, p = 0.146 |"""
+
+
+def test_the_documents_results_tables_are_regenerated_from_what_is_published(tmp_path):
+    """`medfedpure report --docs`: a block gets its published result's table, a hand edit is caught,
+    a block without a published result is one clear error; and this repository's documents are current."""
+    from pathlib import Path
+
+    import pytest
+
+    from medfedpure.cli import main
+    from medfedpure.storage import write_json
+    from medfedpure.workflows.docs import regenerate_docs
+
+    write_json(tmp_path / "docs" / "results" / "headline.json", _published("FAT", 0.91))
+    block = "<!-- results/headline: generated, do not edit -->\nstale\n<!-- /results/headline -->"
+    (tmp_path / "README.md").write_text(f"# x\n\n{block}\n\nafter\n")
+    assert regenerate_docs(tmp_path, check=True) == ["README.md"]
+    assert main(["report", "--docs", "--check", "--root", str(tmp_path)]) == 1
+    assert main(["report", "--docs", "--root", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert EXPECTED in text and text.endswith("<!-- /results/headline -->\n\nafter\n")
+    assert regenerate_docs(tmp_path, check=True) == []
+    (tmp_path / "README.md").write_text(text.replace("| 91.0 [88.0, 93.0] |", "| 93.0 [88.0, 93.0] |"))
+    assert regenerate_docs(tmp_path, check=True) == ["README.md"]
+    (tmp_path / "docs" / "results.md").write_text(block.replace("headline", "gone"))
+    with pytest.raises(ValueError, match="results/gone.*docs/results/gone.json"):
+        regenerate_docs(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    assert regenerate_docs(root, check=True) == [], "run `medfedpure report --docs`"

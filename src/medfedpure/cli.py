@@ -126,9 +126,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare_defenses(args: argparse.Namespace) -> int:
     from medfedpure.workflows.compare import compare_defenses
 
+    if args.publish is not None and args.publish.suffix != ".json":
+        raise ValueError(f"--publish {args.publish}: a .json file (e.g. docs/results/NAME.json)")
     result = compare_defenses(args.spec, args.out, progress=not args.no_progress)
     print(open(Path(args.out) / "candidates.md").read())
     print(f"written to {args.out}/candidates.md, candidates.json, candidates.png (one folder per candidate)")
+    if args.publish is not None:
+        from medfedpure.storage import write_json
+        from medfedpure.workflows.compare import publishable
+
+        write_json(args.publish, publishable(result))
+        print(f"published to {args.publish}: `medfedpure report --docs` puts it in every document with the block "
+              f"'results/{args.publish.stem}'")
     return 0 if result["rows"] else 1
 
 
@@ -160,10 +169,28 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.docs:
+        return _report_docs(args)
+    if args.run is None or args.check:
+        raise ValueError("report needs --run RUN (a run folder's tables) or --docs [--check] (the published ones)")
     from medfedpure.workflows.report import write_report
 
     tables = write_report(Path(args.run))
     _print_tables(tables, Path(args.run))
+    return 0
+
+
+def _report_docs(args: argparse.Namespace) -> int:
+    from medfedpure.workflows.docs import DOCUMENTS, PUBLISHED, regenerate_docs
+
+    root = Path(args.root)
+    changed = regenerate_docs(root, check=args.check)
+    if args.check and changed:
+        print(f"{', '.join(changed)}: a results table is not what {PUBLISHED} gives; run `medfedpure report --docs`",
+              file=sys.stderr)
+        return 1
+    print(f"{', '.join(changed) or 'nothing'} {'to rewrite' if args.check else 'rewritten'} "
+          f"(of {', '.join(DOCUMENTS)}, from {root / PUBLISHED})")
     return 0
 
 
@@ -356,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="YAML: attacks, max_per_client, overrides, candidates [{name, run, overrides}]")
     p.add_argument("--out", required=True, help="folder for the comparison (one sub-folder per candidate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--publish", type=Path, metavar="FILE.json",
+                   help="also write the result here (docs/results/NAME.json) for `medfedpure report --docs`")
     p.set_defaults(func=_compare_defenses)
 
     p = sub.add_parser("holdout", help="write the scans in a data folder that a run never used (it may train on "
@@ -374,8 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_transfer)
 
-    p = sub.add_parser("report", help="rebuild tables and figures from a run folder's saved results")
-    p.add_argument("--run", required=True, help="run folder written by experiment or train")
+    p = sub.add_parser("report", help="rebuild tables and figures from a run folder's saved results, or the "
+                                      "documents' results tables from docs/results/ (--docs)")
+    p.add_argument("--run", help="run folder written by experiment or train")
+    p.add_argument("--docs", action="store_true",
+                   help="regenerate the results tables of README.md and docs/results.md from docs/results/*.json")
+    p.add_argument("--check", action="store_true", help="with --docs: compare only; exit 1 where a table differs")
+    p.add_argument("--root", default=".", help="with --docs: the repository (default: here)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("certs", help="TLS certificates and SuperNode keys for trying the deployment runtime on "

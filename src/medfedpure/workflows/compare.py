@@ -20,6 +20,7 @@ from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml_file
 from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, paired_test, suite_done,
                                                suite_request)
+from medfedpure.reporting.markdown import table
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
@@ -142,26 +143,31 @@ def _row(candidate: dict, ev: dict) -> dict:
             "latency_ms": suite["clean"].get("latency_ms")}
 
 
-def candidates_markdown(result: dict) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}"
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
 
+
+def candidates_table(result: dict) -> str:
+    """The frontier as one markdown table: each candidate's clean and strongest-attack accuracy with
+    their intervals, majority and worst of N, every attack, latency, and the paired test with the first."""
+    attacks = result["attacks"]
+    header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N", *attacks,
+              "ms / scan", "paired with the first"]
+    rows = [[r["name"], f"{_pct(r['clean'])} [{_pct(r['clean_ci'][0])}, {_pct(r['clean_ci'][1])}]",
+             f"{_pct(r['robust'])} [{_pct(r['robust_ci'][0])}, {_pct(r['robust_ci'][1])}]",
+             f"{r['strongest']} ({r['budget']})", _pct(r["robust_majority"]), _pct(r["robust_worst"]),
+             *[_pct(r["per_attack"].get(a)) for a in attacks],
+             "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", _paired_cell(r)] for r in result["rows"]]
+    return table(header, rows)
+
+
+def candidates_markdown(result: dict) -> str:
     attacks = result["attacks"]
     lines = [f"# Defense candidates ({result['spec']})", "",
              f"Attacks: {', '.join(attacks)}; at most {result['max_per_client'] or 'all'} scans per client of its "
              f"own test split; common overrides: {' '.join(result['overrides']) or 'none'}. Robust = the lowest "
              "first-draw accuracy over these attacks (95% Clopper-Pearson interval); clean = first draw on "
-             "every scan of the test splits.", "",
-             "| candidate | clean % [CI] | robust % [CI] | strongest attack | majority | worst of N | "
-             + " | ".join(attacks) + " | ms / scan | paired with the first |",
-             "|---|---|---|---|---|---|" + "---|" * len(attacks) + "---|---|"]
-    for r in result["rows"]:
-        latency = "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
-        lines.append(f"| {r['name']} | {pct(r['clean'])} [{pct(r['clean_ci'][0])}, {pct(r['clean_ci'][1])}] | "
-                     f"{pct(r['robust'])} [{pct(r['robust_ci'][0])}, {pct(r['robust_ci'][1])}] | "
-                     f"{r['strongest']} ({r['budget']}) | {pct(r['robust_majority'])} | {pct(r['robust_worst'])} | "
-                     + " | ".join(pct(r["per_attack"].get(a)) for a in attacks)
-                     + f" | {latency} | {_paired_cell(r)} |")
+             "every scan of the test splits.", "", candidates_table(result)]
     missing = [f"{r['name']}: {r['paired']['unavailable']}" for r in result["rows"]
                if "unavailable" in r.get("paired", {})]
     lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
@@ -171,3 +177,14 @@ def candidates_markdown(result: dict) -> str:
     lines += [f"- **{r['name']}**: `{r['run']}` {' '.join(r['overrides'])}" + (f" ({r['note']})" if r["note"] else "")
               for r in result["rows"]]
     return "\n".join(lines) + "\n"
+
+
+def publishable(result: dict) -> dict:
+    """A comparison as `docs/results/` keeps it: run folders named from the home folder (~/runs/...),
+    as the study's commands name them, not as one machine's absolute paths."""
+    home = str(Path.home())
+
+    def tidy(path: str) -> str:
+        return "~" + path[len(home):] if path.startswith(home + "/") else path
+
+    return {**result, "rows": [{**r, "run": tidy(r["run"])} for r in result["rows"]]}
