@@ -8,6 +8,13 @@ from PIL import Image
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Two lanes in one run: the fast tests first, then the slow ones (`@pytest.mark.slow`: end-to-end
+    Flower runs), each lane in file order, so a broken unit shows within minutes and both lanes always
+    run. `pytest -m "not slow"` runs the fast lane alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: file order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory):
     """Flower, Ray and the image cache write under a temporary folder, never the user's home."""

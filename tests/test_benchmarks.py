@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(BENCH), "--preset", "demo", "--skip-flower", "--skip-deployment",
