@@ -39,3 +39,31 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_csv_union_of_columns(tmp_path):
     write_csv(tmp_path / "m.csv", [{"a": 1}, {"a": 2, "b": 3}])
     assert (tmp_path / "m.csv").read_text().splitlines() == ["a,b", "1,", "2,3"]
+
+
+def test_a_run_folder_names_its_files_and_loads_them(tmp_path):
+    """One object opens a run: named paths, loaders, and one error naming whatever is missing."""
+    from medfedpure.config import load_preset
+    from medfedpure.runfolder import RunFolder, RunFolderError
+
+    run = RunFolder(tmp_path)
+    assert RunFolder.of(run) is run and RunFolder.of(str(tmp_path)) == run
+    with pytest.raises(RunFolderError, match="config.json' is missing"):
+        run.config()
+    cfg = load_preset("demo")
+    write_json(run.config_file, cfg.to_dict())
+    write_json(run / "partition.json", {"classes": ["no", "yes"]})
+    assert run.config().to_dict() == cfg.to_dict() and run.classes() == ["no", "yes"]
+    assert run.summary() == {} and run.environment() == {} and not run.has_defense_models()
+    save_tensors(run.experts_file, {"w": torch.ones(2)})
+    assert torch.equal(run.experts()["w"], torch.ones(2))
+    with pytest.raises(RunFolderError, match="client 1's gate"):
+        run.gate(1)
+    save_tensors(run.client(1) / "gate.safetensors", {"g": torch.zeros(1)})
+    assert run.gate(1)["g"].shape == (1,) and run.client(1).name == "client_01"
+    assert run.baseline("fat").path == tmp_path / "baselines" / "fat" and run.evaluations == tmp_path / "evaluations"
+    with pytest.raises(RunFolderError, match="calibration"):
+        run.calibration(0)
+    assert run.purifier(cfg) is None  # no U-Net yet
+    save_tensors(run.checkpoint("diffusion"), {"u": torch.ones(1)})
+    assert run.purifier(cfg) == run.checkpoint("diffusion")

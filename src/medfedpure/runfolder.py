@@ -31,14 +31,16 @@ from pathlib import Path
 import torch
 
 from medfedpure.config import MEAN, ExperimentConfig
-from medfedpure.storage import atomic_folder, load_tensors, save_tensors, tensor_metadata, write_json
+from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, tensor_metadata, write_json
 
 # what every run folder holds: what it was asked for, its data split, where it ran, what it got
 CONFIG, PARTITION, ENVIRONMENT, SUMMARY = "config.json", "partition.json", "environment.json", "summary.json"
 # the defense models of phases 1-2, by phase
 CHECKPOINTS = {"mae": "mae.safetensors", "diffusion": "diffusion.safetensors"}
 PURIFIER = "purifier.safetensors"  # phase 4: the U-Net fine-tuned against the phase-3 classifiers
-EARLIER = "earlier"
+EXPERTS = "global_experts.safetensors"  # phase 3: the shared experts
+GATE, CALIBRATION, HISTORY = "gate.safetensors", "detector_calibration.safetensors", "history.json"  # a hospital's
+EARLIER, EVALUATIONS, BASELINES = "earlier", "evaluations", "baselines"
 # what a re-evaluation rewrites
 EVALUATION_FILES = (CONFIG, ENVIRONMENT, SUMMARY, "defense.json", "defense.csv")
 
@@ -73,6 +75,86 @@ class RunFolderError(FileNotFoundError):
 def client_dir(run: Path | str, client: int) -> Path:
     """What hospital `client` keeps: its gate, detector calibration, history."""
     return Path(run) / "clients" / f"client_{client:02d}"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder, opened: its named paths (the layout above) and the loaders every command that
+    reads a run goes through (evaluation, the transfer matrix, export). A missing file is one
+    `RunFolderError` naming it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, run: "Path | str | RunFolder") -> "RunFolder":
+        return run if isinstance(run, RunFolder) else cls(run)
+
+    def __truediv__(self, name: str) -> Path:  # a file this class does not name (e.g. an evaluation's)
+        return self.path / name
+
+    # --- paths
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def experts_file(self) -> Path:
+        return self.path / EXPERTS
+
+    @property
+    def evaluations(self) -> Path:
+        return self.path / EVALUATIONS
+
+    def checkpoint(self, phase: str) -> Path:
+        """Phase 1's or 2's weights (`diffusion`, `mae`)."""
+        return self.path / CHECKPOINTS[phase]
+
+    def client(self, client: int) -> Path:
+        return client_dir(self.path, client)
+
+    def baseline(self, method: str) -> "RunFolder":
+        """Where another method trained on the same federation lives."""
+        return RunFolder(self.path / BASELINES / method)
+
+    def has_defense_models(self) -> bool:
+        return all((self.path / f).is_file() for f in CHECKPOINTS.values())
+
+    # --- loaders
+    def config(self) -> ExperimentConfig:
+        path = need(self.config_file, "config")
+        return ExperimentConfig.from_dict(read_json(path), source=str(path))
+
+    def classes(self) -> list[str]:
+        return read_json(need(self.path / PARTITION, "partition record"))["classes"]
+
+    def summary(self) -> dict:
+        """summary.json, or {} before the run's first evaluation."""
+        path = self.path / SUMMARY
+        return read_json(path) if path.is_file() else {}
+
+    def environment(self) -> dict:
+        path = self.path / ENVIRONMENT
+        return read_json(path) if path.is_file() else {}
+
+    def experts(self) -> dict[str, torch.Tensor]:
+        return load_tensors(need(self.experts_file, "global experts"))
+
+    def weights(self, phase: str) -> dict[str, torch.Tensor]:
+        """Phase 1's or 2's weights as tensors."""
+        return load_tensors(need(self.checkpoint(phase), f"phase {phase}'s weights"))
+
+    def gate(self, client: int) -> dict[str, torch.Tensor]:
+        return load_tensors(need(self.client(client) / GATE, f"client {client}'s gate"))
+
+    def calibration(self, client: int) -> dict[str, torch.Tensor]:
+        return load_tensors(need(self.client(client) / CALIBRATION, f"client {client}'s calibration"))
+
+    def purifier(self, cfg: ExperimentConfig) -> Path | None:
+        """The U-Net file the defense purifies with (`purifier_weights`)."""
+        return purifier_weights(self.path, cfg)
 
 
 def need(path: Path, what: str) -> Path:

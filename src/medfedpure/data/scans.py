@@ -332,7 +332,7 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
                 below += [Path(dirpath) / f for f in filenames
                           if not f.startswith(".") and (_suffix(f) in scan_suffixes() or _dicom_magic(Path(dirpath) / f))]
             if not below:
-                raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(SCAN_SUFFIXES))})")
+                raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(scan_suffixes()))})")
             found += sorted(below)
         elif p.exists():  # a FIFO, a socket, a device: not something to read a scan from
             raise DataError(f"scan path '{p}' is not a regular file or a folder")

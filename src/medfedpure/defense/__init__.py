@@ -7,6 +7,6 @@ from medfedpure.defense.pipeline import DefendedClassifier, DefenseOutput
 from medfedpure.defense.trainer import PHASES, build_diffusion, build_mae
 from medfedpure.defense.unet import UNet
 
-__all__ = ["DefendedClassifier", "DefenseOutput", "DisagreementDetector", "GaussianDiffusion",
+__all__ = ["DETECTORS", "DefendedClassifier", "DefenseOutput", "DisagreementDetector", "GaussianDiffusion",
            "MAEDetector", "MaskedAutoencoder", "PHASES", "ResidualDetector", "UNet",
-           "build_diffusion", "build_mae"]
+           "build_detector", "build_diffusion", "build_mae"]

@@ -24,7 +24,7 @@ from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
-from medfedpure.runfolder import SUMMARY
+from medfedpure.runfolder import SUMMARY, RunFolder
 
 # the own-test evaluations `experiment` runs after training, by kind: (the attack.* list it runs,
 # the attack.* field capping its scans per client)
@@ -37,7 +37,7 @@ def default_suite_dir(run: Path | str, kind: str = "suite") -> Path:
     """Where `experiment` and `report` keep a run's own-test evaluation of that kind."""
     if kind not in OWN_TEST_EVALUATIONS:
         raise ValueError(f"unknown own-test evaluation '{kind}' ({', '.join(OWN_TEST_EVALUATIONS)})")
-    return Path(run) / "evaluations" / f"own-test-{kind}"
+    return RunFolder.of(run).evaluations / f"own-test-{kind}"
 
 
 def _client_scans(r: RunUnderTest, client: int, cap: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -19,8 +19,7 @@ from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.rules import calibrate_threshold
 from medfedpure.defense.trainer import load_pretrained
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import CHECKPOINTS, CONFIG, PARTITION, RunFolderError, client_dir, need, purifier_weights
-from medfedpure.storage import load_tensors, read_json
+from medfedpure.runfolder import RunFolder, RunFolderError
 
 
 def dataset_for_folder(dataset: str, folder: Path) -> str:
@@ -47,19 +46,19 @@ def _has_class_folders(folder: Path) -> bool:
     return folder.is_dir() and sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) >= 2
 
 
-def load_client_model(run: Path, cfg: ExperimentConfig, client: int, n_classes: int,
+def load_client_model(run: Path | RunFolder, cfg: ExperimentConfig, client: int, n_classes: int,
                       experts: dict | None = None):
     """Client `client`'s personalized classifier as trained: the global experts and its own part."""
+    folder = RunFolder.of(run)
     if experts is None:
-        experts = load_tensors(need(run / "global_experts.safetensors", "global experts"))
-    folder = client_dir(run, client)
+        experts = folder.experts()
     model = new_model(cfg, n_classes, init_seed=0)
     try:
         model.load_experts(experts)
-        model.load_gate(load_tensors(need(folder / "gate.safetensors", f"client {client}'s gate")))
+        model.load_gate(folder.gate(client))
     except (KeyError, RuntimeError) as err:  # other arrays, or other shapes (an edited model section)
         reason = str(err).strip().splitlines()[0][:300]
-        raise RunFolderError(f"checkpoints in '{run}' do not match its config.json: {reason}") from err
+        raise RunFolderError(f"checkpoints in '{folder.path}' do not match its config.json: {reason}") from err
     return model.eval()
 
 
@@ -72,6 +71,7 @@ class RunUnderTest:
     scans, and the models the clients share."""
 
     run: Path
+    folder: RunFolder
     cfg: ExperimentConfig
     classes: list[str]
     loaders: dict[int, DataLoader]
@@ -90,22 +90,21 @@ class RunUnderTest:
         return "each client's own test split" if self.own_test else str(self.cfg.data.root)
 
     def model(self, client: int) -> nn.Module:
-        return load_client_model(self.run, self.cfg, client, len(self.classes), self.experts)
+        return load_client_model(self.folder, self.cfg, client, len(self.classes), self.experts)
 
     def defended_model(self, client: int, model: nn.Module) -> DefendedClassifier:
-        return defended_classifier(self.run, self.cfg, client, model, self.mae, self.diffusion)
+        return defended_classifier(self.folder, self.cfg, client, model, self.mae, self.diffusion)
 
     def default_out(self, suffix: str = "") -> Path:
         name = "own-test" if self.own_test else Path(self.cfg.data.root).name
-        return self.run / "evaluations" / f"{name}{suffix}"
+        return self.folder.evaluations / f"{name}{suffix}"
 
 
 def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
              overrides: list[str] | None = None, progress: bool = True) -> RunUnderTest:
     """`data=None`: every client on its own test split, the scans of the run's final evaluation."""
-    run = Path(run)
-    config = need(run / CONFIG, "config")
-    cfg = trained = ExperimentConfig.from_dict(read_json(config), source=str(config))
+    folder = RunFolder(run)
+    cfg = trained = folder.config()
     own_test = data is None
     if own_test:
         changed = [o for o in overrides or [] if not o.startswith(OWN_TEST_OVERRIDES)]
@@ -113,7 +112,7 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
             raise ValueError(f"evaluating on the run's own test splits keeps its data and model: only attack.* "
                              f"and defense.* overrides apply, not {changed}")
     cfg = apply_overrides(cfg, overrides or []).validate()
-    classes = read_json(need(run / PARTITION, "partition record"))["classes"]
+    classes = folder.classes()
     if clients != "all" and not (clients.isdigit() and int(clients) < cfg.data.num_clients):
         raise ValueError(f"--client must be 'all' or a client index 0-{cfg.data.num_clients - 1} "
                          f"(the run has {cfg.data.num_clients} clients), not '{clients}'")
@@ -130,32 +129,31 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
             raise RunFolderError(f"'{data}' has classes {list(images.classes)}, the run was trained on {classes}")
         loaders = dict.fromkeys(ids, make_loader(images, np.arange(len(images)), 64, train=False))
         n_images = len(images)
-    experts = load_tensors(need(run / "global_experts.safetensors", "global experts"))
-    diffusion, mae = load_defense_models(run, cfg, trained)
-    return RunUnderTest(run, cfg, classes, loaders, n_images, own_test, experts, mae, diffusion)
+    diffusion, mae = load_defense_models(folder, cfg, trained)
+    return RunUnderTest(folder.path, folder, cfg, classes, loaders, n_images, own_test, folder.experts(), mae, diffusion)
 
 
-def load_defense_models(run: Path, cfg: ExperimentConfig, trained: ExperimentConfig | None = None
+def load_defense_models(run: Path | RunFolder, cfg: ExperimentConfig, trained: ExperimentConfig | None = None
                         ) -> tuple[nn.Module | None, nn.Module | None]:
     """(the U-Net the defense purifies with, the MAE), or (None, None) for a run without a defense
     (disabled, or phases 1-2 not run). The U-Net is phase 4's where the run's config (`trained`, the
     one in its config.json, before any evaluation override) fine-tunes one, and made for it."""
-    if not (cfg.defense.enabled and all((run / f).is_file() for f in CHECKPOINTS.values())):
+    folder = RunFolder.of(run)
+    if not (cfg.defense.enabled and folder.has_defense_models()):
         return None, None
-    purifier = purifier_weights(run, trained or cfg)
+    purifier = folder.purifier(trained or cfg)
     if purifier is None:
-        raise RunFolderError(f"run folder '{run}' has no phase-4 U-Net made for its config (defense.purifier): "
-                             "run `medfedpure experiment` with it again to fine-tune it")
-    return load_pretrained("diffusion", cfg, purifier), load_pretrained("mae", cfg, run / CHECKPOINTS["mae"])
+        raise RunFolderError(f"run folder '{folder.path}' has no phase-4 U-Net made for its config "
+                             "(defense.purifier): run `medfedpure experiment` with it again to fine-tune it")
+    return load_pretrained("diffusion", cfg, purifier), load_pretrained("mae", cfg, folder.checkpoint("mae"))
 
 
-def defended_classifier(run: Path, cfg: ExperimentConfig, client: int, model: nn.Module, mae, diffusion
-                        ) -> DefendedClassifier:
+def defended_classifier(run: Path | RunFolder, cfg: ExperimentConfig, client: int, model: nn.Module, mae,
+                        diffusion) -> DefendedClassifier:
     """Client `client`'s defended classifier as configured (`defense.detector`, `mode`, ...), with
     the threshold calibrated on its own clean validation scores and its own purifier noise seed."""
     d = cfg.defense
-    calibration = load_tensors(need(client_dir(run, client) / "detector_calibration.safetensors",
-                                    f"client {client}'s calibration"))
+    calibration = RunFolder.of(run).calibration(client)
     if d.detector not in calibration:
         raise RunFolderError(f"client {client} has no calibration for the '{d.detector}' detector")
     seed = task.client_seed(cfg, client, purpose="defense")

@@ -29,7 +29,7 @@ from medfedpure.evaluation.runs import defended_classifier, load_client_model, l
 from medfedpure.methods import fingerprint, method_of, purifier_tag, task
 from medfedpure.metrics import attacked_index, attacked_positions, batched_accuracy
 from medfedpure.reporting.plots import plot_transfer
-from medfedpure.runfolder import CONFIG, RunFolderError
+from medfedpure.runfolder import RunFolder
 from medfedpure.storage import read_json, write_csv, write_json
 
 
@@ -62,21 +62,18 @@ def _summary(matrix: np.ndarray, prefix: str = "") -> dict[str, float]:
 def transfer_matrix(run: Path | str, progress: bool = True) -> dict:
     """Victim-by-attacker accuracy (bare, and defended when the run has MedFedPure's defense);
     writes transfer.json, transfer.csv and transfer.png in the run folder."""
-    run = Path(run)
-    config_path = run / CONFIG
-    if not config_path.is_file():
-        raise RunFolderError(f"run folder '{run}' has no config.json")
-    cfg = ExperimentConfig.from_dict(read_json(config_path))
+    folder = RunFolder(run)
+    run, cfg = folder.path, folder.config()
     n = cfg.data.num_clients
     if n < 2:
         raise ValueError(f"internal evasion sends each client's attacks to the others: '{run}' has "
                          f"{n} client (data.num_clients), so there is nothing to transfer to")
     n_classes = task.num_classes(cfg)
-    models = [load_client_model(run, cfg, i, n_classes) for i in range(n)]
-    diffusion, mae = load_defense_models(run, cfg) if method_of(cfg).defended else (None, None)
+    models = [load_client_model(folder, cfg, i, n_classes) for i in range(n)]
+    diffusion, mae = load_defense_models(folder, cfg) if method_of(cfg).defended else (None, None)
     victims = {"bare": models}
     if diffusion is not None:
-        victims["defended"] = [defended_classifier(run, cfg, i, models[i], mae, diffusion) for i in range(n)]
+        victims["defended"] = [defended_classifier(folder, cfg, i, models[i], mae, diffusion) for i in range(n)]
     matrices = {kind: np.zeros((n, n)) for kind in victims}
     clean = {kind: np.zeros((n, n)) for kind in victims}
     sizes = []

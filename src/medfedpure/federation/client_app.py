@@ -27,7 +27,7 @@ from medfedpure.federation.client_state import HospitalState
 from medfedpure.federation.privacy import KEY_CLIPPING_NORM, clip_update
 from medfedpure.methods import LocalRound, fingerprint, method_of, new_model, task
 from medfedpure.reporting.plots import plot_defense_examples
-from medfedpure.runfolder import client_dir
+from medfedpure.runfolder import CALIBRATION, client_dir
 from medfedpure.storage import save_tensors, write_json
 
 app = ClientApp()
@@ -206,7 +206,7 @@ def _keep_defense(folder: Path, cfg: ExperimentConfig, metrics: dict, calibratio
     """The hospital's defended figures, and tau with the clean scores behind it, stay with its models."""
     d = cfg.defense
     write_json(folder / "defense.json", metrics)
-    save_tensors(folder / "detector_calibration.safetensors", calibration,
+    save_tensors(folder / CALIBRATION, calibration,
                  {"target_fpr": str(d.target_fpr), "rule": d.rule,
                   **{f"tau.{name}": str(metrics[f"{name}.tau"]) for name in calibration}})
 

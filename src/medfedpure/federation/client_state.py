@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from medfedpure.methods.baselines import AdversarialSet
-from medfedpure.runfolder import saved_round
+from medfedpure.runfolder import GATE, HISTORY, saved_round
 from medfedpure.storage import load_tensors, read_json, save_tensors, tensor_metadata, write_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class HospitalState:
         if self.folder is None:
             return None
         found = []
-        for path in (self.folder / "gate.safetensors", self.folder / "gate_prev.safetensors"):
+        for path in (self.folder / GATE, self.folder / "gate_prev.safetensors"):
             if path.exists():
                 meta = tensor_metadata(path)
                 rnd = int(meta.get("round", -1))
@@ -60,7 +60,7 @@ class HospitalState:
                         self.folder, up_to_round)
             return None
         rnd, path = max(found)
-        history = self.folder / "history.json"
+        history = self.folder / HISTORY
         if history.exists():
             done = read_json(history)
             lost = sorted({h["round"] for h in done if h.get("phase") == "train" and rnd < h["round"] <= up_to_round})
@@ -78,7 +78,7 @@ class HospitalState:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "gate.safetensors"
+        path = self.folder / GATE
         if path.exists() and saved_round(path) != rnd:
             path.replace(self.folder / "gate_prev.safetensors")
         save_tensors(path, gate, {"round": str(rnd), "client": str(self.client), "run": self.run})
@@ -88,7 +88,7 @@ class HospitalState:
         """The hospital's own log; it stays on the client's disk. A new run starts it afresh."""
         if self.folder is None:
             return
-        path = self.folder / "history.json"
+        path = self.folder / HISTORY
         fresh = entry["phase"] == "train" and entry["round"] == 1
         history = read_json(path) if path.exists() and not fresh else []
         history.append(entry)

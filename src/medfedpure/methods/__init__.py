@@ -24,7 +24,7 @@ from medfedpure.loop import channels_last
 from medfedpure.methods import baselines, task
 from medfedpure.methods.medfedpure import train_local
 from medfedpure.models import LearnerMixture, build_model
-from medfedpure.runfolder import config_fingerprint
+from medfedpure.runfolder import RunFolder, config_fingerprint
 
 
 class ScanStore(Protocol):
@@ -77,7 +77,7 @@ class Method:
 
     def folder(self, out: Path) -> Path:
         """Where an experiment keeps this method's run: ours in `out`, a baseline in `out/baselines/<name>`."""
-        return Path(out) if self.defended else Path(out) / "baselines" / self.name
+        return Path(out) if self.defended else RunFolder(out).baseline(self.name).path
 
     def fingerprint(self, cfg: ExperimentConfig, phase: str) -> str:
         return config_fingerprint(cfg, phase, self.defended)

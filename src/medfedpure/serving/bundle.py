@@ -33,7 +33,7 @@ from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
-from medfedpure.runfolder import CONFIG, ENVIRONMENT, PARTITION, SUMMARY, RunFolderError, need, purifier_weights
+from medfedpure.runfolder import RunFolder, RunFolderError
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -118,26 +118,26 @@ def export_bundle(run: Path | str, client: int, out: Path | str, sign_key: Path 
     key = _private_key(sign_key) if sign_key is not None else None  # refused before anything is written
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"'{out}' already exists and is not empty; choose a new folder")
-    cfg = ExperimentConfig.from_dict(read_json(need(run / CONFIG, "config")))
+    folder = RunFolder(run)
+    cfg = folder.config()
     if not 0 <= client < cfg.data.num_clients:
         raise BundleError(f"--client must be 0-{cfg.data.num_clients - 1} (the run has {cfg.data.num_clients} clients)")
-    classes = read_json(need(run / PARTITION, "partition record"))["classes"]
-    model = load_client_model(run, cfg, client, len(classes))
-    mae = build_pretrained("mae", cfg, load_tensors(need(run / "mae.safetensors", "MAE")), "the run's MAE")
-    purifier = purifier_weights(run, cfg)  # phase 4's where the run fine-tuned one for its config
+    classes = folder.classes()
+    model = load_client_model(folder, cfg, client, len(classes))
+    mae = build_pretrained("mae", cfg, folder.weights("mae"), "the run's MAE")
+    purifier = folder.purifier(cfg)  # phase 4's where the run fine-tuned one for its config
     if purifier is None:
         which = ("phase 4's (purifier.safetensors)" if cfg.defense.purifier.rounds
                  else "phase 1's (diffusion.safetensors)")
         raise RunFolderError(f"run folder '{run}' is incomplete: its U-Net, {which}, is missing or was made for "
                              "another config")
     diffusion = build_pretrained("diffusion", cfg, load_tensors(purifier), f"the run's U-Net ({purifier.name})")
-    defended = defended_classifier(run, cfg, client, model, mae, diffusion)
+    defended = defended_classifier(folder, cfg, client, model, mae, diffusion)
     tensors = {**_prefixed("classifier", model), **_prefixed("mae", mae), **_prefixed("diffusion", diffusion),
                "calibration.scores": defended.calibration_scores.clone()}
     d = cfg.defense
     domain = _hospital_domain(cfg, client)
-    env = read_json(run / ENVIRONMENT) if (run / ENVIRONMENT).is_file() else {}
-    summary = read_json(run / SUMMARY) if (run / SUMMARY).is_file() else {}
+    env, summary = folder.environment(), folder.summary()
     manifest = {"format": FORMAT, "version": VERSION, "client": client, "classes": classes,
                 "image_size": cfg.data.image_size, "preprocessing": PREPROCESSING,
                 "detector": d.detector, "tau": defended.tau, "threshold": defended.threshold(),

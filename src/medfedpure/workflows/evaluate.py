@@ -17,8 +17,7 @@ from medfedpure.evaluation.runs import open_run
 from medfedpure.methods import task
 from medfedpure.metrics import evaluate_accuracy
 from medfedpure.reporting.results import defense_rows, weighted_mean
-from medfedpure.runfolder import client_dir, need
-from medfedpure.storage import atomic_write_text, load_tensors, write_csv, write_json
+from medfedpure.storage import atomic_write_text, write_csv, write_json
 
 
 def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
@@ -34,8 +33,7 @@ def evaluate_run(run: Path | str, data: Path | str | None, clients: str = "all",
         model = r.model(i)
         attack = make_pgd(model, cfg.attack, seed=task.client_seed(cfg, i, purpose="evaluate"))
         if r.defended:
-            calibration = load_tensors(need(client_dir(r.run, i) / "detector_calibration.safetensors",
-                                            f"client {i}'s calibration"))
+            calibration = r.folder.calibration(i)
             d = cfg.defense
             detectors = [name for name in d.eval_detectors if name in calibration]
             m, _, _ = evaluate_defense(model, r.mae, r.diffusion, calibration, loader, attack, d, detectors,

@@ -36,7 +36,7 @@ from medfedpure.federation.strategy import FederationError, PretrainFedAvg, Puri
 from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
-from medfedpure.runfolder import (CHECKPOINTS, CONFIG, PARTITION, PURIFIER, SUMMARY, ResumeError, evaluation_files,
+from medfedpure.runfolder import (CHECKPOINTS, CONFIG, EXPERTS, PARTITION, PURIFIER, SUMMARY, ResumeError, evaluation_files,
                                   keep_earlier, load_round, need, purifier_weights, save_round)
 from medfedpure.storage import load_tensors, read_json, save_tensors, write_csv, write_json
 
@@ -189,7 +189,7 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
     settings = cfg.defense.purifier
     if settings.rounds < 1 or not method_of(cfg).defended:
         raise ValueError("defense.purifier.rounds is 0 (or the method has no defense): there is no phase 4 to run")
-    experts = ArrayRecord(load_tensors(need(out / "global_experts.safetensors", "phase 3's experts")))
+    experts = ArrayRecord(load_tensors(need(out / EXPERTS, "phase 3's experts")))
     unet = need(out / CHECKPOINTS["diffusion"], "phase 1's U-Net")
     run = fingerprint(cfg, "purifier")
     try:
@@ -353,7 +353,7 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
                    wall: float, evaluation_s: float | None = None) -> RunResult:
     """The final experts, metrics, summary, defense tables and the convergence figure (`wall`: the
     training's wall time; `evaluation_s`: that of a defended evaluation run again on its own)."""
-    save_tensors(out / "global_experts.safetensors", model.expert_state(),
+    save_tensors(out / EXPERTS, model.expert_state(),
                  {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json(),
                   "fingerprint": fingerprint(cfg, "train")})
     rows = _write_metrics(out, cfg, history)
