@@ -128,3 +128,19 @@ def test_local_weights_file(tmp_path):
     assert torch.equal(net.conv1.weight, ref.conv1.weight)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_backbone("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_resnet9_is_page_s_layout_and_takes_a_width():
+    """ResNet-9 (the fast CIFAR-10 network): 8w features from any image size, residual stages, a
+    quarter of the weights at half the width; refused with pretrained weights or the 32-px stem switch."""
+    net, dim = build_backbone("resnet9")
+    assert dim == 512 and net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+    assert net(torch.rand(1, 3, 64, 64)).shape == (1, 512)
+    half, dim = build_backbone("resnet9", width=32)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert dim == 256 and 6.4e6 < count(net) < 6.7e6 and count(half) == pytest.approx(count(net) / 4, rel=0.01)
+    grouped, _ = build_backbone("resnet9", norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grouped.modules())
+    for bad in ({"pretrained_weights": "imagenet"}, {"small_input_stem": True}):
+        with pytest.raises(ValueError, match="resnet9"):
+            build_backbone("resnet9", **bad)

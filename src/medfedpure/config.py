@@ -46,16 +46,19 @@ class DataConfig:
     classes: list[str] | None = None  # the federation's classes, in label order (hospital layouts)
 
 
+BACKBONES = ("resnet18", "resnet9", "mobilenet_v2", "small_cnn")  # models.backbones.build_backbone
+
+
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # resnet18 | mobilenet_v2 | small_cnn
+    backbone: str = "small_cnn"  # resnet18 | resnet9 | mobilenet_v2 | small_cnn
     num_experts: int = 3
     head_hidden: int = 256
     attention_hidden: int = 64
     pretrained_weights: str | None = None  # local torchvision state-dict file, or "imagenet"
     small_input_stem: bool = False  # stride-1 stem for 32-px images (CIFAR-style), see backbones.py
     norm: str = "batch"  # batch | group (GroupNorm: no running statistics to average, see backbones.py)
-    width: int = 64  # resnet18's first-stage channels (64: torchvision's, the paper's; narrower: docs/results.md)
+    width: int = 64  # resnet18's first-stage (resnet9's stem's) channels (64: torchvision's and Page's; narrower: docs/results.md)
     beta: float = 1e-4  # L2 on attention nets (Eq. 9)
     gamma: float = 1e-2  # gate-entropy weight (Eq. 9)
 
@@ -335,12 +338,11 @@ class ExperimentConfig:
             (0 < self.data.test_fraction < 1, "data.test_fraction", "in (0, 1)"),
             (0 <= self.data.val_fraction < 1 - self.data.test_fraction, "data.val_fraction",
              "in [0, 1 - test_fraction)"),
-            (self.model.backbone in {"resnet18", "mobilenet_v2", "small_cnn"}, "model.backbone",
-             "one of resnet18, mobilenet_v2, small_cnn"),
+            (self.model.backbone in BACKBONES, "model.backbone", "one of " + ", ".join(BACKBONES)),
             (self.model.num_experts >= 1, "model.num_experts", ">= 1"),
             (self.model.width >= 8 and self.model.width % 8 == 0, "model.width", "a multiple of 8, >= 8"),
-            (self.model.width == 64 or self.model.backbone == "resnet18", "model.width",
-             "64 unless model.backbone is resnet18"),
+            (self.model.width == 64 or self.model.backbone in {"resnet18", "resnet9"}, "model.width",
+             "64 unless model.backbone is resnet18 or resnet9"),
             (self.model.width == 64 or not self.model.pretrained_weights, "model.width",
              "64 with model.pretrained_weights (the pretrained networks are full width)"),
             (self.train.rounds >= 1, "train.rounds", ">= 1"),

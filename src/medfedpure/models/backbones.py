@@ -1,5 +1,6 @@
 """Feature extractors for the experts: torchvision ResNet-18 / MobileNetV2, a narrower ResNet-18
-(timm's ResNet with BasicBlocks, for the CPU presets) and a small CNN."""
+(timm's ResNet with BasicBlocks, for the CPU presets), ResNet-9 (the fast CIFAR-10 network) and a
+small CNN."""
 
 from __future__ import annotations
 
@@ -32,6 +33,34 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
+class ResNet9(nn.Module):
+    """David Page's ResNet-9 (the DAWNBench CIFAR-10 network, 94% in 24 epochs on a GPU): a conv stem,
+    then three stages of conv-norm-ReLU-max-pool at 2w, 4w and 8w channels, the first and last with a
+    residual pair of convs, a global max-pool. `width` w is the stem's channels (64: Page's). Built for
+    32-px scans; any size works (the pool is global)."""
+
+    def __init__(self, width: int = 64, norm_layer=nn.BatchNorm2d) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm_layer(cout), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        w = width
+        self.stem = conv(3, w)
+        self.layer1, self.res1 = conv(w, 2 * w, pool=True), nn.Sequential(conv(2 * w, 2 * w), conv(2 * w, 2 * w))
+        self.layer2 = conv(2 * w, 4 * w, pool=True)
+        self.layer3, self.res3 = conv(4 * w, 8 * w, pool=True), nn.Sequential(conv(8 * w, 8 * w), conv(8 * w, 8 * w))
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.out_features = 8 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.stem(x))
+        x = x + self.res1(x)
+        x = self.layer3(self.layer2(x))
+        return self.pool(x + self.res3(x))
+
+
 def build_backbone(name: str, pretrained_weights: str | None = None,
                    small_input_stem: bool = False, norm: str = "batch", width: int = 64) -> tuple[nn.Module, int]:
     """A backbone that maps normalised images to a feature vector, and that vector's size.
@@ -41,7 +70,8 @@ def build_backbone(name: str, pretrained_weights: str | None = None,
     `norm="group"` swaps BatchNorm for GroupNorm: averaged BatchNorm statistics lag far behind
     averaged weights when clients take few steps on label-skewed data, the known failure that
     GroupNorm avoids (Hsieh et al., 2020).
-    `width` (resnet18 only): the first stage's channels, doubled at each of the four stages. 64 is
+    `width` (resnet18, resnet9): the first stage's channels, doubled at each of the four stages (resnet9:
+    the stem's; see ResNet9). 64 is
     torchvision's ResNet-18 (the paper's); a narrower one is timm's ResNet with the same 64-channel
     stem, blocks and layout, narrower stages (half the width: about a third of the training step's
     time on 2 CPU cores), trained from scratch.
@@ -52,6 +82,12 @@ def build_backbone(name: str, pretrained_weights: str | None = None,
         if small_input_stem or norm != "batch":
             raise ValueError("model.small_input_stem and model.norm are for resnet18 / mobilenet_v2, not small_cnn")
         return SmallCNN(), SmallCNN.out_features
+    if name == "resnet9":
+        if pretrained_weights or small_input_stem:
+            raise ValueError("resnet9 is trained from scratch at its own (32-px) stem: no model.pretrained_weights "
+                             "or model.small_input_stem")
+        net = ResNet9(width, _group_norm if norm == "group" else nn.BatchNorm2d)
+        return net, net.out_features
     if norm == "group" and pretrained_weights:
         raise ValueError("model.norm=group cannot take pretrained BatchNorm weights (model.pretrained_weights)")
     extra = {"norm_layer": _group_norm} if norm == "group" else {}
@@ -71,7 +107,7 @@ def build_backbone(name: str, pretrained_weights: str | None = None,
         dim = net.classifier[-1].in_features
         net.classifier = nn.Identity()
     else:
-        raise ValueError(f"unknown backbone '{name}' (resnet18, mobilenet_v2, small_cnn)")
+        raise ValueError(f"unknown backbone '{name}' (resnet18, resnet9, mobilenet_v2, small_cnn)")
     if pretrained_weights and pretrained_weights != "imagenet":
         _load_local_weights(net, Path(pretrained_weights))
     if small_input_stem:
