@@ -72,3 +72,17 @@ def test_the_readme_benchmark_table_is_what_the_benchmarks_json_gives(tmp_path):
         assert check.returncode == 1 and "benchmarks/readme.py" in check.stderr
     assert subprocess.run([sys.executable, str(root / "benchmarks" / "readme.py"), *args], timeout=120).returncode == 0
     assert readme.read_text() == text
+
+
+@pytest.mark.slow
+def test_secure_aggregation_benchmark_gives_the_plain_mean_up_to_quantization(tmp_path):
+    """SecAgg+ (Flower's legacy workflow) on arrays of the experts' shapes, beside plain FedAvg: the
+    securely aggregated mean is the plain one up to its quantization, and the plain one is numpy's."""
+    out = tmp_path / "secagg.json"
+    done = subprocess.run([sys.executable, str(BENCH.parent / "secagg.py"), "--preset", "demo", "--clients", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["hospitals"] == 3 and result["values_per_hospital"] > 100_000
+    assert result["max_abs_error_vs_plain_mean"] < 1e-4 and result["plain_mean_vs_numpy_mean"] < 1e-6
+    assert result["secagg_plus_s"] > 0 and result["plain_fedavg_s"] > 0
