@@ -86,3 +86,29 @@ def test_secure_aggregation_benchmark_gives_the_plain_mean_up_to_quantization(tm
     assert result["hospitals"] == 3 and result["values_per_hospital"] > 100_000
     assert result["max_abs_error_vs_plain_mean"] < 1e-4 and result["plain_mean_vs_numpy_mean"] < 1e-6
     assert result["secagg_plus_s"] > 0 and result["plain_fedavg_s"] > 0
+
+
+def test_cifar_curve_trains_each_width_and_writes_its_points(tmp_path):
+    """The accuracy-vs-minutes benchmark on a tiny CIFAR-like folder: one run per width, a point per
+    epoch with minutes and an interval, the plot beside the JSON; a folder without test/ is refused."""
+    from conftest import write_images
+
+    for part, n in (("train", 6), ("test", 2)):
+        for k, name in enumerate(("cat", "dog", "ship")):
+            write_images(tmp_path / "c" / part / name, n, size=(32, 32), seed=10 * k + n)
+    out = tmp_path / "curve.json"
+    script = BENCH.parent / "cifar_curve.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "c"), "--widths", "8,16",
+                           "--epochs", "2", "--batch", "8", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["width"] for r in result["runs"]] == [8, 16] and result["n_test"] == 6
+    for run in result["runs"]:
+        assert [p["epoch"] for p in run["points"]] == [1, 2]
+        assert all(p["minutes"] > 0 and p["test_acc_ci"][0] <= p["test_acc"] <= p["test_acc_ci"][1]
+                   for p in run["points"])
+    assert out.with_suffix(".png").is_file()
+    bad = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "c" / "train")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no train/ folder" in bad.stderr
