@@ -58,7 +58,8 @@ class ModelConfig:
     pretrained_weights: str | None = None  # local torchvision state-dict file, or "imagenet"
     small_input_stem: bool = False  # stride-1 stem for 32-px images (CIFAR-style), see backbones.py
     norm: str = "batch"  # batch | group (GroupNorm: no running statistics to average, see backbones.py)
-    width: int = 64  # resnet18's first-stage (resnet9's stem's) channels (64: torchvision's and Page's; narrower: docs/results.md)
+    # resnet18's first-stage channels, resnet9's stem's (64: torchvision's and Page's; narrower: docs/results.md)
+    width: int = 64
     beta: float = 1e-4  # L2 on attention nets (Eq. 9)
     gamma: float = 1e-2  # gate-entropy weight (Eq. 9)
 

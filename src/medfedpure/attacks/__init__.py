@@ -1,6 +1,7 @@
 """Attacks: every one is an object called as `attack(images, labels)`.
 
-The suite (`build_attack`, one registry: attacks.registry) names what `medfedpure evaluate --attack` runs against a model,
+The suite (`build_attack`; every name and fact in one registry, attacks.registry) names what
+`medfedpure evaluate --attack` runs against a model,
 bare or defended (a `DefendedClassifier`):
 
 - `pgd`: PGD crafted on the classifier alone, then met by the defense (the paper's protocol);
@@ -45,6 +46,7 @@ def pgd_label(cfg) -> str:
 
 
 __all__ = ["ADAPTIVE", "ATTACKS", "Attack", "BPDA", "Defended", "DetectorAwarePGD", "FGSMRS", "NFGSM", "OrthogonalPGD",
-           "PGD", "SUITE", "Square", "TRAINING_ATTACKS", "WHITE_BOX", "attack_loss", "base_attack", "build_attack", "is_stochastic",
+           "PGD", "SUITE", "Square", "TRAINING_ATTACKS", "WHITE_BOX", "attack_loss", "base_attack", "build_attack",
+           "is_stochastic",
            "make_pgd", "make_training_attack", "parse_attack_name", "parse_attacks", "pgd_label",
            "split_attack_name", "training_attack_label", "valid_attack_name"]

@@ -322,6 +322,7 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
     included, hidden ones skipped) sorted. A named file is kept whatever its suffix (`read_scan`
     judges it). A missing path or a folder without scans is a DataError."""
     found: list[Path] = []
+    suffixes = scan_suffixes()
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
@@ -330,7 +331,7 @@ def list_scans(paths: list[Path | str]) -> list[Path]:
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 below += [Path(dirpath) / f for f in filenames
-                          if not f.startswith(".") and (_suffix(f) in scan_suffixes() or _dicom_magic(Path(dirpath) / f))]
+                          if not f.startswith(".") and (_suffix(f) in suffixes or _dicom_magic(Path(dirpath) / f))]
             if not below:
                 raise DataError(f"folder '{p}' holds no scans ({', '.join(sorted(scan_suffixes()))})")
             found += sorted(below)
@@ -351,8 +352,11 @@ def _decoded(image_of: Callable[[bytes, str, int | None], Image.Image]) -> Calla
     return read
 
 
-IMAGE = register_reader(ScanReader("image", tuple(sorted(IMAGE_SUFFIXES)),
-                                   lambda data, name, size, geometry, _: _image_from_bytes(data, name, size, geometry))).kind
+def _read_image(data: bytes, name: str, size: int, geometry: dict, _: int | None) -> np.ndarray:
+    return _image_from_bytes(data, name, size, geometry)
+
+
+IMAGE = register_reader(ScanReader("image", tuple(sorted(IMAGE_SUFFIXES)), _read_image)).kind
 register_reader(ScanReader("dicom", (".dcm", ".dicom"), _decoded(lambda data, name, _: _dicom_image(data, name)),
                            sniff=lambda head: head[128:132] == b"DICM"))
 register_reader(ScanReader("nifti", (".nii", ".nii.gz"), _decoded(_nifti_image)))

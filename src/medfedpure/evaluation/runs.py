@@ -130,7 +130,8 @@ def open_run(run: Path | str, data: Path | str | None, clients: str = "all",
         loaders = dict.fromkeys(ids, make_loader(images, np.arange(len(images)), 64, train=False))
         n_images = len(images)
     diffusion, mae = load_defense_models(folder, cfg, trained)
-    return RunUnderTest(folder.path, folder, cfg, classes, loaders, n_images, own_test, folder.experts(), mae, diffusion)
+    return RunUnderTest(folder.path, folder, cfg, classes, loaders, n_images, own_test, folder.experts(), mae,
+                        diffusion)
 
 
 def load_defense_models(run: Path | RunFolder, cfg: ExperimentConfig, trained: ExperimentConfig | None = None
