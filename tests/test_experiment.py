@@ -51,71 +51,86 @@ def _write_scans(folder, seed=99):
     return folder
 
 
-def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, capsys, monkeypatch):
-    tables = run_experiment(tiny(), tmp_path, progress=False)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny experiment (every phase, the defended evaluation, the suite, the tables), shared by the
+    end-to-end tests below; a test that damages the run works on a copy."""
+    run = tmp_path_factory.mktemp("run")
+    return run, run_experiment(tiny(), run, progress=False)
+
+
+def test_experiment_writes_the_tables_and_a_rerun_changes_nothing(trained):
+    run, tables = trained
     assert tables["table"] == "II"
     methods = [r["method"] for r in tables["rows"]]
     assert methods[0].startswith("MoE, no defense") and methods[1].startswith("MedFedPure")
     assert all(r["paper_clean"] is None for r in tables["rows"])  # the paper has no built-in-data row
-    suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
+    suite = json.loads((run / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
     assert tables["rows"][1]["adaptive"] == round(100 * suite["headline"]["first"], 2)  # the defended headline
     assert suite["suite"]["eot-pgd:margin"]["settings"]["loss"] == "margin"  # both losses, the lower one heads
     adaptive = ("eot-pgd", "eot-pgd:margin", "square")
     assert suite["headline"]["first"] == min(suite["suite"][a]["first"] for a in adaptive)
-    assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (tmp_path / "tables.md").read_text()
+    assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (run / "tables.md").read_text()
     for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
                  "timings.json", "config.json", "environment.json"):
-        assert (tmp_path / name).is_file(), name
-    transfer = json.loads((tmp_path / "transfer.json").read_text())
+        assert (run / name).is_file(), name
+    transfer = json.loads((run / "transfer.json").read_text())
     for kind in ("bare", "defended"):  # internal evasion through the defense, with the unattacked floor
         assert len(transfer[kind]["matrix"]) == len(transfer[kind]["clean_matrix"]) == 2
     assert [r["method"] for r in tables["transfer"]] == ["MedFedPure", "MedFedPure + defense"]
     assert all(r["clean_off_diagonal"] is not None for r in tables["transfer"])
-    before = _snapshot(tmp_path)
-    run_experiment(tiny(), tmp_path, progress=False)  # every phase is done: nothing is redone
-    assert _snapshot(tmp_path) == before
-    (tmp_path / "tables.md").unlink()
-    (tmp_path / "tables.json").unlink()
-    write_report(tmp_path)
-    assert _snapshot(tmp_path) == before
+    before = _snapshot(run)
+    run_experiment(tiny(), run, progress=False)  # every phase is done: nothing is redone
+    assert _snapshot(run) == before
+    (run / "tables.md").unlink()
+    (run / "tables.json").unlink()
+    write_report(run)
+    assert _snapshot(run) == before
     changed = tiny()
     changed.defense.mode = "graded"  # evaluation only: no retraining, but the suite follows it
-    run_experiment(changed, tmp_path, progress=False)
-    after = _snapshot(tmp_path)
+    run_experiment(changed, run, progress=False)
+    after = _snapshot(run)
     assert after["global_experts.safetensors"] == before["global_experts.safetensors"]
-    suite = json.loads((tmp_path / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
+    suite = json.loads((run / "evaluations" / "own-test-suite" / "evaluation.json").read_text())
     assert suite["defense"]["mode"] == "graded"
 
+
+def test_a_trained_run_evaluates_on_scans_no_client_saw_and_on_its_own_splits(trained, tmp_path, capsys):
+    run, _ = trained
     # evaluate the trained federation on scans no client saw
-    scans = _write_scans(tmp_path.parent / "unseen")
-    result = evaluate_run(tmp_path, scans)
+    scans = _write_scans(tmp_path / "unseen")
+    result = evaluate_run(run, scans)
     means = [r for r in result["rows"] if r["client"] == "mean"]
     assert len(means) == 4 and all(r["n_test"] == 2 * 24 for r in means)  # 2 clients x 24 scans
-    assert (tmp_path / "evaluations" / "unseen" / "evaluation.md").is_file()
+    assert (run / "evaluations" / "unseen" / "evaluation.md").is_file()
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(tmp_path), "--data", str(scans), "--client", "1", "--no-progress",
-                 "--out", str(tmp_path.parent / "e1"), "attack.eps=0.05"]) == 0
+    assert main(["evaluate", "--run", str(run), "--data", str(scans), "--client", "1", "--no-progress",
+                 "--out", str(tmp_path / "e1"), "attack.eps=0.05"]) == 0
     assert "evaluating clients" not in capsys.readouterr().err  # --no-progress: no bar
-    one = json.loads((tmp_path.parent / "e1" / "evaluation.json").read_text())
+    one = json.loads((tmp_path / "e1" / "evaluation.json").read_text())
     assert {r["client"] for r in one["rows"]} == {1, "mean"} and one["attack"]["eps"] == 0.05
 
     # each client on its own test split, with a stronger attack: the same scans and models as the run's end
-    own = evaluate_run(tmp_path, None, overrides=["attack.steps=2"])
-    final = {c["client"]: c for c in json.loads((tmp_path / "summary.json").read_text())["clients"]}
+    own = evaluate_run(run, None, overrides=["attack.steps=2"])
+    final = {c["client"]: c for c in json.loads((run / "summary.json").read_text())["clients"]}
     for r in (r for r in own["rows"] if r["client"] != "mean"):
         assert r["n_test"] == final[r["client"]]["n_test"]
         assert r["bare_clean_acc"] == pytest.approx(final[r["client"]]["clean_acc"])
-    assert own["attack"]["steps"] == 2 and (tmp_path / "evaluations" / "own-test" / "evaluation.md").is_file()
+    assert own["attack"]["steps"] == 2 and (run / "evaluations" / "own-test" / "evaluation.md").is_file()
     with pytest.raises(ValueError, match="data.image_size"):
-        evaluate_run(tmp_path, None, overrides=["data.image_size=16"])
+        evaluate_run(run, None, overrides=["data.image_size=16"])
 
+
+def test_the_attack_suite_its_convergence_check_and_its_resume_through_the_cli(trained, capsys):
+    run, _ = trained
+    final = {c["client"]: c for c in json.loads((run / "summary.json").read_text())["clients"]}
     # the attack suite through the CLI, on 3 scans per client, with a tiny budget
     capsys.readouterr()
-    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "all", "--max-per-client", "3",
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "all", "--max-per-client", "3",
                  "--no-progress", "attack.adaptive_steps=2", "attack.eot=2", "attack.square_queries=4",
                  "attack.draws=3"]) == 0
     printed = capsys.readouterr().out
-    suite_dir = tmp_path / "evaluations" / "own-test-suite"
+    suite_dir = run / "evaluations" / "own-test-suite"
     suite = json.loads((suite_dir / "evaluation.json").read_text())
     assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "fixed-noise", "bpda",
                                     "detector-aware", "orthogonal", "square"]
@@ -125,11 +140,11 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert suite["suite"]["eot-pgd"]["settings"]["steps"] == 2 and suite["suite"]["eot-pgd"]["draws"] == 3
     assert suite["headline"]["attack"] in ("eot-pgd", "bpda", "detector-aware", "orthogonal", "square")
     assert (suite_dir / "robustness.png").is_file() and "Headline" in printed
-    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "cw"]) == 2
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err
     # the convergence check: the same attack at a stronger budget on the same scans, compared in the report
-    checked = tmp_path / "evaluations" / "convergence"
-    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
+    checked = run / "evaluations" / "convergence"
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
                  "--max-per-client", "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2",
                  "attack.eot=2", "attack.draws=2"]) == 0
     conv = json.loads((checked / "evaluation.json").read_text())
@@ -144,7 +159,7 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     stamp = (checked / "clients" / "0.json").stat().st_mtime_ns
     for name in ("request.json", "evaluation.json", "clients/1.json"):  # stopped while attacking hospital 1
         (checked / name).unlink()
-    assert main(["evaluate", "--run", str(tmp_path), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3",
                  "--max-per-client", "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2",
                  "attack.eot=2", "attack.draws=2"]) == 0
     resumed = json.loads((checked / "evaluation.json").read_text())
@@ -152,34 +167,42 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert resumed["suite"]["eot-pgd@3x3"]["outcomes"] == conv["suite"]["eot-pgd@3x3"]["outcomes"]
     assert resumed["scans"] == conv["scans"]
 
+
+def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, capsys):
+    run, _ = trained
+    suite_dir = tmp_path / "suite"  # an evaluation that stands in for a candidate (`from:`)
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd", "--max-per-client", "3",
+                 "--no-progress", "--out", str(suite_dir), "attack.adaptive_steps=2", "attack.eot=2",
+                 "attack.square_queries=4", "attack.draws=3"]) == 0
+    suite = json.loads((suite_dir / "evaluation.json").read_text())
     # defense candidates under the same attacks on the same scans; a rerun redoes nothing; the suite
     # above stands in for a candidate because it ran the same attack on the same scans with the same budget
-    spec = tmp_path.parent / "candidates.yaml"
+    spec = tmp_path / "candidates.yaml"
     budget = "[attack.adaptive_steps=2, attack.eot=2, attack.square_queries=4, attack.draws=3]"
     spec.write_text(f"attacks: [eot-pgd]\nmax_per_client: 3\noverrides: {budget}\ncandidates:\n"
-                    f"  - {{name: graded, run: {tmp_path}}}\n"
-                    f"  - {{name: selective votes 3, run: {tmp_path}, overrides: [defense.mode=selective, "
+                    f"  - {{name: as trained, run: {run}}}\n"
+                    f"  - {{name: selective votes 3, run: {run}, overrides: [defense.mode=selective, "
                     f"defense.votes=3]}}\n"
-                    f"  - {{name: the suite above, run: {tmp_path}, from: {suite_dir}}}\n")
-    frontier = tmp_path.parent / "frontier"
+                    f"  - {{name: the suite above, run: {run}, from: {suite_dir}}}\n")
+    frontier = tmp_path / "frontier"
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
     table = json.loads((frontier / "candidates.json").read_text())
-    assert [r["name"] for r in table["rows"]] == ["graded", "selective votes 3", "the suite above"]
+    assert [r["name"] for r in table["rows"]] == ["as trained", "selective votes 3", "the suite above"]
     assert table["rows"][1]["defense"]["votes"] == 3 and table["rows"][1]["robust_n"] == 6
     assert table["rows"][2]["robust"] == suite["suite"]["eot-pgd"]["first"]
     # paired with the first candidate on the same scans (McNemar): counts that agree with the accuracies
     assert "paired" not in table["rows"][0]
     for row in table["rows"][1:]:
         p = row["paired"]
-        assert p["against"] == "graded" and p["attack"] == row["strongest"] and p["n"] == 6
+        assert p["against"] == "as trained" and p["attack"] == row["strongest"] and p["n"] == 6
         assert p["b_correct"] - p["a_correct"] == p["only_b"] - p["only_a"] and 0 <= p["p_value"] <= 1
         assert p["b_correct"] == round(row["per_attack"][p["attack"]] * 6)
     assert len(suite["scans"]["id"]) == 6 and len(suite["suite"]["eot-pgd"]["outcomes"]["worst"]) == 6
     assert "McNemar" in (frontier / "candidates.md").read_text()
     assert (frontier / "candidates.png").is_file() and not (frontier / "the-suite-above").exists()
-    stamp = (frontier / "graded" / "evaluation.json").stat().st_mtime_ns
+    stamp = (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
-    assert (frontier / "graded" / "evaluation.json").stat().st_mtime_ns == stamp
+    assert (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns == stamp
     spec.write_text(spec.read_text().replace("attack.eot=2", "attack.eot=3"))
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "not comparable" in capsys.readouterr().err  # the stand-in ran another budget
@@ -187,14 +210,20 @@ def test_experiment_then_rerun_changes_nothing_and_report_rebuilds(tmp_path, cap
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "/nonexistent" in capsys.readouterr().err
 
-    # a corrupted checkpoint and a missing file are named
-    gate = tmp_path / "clients" / "client_00" / "gate.safetensors"
+
+def test_a_corrupted_checkpoint_and_a_missing_file_are_named(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained[0], run)
+    scans = _write_scans(tmp_path / "unseen")
+    gate = run / "clients" / "client_00" / "gate.safetensors"
     gate.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="gate.safetensors"):
-        evaluate_run(tmp_path, scans)
-    (tmp_path / "global_experts.safetensors").unlink()
+        evaluate_run(run, scans)
+    (run / "global_experts.safetensors").unlink()
     with pytest.raises(RunFolderError, match="global_experts.safetensors"):
-        evaluate_run(tmp_path, scans)
+        evaluate_run(run, scans)
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
