@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medfedpure.config import ExperimentConfig, load_preset
+from medfedpure.data.datasets import BR35H_CLASSES, CIFAR10_CLASSES
 from medfedpure.federation.simulation import flower_environment, run_flower
 from medfedpure.methods import new_model, task
 from medfedpure.storage import write_json
@@ -38,7 +39,9 @@ def expert_shapes(cfg: ExperimentConfig) -> list[tuple[int, ...]]:
     """The shapes of what a hospital sends in phase 3 (the experts' state), a 0-d array (BatchNorm's
     step counter) as one value of shape (1,): SecAgg+ returns a 0-d array shifted by (n - 1) times its
     clipping range (measured: 16.0 off with 3 hospitals), so an app must send none."""
-    model = new_model(cfg, task.num_classes(cfg), init_seed=0)
+    known = {"br35h": len(BR35H_CLASSES), "cifar10": len(CIFAR10_CLASSES)}  # no need to read the scans
+    n_classes = len(cfg.data.classes) if cfg.data.classes else known.get(cfg.data.dataset) or task.num_classes(cfg)
+    model = new_model(cfg, n_classes, init_seed=0)
     return [tuple(v.shape) or (1,) for v in model.expert_state().values()]
 
 
