@@ -101,7 +101,7 @@ def train_curve(backbone: str, width: int, train: tuple, test: tuple, epochs: in
         trained_s += time.perf_counter() - t0
         k = accuracy(model, *test)
         lo, hi = clopper_pearson(k, len(test[1]))
-        points.append({"epoch": epoch, "minutes": round(trained_s / 60, 2), "test_acc": k / len(test[1]),
+        points.append({"epoch": epoch, "minutes": trained_s / 60, "test_acc": k / len(test[1]),
                        "test_acc_ci": [lo, hi], "train_loss_last_batch": float(loss)})
         print(f"{backbone} width {width} epoch {epoch}: {trained_s / 60:.1f} min, test {100 * k / len(test[1]):.2f}%",
               flush=True)
