@@ -132,3 +132,18 @@ def test_adapters_and_workflows_have_no_long_functions(package):
                 if length > 50:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
     assert not long, "functions over 50 lines:\n" + "\n".join(long)
+
+
+def _table_rules(text: str) -> list[int]:
+    """Lines of source that spell a markdown table's rule row (`|---|`) themselves."""
+    return [i for i, line in enumerate(text.splitlines(), 1) if "|---" in line or '"---|"' in line.replace(" ", "")]
+
+
+def test_markdown_tables_are_made_by_the_one_renderer():
+    """Every markdown table of a run's documents is made by `reporting.markdown.table`: no module
+    spells a table's rule row, so a column is added or escaped in one place."""
+    home = PACKAGE / "reporting" / "markdown.py"
+    found = [f"{path.relative_to(PACKAGE)}:{line}" for path, _ in _modules() if path != home
+             for line in _table_rules(path.read_text())]
+    assert not found, "markdown tables built by hand (use reporting.markdown.table):\n" + "\n".join(found)
+    assert _table_rules('lines = ["| a | b |", "|---|---|"]\n') == [1]

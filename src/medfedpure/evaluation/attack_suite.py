@@ -22,6 +22,7 @@ from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
 from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
+from medfedpure.reporting.markdown import table
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import SUMMARY, RunFolder
@@ -259,15 +260,16 @@ def suite_markdown(result: dict) -> str:
     lines += [f"Budget: {a['norm']} eps {a['eps']:g}, step {a['alpha']:g}. Clients: {len(result['clients'])}, "
               f"at most {result['max_per_client'] or 'all'} scans each. Each attacked scan is answered "
               f"{a['draws']} times with fresh purification noise (once by a deterministic model); 95% "
-              "Clopper-Pearson intervals.", "",
-              "| attack | knows the defense | budget | scans | first draw [95% CI] | majority [CI] | worst of N [CI] | "
-              "flagged | bare classifier | s / scan |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "Clopper-Pearson intervals.", ""]
+    rows = []
     for name, p in result["suite"].items():
         lo, hi = p["first_ci"]
-        seconds = "" if p["seconds_per_scan"] is None else f"{p['seconds_per_scan']:.2f}"
-        lines.append(f"| {name} | {p['knows_the_defense']} | {budget_label(p['settings'])} | {p['n']} | "
-                     f"{_pct(p['first'])} [{_pct(lo)}, {_pct(hi)}] | {_with_ci(p, 'majority')} | {_with_ci(p, 'worst')} | "
-                     f"{_pct(p['flagged'])} | {_pct(p['bare_acc'])} | {seconds} |")
+        seconds = None if p["seconds_per_scan"] is None else f"{p['seconds_per_scan']:.2f}"
+        rows.append([name, p["knows_the_defense"], budget_label(p["settings"]), p["n"],
+                     f"{_pct(p['first'])} [{_pct(lo)}, {_pct(hi)}]", _with_ci(p, "majority"), _with_ci(p, "worst"),
+                     _pct(p["flagged"]), _pct(p["bare_acc"]), seconds])
+    lines.append(table(["attack", "knows the defense", "budget", "scans", "first draw [95% CI]", "majority [CI]",
+                        "worst of N [CI]", "flagged", "bare classifier", "s / scan"], rows))
     h = result["headline"]
     lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {_pct(h['first'])}% "
                   f"[{_pct(h['first_ci'][0])}, {_pct(h['first_ci'][1])}] under {h['attack']} "

@@ -16,6 +16,7 @@ from medfedpure.defense.evaluation import evaluate_defense
 from medfedpure.evaluation.runs import open_run
 from medfedpure.methods import task
 from medfedpure.metrics import evaluate_accuracy
+from medfedpure.reporting.markdown import table
 from medfedpure.reporting.results import defense_rows, weighted_mean
 from medfedpure.storage import atomic_write_text, write_csv, write_json
 
@@ -69,14 +70,12 @@ def _weighted_mean(rows: list[dict]) -> dict:
 def _markdown(result: dict, defended: bool) -> str:
     lines = [f"# {result['run']} on {result['data']} ({result['n_images']} scans)", "",
              f"attack: {json.dumps(result['attack'])}", ""]
+    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
     if defended:
-        lines += ["| client | detector | mode | bare clean | bare adv | clean | adv | AUROC |", "|---|---|---|---|---|---|---|---|"]
-        for r in result["rows"]:
-            lines.append(f"| {r['client']} | {r['detector']} | {r['mode']} | {100 * r['bare_clean_acc']:.2f} | "
-                         f"{100 * r['bare_adv_acc']:.2f} | {100 * r['clean_acc']:.2f} | {100 * r['adv_acc']:.2f} | "
-                         f"{r['auroc']:.3f} |")
+        lines.append(table(["client", "detector", "mode", "bare clean", "bare adv", "clean", "adv", "AUROC"],
+                           [[r["client"], r["detector"], r["mode"], pct(r["bare_clean_acc"]), pct(r["bare_adv_acc"]),
+                             pct(r["clean_acc"]), pct(r["adv_acc"]), f"{r['auroc']:.3f}"] for r in result["rows"]]))
     else:
-        lines += ["| client | clean | adv |", "|---|---|---|"]
-        for r in result["rows"]:
-            lines.append(f"| {r['client']} | {100 * r['clean_acc']:.2f} | {100 * r['adv_acc']:.2f} |")
+        lines.append(table(["client", "clean", "adv"],
+                           [[r["client"], pct(r["clean_acc"]), pct(r["adv_acc"])] for r in result["rows"]]))
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_label, convergence_lines,
                                                current_purifier, default_suite_dir, paired_test)
 from medfedpure.methods import METHODS, OURS, REFERENCE
+from medfedpure.reporting.markdown import table
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
@@ -209,10 +210,6 @@ def _adaptive(suite: dict | None) -> dict:
             "adaptive_attack": f"{h['attack']} ({budget_label(h['settings'])}), {h['n']} scans"}
 
 
-def _cell(v) -> str:
-    return "" if v is None else str(v)
-
-
 def _adaptive_cell(r: dict) -> str:
     if r.get("adaptive") is None:
         return ""
@@ -226,12 +223,10 @@ def _markdown(tables: dict) -> str:
              "adaptive: the lowest first-draw accuracy over the attack suite that knows the defense (95% "
              "Clopper-Pearson interval, its attack and budget); for an undefended model these attacks are "
              "white-box PGD and Square. This is a defended method's headline; adv is the paper's protocol.", "",
-             "| data | px | model | attack | method | protocol | clean | adv | adaptive | paper clean | paper adv |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in tables["rows"]:
-        lines.append("| " + " | ".join(_cell(r[k]) for k in ("data", "resolution", "model", "attack", "method",
-                                                              "protocol", "clean", "adv")) + f" | {_adaptive_cell(r)} | "
-                     + " | ".join(_cell(r[k]) for k in ("paper_clean", "paper_adv")) + " |")
+             table(["data", "px", "model", "attack", "method", "protocol", "clean", "adv", "adaptive", "paper clean",
+                    "paper adv"],
+                   [[r[k] for k in ("data", "resolution", "model", "attack", "method", "protocol", "clean", "adv")]
+                    + [_adaptive_cell(r), r["paper_clean"], r["paper_adv"]] for r in tables["rows"]])]
     if tables["note"]:
         lines += ["", tables["note"]]
     for line in tables.get("missing_hospitals", []):
@@ -264,14 +259,12 @@ def _suite_lines(m: dict) -> list[str]:
     where = (f"behind its defense ({d['mode']}, {d['detector']} detector, t* in [{d['t_min']}, {d['t_max']}], "
              f"{d['votes']} purification(s))" if d else "no defense")
     title = {"suite": "Attack suite", "headline": "Headline attacks", "convergence": "Convergence check"}[m["kind"]]
+    rows = [[name, budget_label(p["settings"]), p["n"],
+             f"{100 * p['first']:.1f} [{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}]",
+             f"{100 * p['majority']:.1f}", f"{100 * p['worst']:.1f}",
+             None if p.get("flagged") is None else f"{100 * p['flagged']:.1f}"] for name, p in m["suite"].items()]
     lines = ["", f"## {title}: {m['method']}, {where}, each client's own test split", "",
-             "| attack | budget | scans | first draw [95% CI] | majority | worst of N | flagged |",
-             "|---|---|---|---|---|---|---|"]
-    for name, p in m["suite"].items():
-        flagged = "" if p.get("flagged") is None else f"{100 * p['flagged']:.1f}"
-        lines.append(f"| {name} | {budget_label(p['settings'])} | {p['n']} | {100 * p['first']:.1f} "
-                     f"[{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}] | "
-                     f"{100 * p['majority']:.1f} | {100 * p['worst']:.1f} | {flagged} |")
+             table(["attack", "budget", "scans", "first draw [95% CI]", "majority", "worst of N", "flagged"], rows)]
     if m.get("convergence"):
         lines += [""] + convergence_lines(m["convergence"])[:-1]
     paired = m.get("paired")
@@ -289,28 +282,22 @@ def _suite_lines(m: dict) -> list[str]:
 def _detection_lines(detection: list[dict]) -> list[str]:
     if not detection:
         return []
-    lines = ["", "## Detection and purification (test-size-weighted mean over clients)", "",
-             "| detector | mode | rule | AUROC | TPR at tau | FPR at tau | clean % | adv % | purified clean % "
-             "| purified adv % | mean t* (adv) | score ms | purify ms | classify ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in detection:
-        lines.append("| " + " | ".join(_cell(r[k]) for k in (
-            "detector", "mode", "rule", "auroc", "tpr_at_tau", "fpr_at_tau", "clean", "adv", "purified_clean",
-            "purified_adv", "mean_t_adv", "score_ms", "purify_ms", "classify_ms")) + " |")
-    return lines
+    keys = ("detector", "mode", "rule", "auroc", "tpr_at_tau", "fpr_at_tau", "clean", "adv", "purified_clean",
+            "purified_adv", "mean_t_adv", "score_ms", "purify_ms", "classify_ms")
+    return ["", "## Detection and purification (test-size-weighted mean over clients)", "",
+            table(["detector", "mode", "rule", "AUROC", "TPR at tau", "FPR at tau", "clean %", "adv %",
+                   "purified clean %", "purified adv %", "mean t* (adv)", "score ms", "purify ms", "classify ms"],
+                  [[r[k] for k in keys] for r in detection])]
 
 
 def _transfer_lines(transfer: list[dict] | None) -> list[str]:
     if not transfer:
         return []
-    lines = ["", "## Internal evasion (each client's PGD sent to every other client; accuracy %)", "",
-             "| method | white-box (diagonal mean) | transferred (off-diagonal mean) "
-             "| other clients' scans unattacked (off-diagonal mean) | scans per attacker |",
-             "|---|---|---|---|---|"]
-    for r in transfer:
-        lines.append(f"| {r['method']} | {r['white_box_diagonal']} | {r['transfer_off_diagonal']} | "
-                     f"{_cell(r.get('clean_off_diagonal'))} | {r['n_adv_per_attacker']:g} |")
-    return lines
+    return ["", "## Internal evasion (each client's PGD sent to every other client; accuracy %)", "",
+            table(["method", "white-box (diagonal mean)", "transferred (off-diagonal mean)",
+                   "other clients' scans unattacked (off-diagonal mean)", "scans per attacker"],
+                  [[r["method"], r["white_box_diagonal"], r["transfer_off_diagonal"], r.get("clean_off_diagonal"),
+                    f"{r['n_adv_per_attacker']:g}"] for r in transfer])]
 
 
 def write_report(run: Path | str) -> dict:
