@@ -163,7 +163,9 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 @pytest.mark.slow
 def test_a_supernode_killed_in_round_2_is_left_out_and_rejoins_with_its_saved_gate(tmp_path):
     out = tmp_path / "deploy"
-    cfg = hospital_config(tiny("train.rounds=3"), out, progress=False)
+    # a lost hospital is waited for 15 s before each round (default 30): round 2 goes on without it, and
+    # round 3 has it back (its SuperNode restarts in a few seconds)
+    cfg = hospital_config(tiny("train.rounds=3", "federation.rejoin_wait_s=15"), out, progress=False)
     folder = lambda i: Path(cfg.data.root) / f"hospital-{i}"  # noqa: E731
     with LocalFederation(out, 3) as fed:
         fed.prepare()
