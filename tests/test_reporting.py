@@ -112,3 +112,25 @@ def test_the_documents_results_tables_are_regenerated_from_what_is_published(tmp
         regenerate_docs(tmp_path)
     root = Path(__file__).resolve().parents[1]
     assert regenerate_docs(root, check=True) == [], "run `medfedpure report --docs`"
+
+
+def test_publishing_a_comparison_writes_its_result_and_its_frontier_figure(tmp_path):
+    """`compare-defenses --publish docs/results/NAME.json`: the result with run folders named from ~,
+    and the frontier figure beside it; a path that is not .json is one clear error, nothing written."""
+    from pathlib import Path
+
+    import pytest
+    from PIL import Image
+
+    from medfedpure.storage import read_json
+    from medfedpure.workflows.compare import publish
+
+    result = _published("FAT", 0.91)
+    result["rows"][1].update(run=str(Path.home() / "runs" / "b"), robust_ci=[0.92, 0.97])
+    written = publish(result, tmp_path / "docs" / "results" / "headline.json")
+    assert [p.name for p in written] == ["headline.json", "headline.png"]
+    assert read_json(written[0])["rows"][1]["run"] == "~/runs/b"
+    assert Image.open(written[1]).size[0] > 300
+    with pytest.raises(ValueError, match="headline.md: a .json file"):
+        publish(result, tmp_path / "headline.md")
+    assert not (tmp_path / "headline.md").exists() and not (tmp_path / "headline.png").exists()

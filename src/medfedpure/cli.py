@@ -132,12 +132,11 @@ def _compare_defenses(args: argparse.Namespace) -> int:
     print(open(Path(args.out) / "candidates.md").read())
     print(f"written to {args.out}/candidates.md, candidates.json, candidates.png (one folder per candidate)")
     if args.publish is not None:
-        from medfedpure.storage import write_json
-        from medfedpure.workflows.compare import publishable
+        from medfedpure.workflows.compare import publish
 
-        write_json(args.publish, publishable(result))
-        print(f"published to {args.publish}: `medfedpure report --docs` puts it in every document with the block "
-              f"'results/{args.publish.stem}'")
+        written = publish(result, args.publish)
+        print(f"published to {', '.join(map(str, written))}: `medfedpure report --docs` puts it in every document "
+              f"with the block 'results/{args.publish.stem}'")
     return 0 if result["rows"] else 1
 
 

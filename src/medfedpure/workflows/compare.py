@@ -179,6 +179,17 @@ def candidates_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(result: dict, path: Path | str) -> list[Path]:
+    """`result` kept in `docs/results/` as `path` (.json, run folders named from ~) and its frontier
+    figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"--publish {path}: a .json file (e.g. docs/results/NAME.json)")
+    write_json(path, publishable(result))
+    plot_frontier(result["rows"], path.with_suffix(".png"))
+    return [path, path.with_suffix(".png")]
+
+
 def publishable(result: dict) -> dict:
     """A comparison as `docs/results/` keeps it: run folders named from the home folder (~/runs/...),
     as the study's commands name them, not as one machine's absolute paths."""
