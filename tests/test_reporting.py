@@ -122,14 +122,20 @@ def test_publishing_a_comparison_writes_its_result_and_its_frontier_figure(tmp_p
     import pytest
     from PIL import Image
 
+    from medfedpure.reporting.rows import Comparison
     from medfedpure.storage import read_json
     from medfedpure.workflows.compare import publish
 
-    result = _published("FAT", 0.91)
-    result["rows"][1].update(run=str(Path.home() / "runs" / "b"), robust_ci=[0.92, 0.97])
+    published = _published("FAT", 0.91)
+    published["rows"][1].update(run=str(Path.home() / "runs" / "b"), robust_ci=[0.92, 0.97])
+    result = Comparison.from_dict(published)
+    assert Comparison.from_dict(result.to_dict()) == result  # typed rows read back as they were saved
     written = publish(result, tmp_path / "docs" / "results" / "headline.json")
     assert [p.name for p in written] == ["headline.json", "headline.png"]
-    assert read_json(written[0])["rows"][1]["run"] == "~/runs/b"
+    saved = read_json(written[0])
+    assert saved["rows"][1]["run"] == "~/runs/b" and "paired" not in saved["rows"][0]
+    assert saved["rows"][1]["paired"] == {"against": "", "attack": "", "verdict": "first", "only_a": 3, "only_b": 9,
+                                          "p_value": 0.146}
     assert Image.open(written[1]).size[0] > 300
     with pytest.raises(ValueError, match="headline.md: a .json file"):
         publish(result, tmp_path / "headline.md")

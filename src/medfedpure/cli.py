@@ -137,7 +137,7 @@ def _compare_defenses(args: argparse.Namespace) -> int:
         written = publish(result, args.publish)
         print(f"published to {', '.join(map(str, written))}: `medfedpure report --docs` puts it in every document "
               f"with the block 'results/{args.publish.stem}'")
-    return 0 if result["rows"] else 1
+    return 0 if result.rows else 1
 
 
 def _holdout(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from medfedpure.loop import channels_last
 from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.markdown import table
+from medfedpure.reporting.rows import PairedTest
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import SUMMARY, RunFolder
@@ -213,18 +214,18 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             "rows": rows}
 
 
-def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> dict:
+def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> PairedTest:
     """McNemar's exact test of evaluation `b` against `a` under `attack` (`verdict` answers), on
     the same scans; the reason instead where the two cannot be paired."""
     out = {"against": against, "attack": attack, "verdict": verdict}
     outcomes = [ev["suite"].get(attack, {}).get("outcomes") for ev in (a, b)]
     if not all(outcomes):
-        return {**out, "unavailable": "no per-scan outcomes under that attack (an evaluation made before they were "
-                                      "kept: run it again)"}
+        return PairedTest(**out, unavailable="no per-scan outcomes under that attack (an evaluation made before "
+                                             "they were kept: run it again)")
     if a.get("scans", {}).get("id") != b.get("scans", {}).get("id"):
-        return {**out, "unavailable": "not the same scans"}
+        return PairedTest(**out, unavailable="not the same scans")
     test = mcnemar(outcomes[0][verdict], outcomes[1][verdict])
-    return {**out, **test, "beats": test["b_correct"] > test["a_correct"] and test["p_value"] < 0.05}
+    return PairedTest(**out, **test, beats=test["b_correct"] > test["a_correct"] and test["p_value"] < 0.05)
 
 
 def budget_label(settings: dict | None) -> str:

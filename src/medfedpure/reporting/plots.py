@@ -150,21 +150,20 @@ def plot_suite(result: dict, path: Path | str) -> None:
     _save(fig, path)
 
 
-def plot_frontier(rows: list[dict], path: Path | str) -> None:
+def plot_frontier(rows: list, path: Path | str) -> None:
     """Clean against robust accuracy per defense candidate, with 95% intervals on both; a hollow
     marker, joined by a dotted line, at its worst of N resubmissions where that is lower."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
-    for k, r in enumerate(rows):
-        x, y = 100 * r["robust"], 100 * r["clean"]
-        xerr = [[x - 100 * r["robust_ci"][0]], [100 * r["robust_ci"][1] - x]]
-        yerr = [[y - 100 * r["clean_ci"][0]], [100 * r["clean_ci"][1] - y]]
+    for k, r in enumerate(rows):  # reporting.rows.CandidateRow
+        x, y = 100 * r.robust, 100 * r.clean
+        xerr = [[x - 100 * r.robust_ci[0]], [100 * r.robust_ci[1] - x]]
+        yerr = [[y - 100 * r.clean_ci[0]], [100 * r.clean_ci[1] - y]]
         color = plt.cm.tab10(k % 10)
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3, label=r["name"])
-        worst = r.get("robust_worst")
-        if worst is not None and 100 * worst < x:
-            ax.plot([100 * worst, x], [y, y], ":", color=color)
-            ax.plot([100 * worst], [y], "o", mfc="none", color=color)
-    if any(r.get("robust_worst") is not None and r["robust_worst"] < r["robust"] for r in rows):
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=color, capsize=3, label=r.name)
+        if r.robust_worst is not None and r.robust_worst < r.robust:
+            ax.plot([100 * r.robust_worst, x], [y, y], ":", color=color)
+            ax.plot([100 * r.robust_worst], [y], "o", mfc="none", color=color)
+    if any(r.robust_worst is not None and r.robust_worst < r.robust for r in rows):
         ax.plot([], [], "o", mfc="none", color="gray", label="worst of N resubmissions")
     ax.set_xlabel("robust accuracy % (strongest attack, first draw)")
     ax.set_ylabel("clean accuracy % (first draw)")

@@ -13,6 +13,7 @@ attack's accuracy and latency side by side (the frontier).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -22,6 +23,7 @@ from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, 
                                                suite_request)
 from medfedpure.reporting.markdown import table
 from medfedpure.reporting.plots import plot_frontier
+from medfedpure.reporting.rows import CandidateRow, Comparison
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
 
@@ -61,7 +63,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = True) -> dict:
+def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = True) -> Comparison:
     spec = load_spec(Path(spec_path))
     out = Path(out)
     for c in spec["candidates"]:  # fail before hours of attacks, not after
@@ -85,11 +87,11 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
                            max_per_client=spec.get("max_per_client"), progress=progress)
         evaluations.append(read_json(folder / "evaluation.json"))
         rows.append(_row(c, evaluations[-1]))
-    for row, ev in zip(rows[1:], evaluations[1:]):
-        row["paired"] = paired_test(evaluations[0], ev, row["strongest"], rows[0]["name"])
-    result = {"spec": str(spec_path), "attacks": spec["attacks"], "max_per_client": spec.get("max_per_client"),
-              "overrides": spec.get("overrides", []), "rows": rows}
-    write_json(out / "candidates.json", result)
+    rows[1:] = [replace(row, paired=paired_test(evaluations[0], ev, row.strongest, rows[0].name))
+                for row, ev in zip(rows[1:], evaluations[1:])]
+    result = Comparison(spec=str(spec_path), attacks=spec["attacks"], max_per_client=spec.get("max_per_client"),
+                        overrides=spec.get("overrides", []), rows=rows)
+    write_json(out / "candidates.json", result.to_dict())
     atomic_write_text(out / "candidates.md", candidates_markdown(result))
     plot_frontier(rows, out / "candidates.png")
     return result
@@ -120,77 +122,68 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     return ev
 
 
-def _paired_cell(row: dict) -> str:
-    p = row.get("paired")
-    if p is None:
-        return "(reference)"
-    if "unavailable" in p:
-        return "n/a"
-    return f"{p['only_b']} vs {p['only_a']}, p = {p['p_value']:.3g}"
-
-
-def _row(candidate: dict, ev: dict) -> dict:
+def _row(candidate: dict, ev: dict) -> CandidateRow:
     suite = ev["suite"]
     clean = suite.get("clean (whole split)", suite["clean"])
     h = ev["headline"]
-    return {"name": candidate["name"], "run": candidate["run"], "overrides": candidate.get("overrides", []),
-            "note": candidate.get("note", ""), "defense": ev["defense"],
-            "clean": clean["first"], "clean_ci": clean["first_ci"], "clean_n": clean["n"],
-            "robust": h["first"], "robust_ci": h["first_ci"], "robust_n": h["n"], "strongest": h["attack"],
-            "budget": budget_label(h["settings"]),
-            "robust_majority": suite[h["attack"]]["majority"], "robust_worst": suite[h["attack"]]["worst"],
-            "per_attack": {a: suite[a]["first"] for a in ev["attacks"]},
-            "latency_ms": suite["clean"].get("latency_ms")}
+    return CandidateRow(name=candidate["name"], run=candidate["run"], overrides=candidate.get("overrides", []),
+                        note=candidate.get("note", ""), defense=ev["defense"],
+                        clean=clean["first"], clean_ci=clean["first_ci"], clean_n=clean["n"],
+                        robust=h["first"], robust_ci=h["first_ci"], robust_n=h["n"], strongest=h["attack"],
+                        budget=budget_label(h["settings"]), robust_majority=suite[h["attack"]]["majority"],
+                        robust_worst=suite[h["attack"]]["worst"],
+                        per_attack={a: suite[a]["first"] for a in ev["attacks"]},
+                        latency_ms=suite["clean"].get("latency_ms"))
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def candidates_table(result: dict) -> str:
+def candidates_table(result: Comparison) -> str:
     """The frontier as one markdown table: each candidate's clean and strongest-attack accuracy with
     their intervals, majority and worst of N, every attack, latency, and the paired test with the first."""
-    attacks = result["attacks"]
-    header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N", *attacks,
-              "ms / scan", "paired with the first"]
-    rows = [[r["name"], f"{_pct(r['clean'])} [{_pct(r['clean_ci'][0])}, {_pct(r['clean_ci'][1])}]",
-             f"{_pct(r['robust'])} [{_pct(r['robust_ci'][0])}, {_pct(r['robust_ci'][1])}]",
-             f"{r['strongest']} ({r['budget']})", _pct(r["robust_majority"]), _pct(r["robust_worst"]),
-             *[_pct(r["per_attack"].get(a)) for a in attacks],
-             "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", _paired_cell(r)] for r in result["rows"]]
+    header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N",
+              *result.attacks, "ms / scan", "paired with the first"]
+    rows = [[r.name, f"{_pct(r.clean)} [{_pct(r.clean_ci[0])}, {_pct(r.clean_ci[1])}]",
+             f"{_pct(r.robust)} [{_pct(r.robust_ci[0])}, {_pct(r.robust_ci[1])}]",
+             f"{r.strongest} ({r.budget})", _pct(r.robust_majority), _pct(r.robust_worst),
+             *[_pct(r.per_attack.get(a)) for a in result.attacks],
+             "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
+             "(reference)" if r.paired is None else r.paired.cell()] for r in result.rows]
     return table(header, rows)
 
 
-def candidates_markdown(result: dict) -> str:
-    attacks = result["attacks"]
-    lines = [f"# Defense candidates ({result['spec']})", "",
-             f"Attacks: {', '.join(attacks)}; at most {result['max_per_client'] or 'all'} scans per client of its "
-             f"own test split; common overrides: {' '.join(result['overrides']) or 'none'}. Robust = the lowest "
+def candidates_markdown(result: Comparison) -> str:
+    attacks = result.attacks
+    lines = [f"# Defense candidates ({result.spec})", "",
+             f"Attacks: {', '.join(attacks)}; at most {result.max_per_client or 'all'} scans per client of its "
+             f"own test split; common overrides: {' '.join(result.overrides) or 'none'}. Robust = the lowest "
              "first-draw accuracy over these attacks (95% Clopper-Pearson interval); clean = first draw on "
              "every scan of the test splits.", "", candidates_table(result)]
-    missing = [f"{r['name']}: {r['paired']['unavailable']}" for r in result["rows"]
-               if "unavailable" in r.get("paired", {})]
+    missing = [f"{r.name}: {r.paired.unavailable}" for r in result.rows
+               if r.paired is not None and r.paired.unavailable is not None]
     lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
               "this candidate answers correctly (first draw) vs those only the first one does, and McNemar's exact "
               "p; a candidate beats the first when it is more accurate with p < 0.05."
               + (f" n/a: {'; '.join(missing)}." if missing else ""), "", "Candidates:", ""]
-    lines += [f"- **{r['name']}**: `{r['run']}` {' '.join(r['overrides'])}" + (f" ({r['note']})" if r["note"] else "")
-              for r in result["rows"]]
+    lines += [f"- **{r.name}**: `{r.run}` {' '.join(r.overrides)}" + (f" ({r.note})" if r.note else "")
+              for r in result.rows]
     return "\n".join(lines) + "\n"
 
 
-def publish(result: dict, path: Path | str) -> list[Path]:
+def publish(result: Comparison, path: Path | str) -> list[Path]:
     """`result` kept in `docs/results/` as `path` (.json, run folders named from ~) and its frontier
     figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
     path = Path(path)
     if path.suffix != ".json":
         raise ValueError(f"--publish {path}: a .json file (e.g. docs/results/NAME.json)")
     write_json(path, publishable(result))
-    plot_frontier(result["rows"], path.with_suffix(".png"))
+    plot_frontier(result.rows, path.with_suffix(".png"))
     return [path, path.with_suffix(".png")]
 
 
-def publishable(result: dict) -> dict:
+def publishable(result: Comparison) -> dict:
     """A comparison as `docs/results/` keeps it: run folders named from the home folder (~/runs/...),
     as the study's commands name them, not as one machine's absolute paths."""
     home = str(Path.home())
@@ -198,4 +191,4 @@ def publishable(result: dict) -> dict:
     def tidy(path: str) -> str:
         return "~" + path[len(home):] if path.startswith(home + "/") else path
 
-    return {**result, "rows": [{**r, "run": tidy(r["run"])} for r in result["rows"]]}
+    return replace(result, rows=[replace(r, run=tidy(r.run)) for r in result.rows]).to_dict()

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from medfedpure.reporting.markdown import read_block, replace_block
+from medfedpure.reporting.rows import Comparison
 from medfedpure.storage import atomic_write_text, read_json
 from medfedpure.workflows.compare import candidates_table
 
@@ -46,7 +47,7 @@ def regenerate_docs(root: Path | str, check: bool = False) -> list[str]:
         for block in _BLOCK.findall(text):
             if block not in results:
                 raise ValueError(f"{name}: block '{block}' has no published result {PUBLISHED / block[8:]}.json")
-            new = replace_block(new, block, candidates_table(results[block]))
+            new = replace_block(new, block, candidates_table(Comparison.from_dict(results[block])))
         if new != text:
             changed.append(name)
             if not check:

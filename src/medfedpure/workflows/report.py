@@ -198,7 +198,7 @@ def _pair_with(reference: dict, label: str, suites: list[dict]) -> None:
     for m in suites:
         if m is not reference and m["kind"] == reference["kind"]:
             m["paired"] = paired_test(ref, {"suite": m["suite"], "scans": m["scan_ids"]}, m["headline"]["attack"],
-                                      label)
+                                      label).to_dict()
 
 
 def _adaptive(suite: dict | None) -> dict:

@@ -1,0 +1,108 @@
+"""Typed results: a paired test of two evaluations, a defense candidate's row, a comparison of
+candidates. Each is built once (`evaluation.attack_suite.paired_test`, `workflows.compare`), saved
+as JSON with `to_dict` (the keys the saved results have always had) and read back with `from_dict`,
+so the tables and figures that render them name fields, not dictionary keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _known(cls, data: dict) -> dict:
+    """`data` with only the fields `cls` has: a saved result with an extra key still reads; a missing
+    required one is a TypeError naming it."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test of evaluation b against a (the reference) on the same scans under one
+    attack: `only_b` scans right only under b, `only_a` only under a; b beats a when it is more
+    accurate with p < 0.05. `unavailable` says why two evaluations could not be paired."""
+
+    against: str = ""
+    attack: str = ""
+    verdict: str = "first"
+    n: int | None = None
+    a_correct: int | None = None
+    b_correct: int | None = None
+    only_a: int | None = None
+    only_b: int | None = None
+    p_value: float | None = None
+    beats: bool | None = None
+    unavailable: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PairedTest:
+        return cls(**_known(cls, data))
+
+    def cell(self) -> str:
+        """The table cell: 'b-only vs a-only, p = ...', or n/a."""
+        if self.unavailable is not None or self.p_value is None:
+            return "n/a"
+        return f"{self.only_b} vs {self.only_a}, p = {self.p_value:.3g}"
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    """One defense candidate under the study's attacks: clean and strongest-attack first-draw accuracy
+    with their 95% intervals, majority and worst of N under that attack, each attack's first draw,
+    latency, and the paired test against the study's first candidate (None for the first)."""
+
+    name: str
+    run: str
+    clean: float
+    clean_ci: list
+    clean_n: int
+    robust: float
+    robust_ci: list
+    robust_n: int
+    strongest: str
+    budget: str
+    robust_majority: float | None
+    robust_worst: float | None
+    per_attack: dict
+    latency_ms: float | None = None
+    overrides: list = field(default_factory=list)
+    note: str = ""
+    defense: dict | None = None
+    paired: PairedTest | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["paired"] = self.paired.to_dict() if self.paired is not None else None
+        if out["paired"] is None:
+            del out["paired"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CandidateRow:
+        known = _known(cls, data)
+        if known.get("paired") is not None:
+            known["paired"] = PairedTest.from_dict(known["paired"])
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Defense candidates under the same attacks on the same scans (`compare-defenses`)."""
+
+    spec: str
+    attacks: list
+    max_per_client: int | None
+    overrides: list
+    rows: list  # of CandidateRow, the first the reference
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "attacks": list(self.attacks), "max_per_client": self.max_per_client,
+                "overrides": list(self.overrides), "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Comparison:
+        known = _known(cls, data)
+        known["rows"] = [r if isinstance(r, CandidateRow) else CandidateRow.from_dict(r) for r in known["rows"]]
+        return cls(**known)
