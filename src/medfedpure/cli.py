@@ -124,16 +124,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare_defenses(args: argparse.Namespace) -> int:
-    from medfedpure.workflows.compare import compare_defenses
+    from medfedpure.workflows.compare import compare_defenses, publish, publish_path
 
-    if args.publish is not None and args.publish.suffix != ".json":
-        raise ValueError(f"--publish {args.publish}: a .json file (e.g. docs/results/NAME.json)")
+    if args.publish is not None:
+        publish_path(args.publish)
     result = compare_defenses(args.spec, args.out, progress=not args.no_progress)
     print(open(Path(args.out) / "candidates.md").read())
     print(f"written to {args.out}/candidates.md, candidates.json, candidates.png (one folder per candidate)")
     if args.publish is not None:
-        from medfedpure.workflows.compare import publish
-
         written = publish(result, args.publish)
         print(f"published to {', '.join(map(str, written))}: `medfedpure report --docs` puts it in every document "
               f"with the block 'results/{args.publish.stem}'")

@@ -172,12 +172,18 @@ def candidates_markdown(result: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(result: Comparison, path: Path | str) -> list[Path]:
-    """`result` kept in `docs/results/` as `path` (.json, run folders named from ~) and its frontier
-    figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
+def publish_path(path: Path | str) -> Path:
+    """Where `--publish` writes: a .json file, checked before hours of attacks, not after."""
     path = Path(path)
     if path.suffix != ".json":
         raise ValueError(f"--publish {path}: a .json file (e.g. docs/results/NAME.json)")
+    return path
+
+
+def publish(result: Comparison, path: Path | str) -> list[Path]:
+    """`result` kept in `docs/results/` as `path` (.json, run folders named from ~) and its frontier
+    figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
+    path = publish_path(path)
     write_json(path, publishable(result))
     plot_frontier(result.rows, path.with_suffix(".png"))
     return [path, path.with_suffix(".png")]
