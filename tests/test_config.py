@@ -70,6 +70,8 @@ def test_validation_names_the_field():
                              (["defense.purify_training=true", "defense.purifier.rounds=1",
                                "defense.purifier.clean_weight=-1"], "defense.purifier.clean_weight"),
                              (["defense.purifier.lr=0"], "defense.purifier"),
+                             (["defense.purifier.adv_attack=eot-pgd"], "defense.purifier.adv_attack"),
+                             (["defense.purifier.adv_steps=0"], "defense.purifier.adv_steps"),
                              (["defense.adv_raw_share=0.3"], "defense.adv_raw_share"),
                              (["defense.purify_training=true", "defense.adv_share=0.8", "defense.adv_raw_share=0.3"],
                               "defense.adv_raw_share")):

@@ -316,3 +316,9 @@ def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg
     assert set(parts) == {"adv_loss", "adv_correct"}
     alone.backward()  # through the purification into the U-Net's weights
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in diffusion.parameters())
+    # phase 4's own training attack where defense.purifier.adv_* name one, phase 3's otherwise
+    c.method.adv_attack = "n-fgsm"
+    assert _target(classifier, diffusion, c, seed=1)[1].name == "n-fgsm"
+    c.defense.purifier.adv_attack, c.defense.purifier.adv_steps = "pgd", 3
+    _, pgd = _target(classifier, diffusion, c, seed=1)
+    assert (pgd.name, pgd.steps, pgd.eps) == ("pgd", 3, c.attack.eps) and c.method.adv_attack == "n-fgsm"

@@ -200,6 +200,16 @@ class PurifierSettings:
     lr: float = 1e-4
     clean_weight: float = 1.0  # weight of the classifier's loss on purified clean scans
     denoise_weight: float = 1.0  # weight of the U-Net's own denoising loss (Eq. 16)
+    # phase 4's training attack, where it should be stronger than phase 3's (AToP and ADBM fine-tune
+    # against multi-step PGD): None keeps method.adv_attack / method.adv_steps (or attack.steps)
+    adv_attack: str | None = None
+    adv_steps: int | None = None
+
+    def training_method(self, method: "MethodConfig") -> "MethodConfig":
+        """The method settings phase 4's attack is built from: `method` with adv_attack / adv_steps
+        replaced where these settings name them."""
+        return dataclasses.replace(method, adv_attack=self.adv_attack or method.adv_attack,
+                                   adv_steps=method.adv_steps if self.adv_steps is None else self.adv_steps)
 
 
 # the detectors a defense may use, each built by defense.detectors.DETECTORS (which checks it has them all)
@@ -397,6 +407,10 @@ class ExperimentConfig:
              and self.defense.purifier.lr > 0, "defense.purifier", "local_epochs, batch_size >= 1 and lr > 0"),
             (self.defense.purifier.rounds == 0 or self.defense.purify_training, "defense.purifier.rounds",
              "0 unless defense.purify_training is on (the experts must know purified scans)"),
+            (self.defense.purifier.adv_attack in (None, *TRAINING_ATTACKS), "defense.purifier.adv_attack",
+             "null (method.adv_attack) or one of " + ", ".join(TRAINING_ATTACKS)),
+            (self.defense.purifier.adv_steps is None or self.defense.purifier.adv_steps >= 1,
+             "defense.purifier.adv_steps", "null or >= 1"),
             (self.defense.purifier.clean_weight >= 0 and self.defense.purifier.denoise_weight >= 0,
              "defense.purifier.clean_weight/denoise_weight", ">= 0"),
             (self.model.norm in {"batch", "group"}, "model.norm", "batch or group"),

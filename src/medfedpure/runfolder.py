@@ -198,7 +198,8 @@ ADVERSARIAL_TRAINING = ("adv_attack", "adv_noise", "adv_norm", "adv_eps", "adv_a
 _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch", ("method", "adv_resources"): None,
                  ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None,
                  ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None,
-                 ("model", "width"): 64, ("defense", "adv_raw_share"): 0.0}
+                 ("model", "width"): 64, ("defense", "adv_raw_share"): 0.0,
+                 ("defense.purifier", "adv_attack"): None, ("defense.purifier", "adv_steps"): None}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:
@@ -214,7 +215,9 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
     for name in ATTACK_EVALUATION_ONLY:
         raw["attack"].pop(name, None)
     for (section, field), default in _ADDED_FIELDS.items():  # runs made before them still match
-        part_of = method if section == "method" else raw[section]
+        part_of = method if section == "method" else raw
+        for key in () if section == "method" else section.split("."):
+            part_of = part_of.get(key, {})
         if part_of.get(field, default) == default:
             part_of.pop(field, None)
     if phase in CHECKPOINTS:

@@ -2,7 +2,8 @@
 
 After phase 3 the classifier (shared experts + the hospital's gate) is frozen and the U-Net
 learns instead: per batch, the training attack (`method.adv_attack`, the budget of adversarial
-training) is crafted through purification at a depth drawn from [t_min, t_max], exactly as
+training, or `defense.purifier.adv_attack` / `adv_steps` where set: a multi-step PGD while phase 3
+used a single-step attack) is crafted through purification at a depth drawn from [t_min, t_max], exactly as
 phase 3 crafts it, and the U-Net descends
 
     CE(f(purify(x_adv)), y) + clean_weight * CE(f(purify(x)), y) + denoise_weight * L_denoise(x)
@@ -15,6 +16,8 @@ against adaptive attacks on diffusion purification (AToP, arXiv 2401.16352; ADBM
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +73,8 @@ def _target(classifier: nn.Module, diffusion: GaussianDiffusion, cfg: Experiment
     """The classifier behind a random-depth purification, in eval mode (an attack restores the mode
     it found, so the frozen classifier's BatchNorm statistics never move), and the training attack on it."""
     target = RandomDepthPurified(classifier, diffusion, cfg.defense, torch.Generator().manual_seed(seed)).eval()
-    return target, make_training_attack(target, cfg, seed=seed)
+    method = cfg.defense.purifier.training_method(cfg.method)  # defense.purifier.adv_* where set
+    return target, make_training_attack(target, dataclasses.replace(cfg, method=method), seed=seed)
 
 
 def finetune_purifier(diffusion: GaussianDiffusion, classifier: nn.Module, loader: DataLoader,
