@@ -78,6 +78,11 @@ def test_validation_names_the_field():
         with pytest.raises(ConfigError, match=field):
             apply_overrides(load_preset("demo"), overrides).validate()
     apply_overrides(load_preset("demo"), ["defense.purify_training=true", "defense.purifier.rounds=1"]).validate()
+    # an exponent without a dot is a number, as YAML 1.2 and every user read it (PyYAML alone says string)
+    cfg = apply_overrides(load_preset("demo"), ["defense.purifier.lr=3e-4", "train.lr=1E-2"])
+    assert (cfg.defense.purifier.lr, cfg.train.lr) == (3e-4, 1e-2)
+    with pytest.raises(ConfigError, match="train.rounds"):  # still not an int
+        apply_overrides(load_preset("demo"), ["train.rounds=1e3"])
 
 
 def test_unknown_preset_lists_the_choices():

@@ -514,6 +514,12 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# YAML 1.1 (PyYAML) reads 3e-4 and 1e3 as strings; YAML 1.2 and every user read them as numbers
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_yaml(text: str, source: str) -> Any:
     """One YAML document from untrusted text, bounded (size, values, no aliases); ConfigError naming
     `source` for anything that is not such a document."""
