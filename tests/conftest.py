@@ -41,6 +41,14 @@ def isolated_env(tmp_path_factory):
     yield
 
 
+def demo(*overrides: str):
+    """The built-in demo preset, a fresh copy, with `overrides` (`section.field=value`) applied: the
+    config most tests start from."""
+    from medfedpure.config import apply_overrides, load_preset
+
+    return apply_overrides(load_preset("demo"), list(overrides))
+
+
 def write_images(folder: Path, n: int, size=(40, 30), seed=0, fmt="JPEG", mode="RGB") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from medfedpure.config import AGGREGATIONS, ConfigError, apply_overrides, load_preset
+from medfedpure.config import AGGREGATIONS, ConfigError
 from medfedpure.federation.client_app import poison_plan, rehearsed_poison
 from medfedpure.federation.strategy import ROBUST, expert_strategy
 from medfedpure.methods import fingerprint
+
+from conftest import demo
 
 
 def reply(client: int, weights: np.ndarray, n: int) -> Message:
@@ -64,16 +66,16 @@ def test_the_robust_rule_keeps_the_strategys_bookkeeping():
 
 
 def test_the_rule_is_validated_and_changes_phase_3s_fingerprint_only():
-    cfg = load_preset("demo")
+    cfg = demo()
     for bad, field in (("federation.aggregation=krum", "federation.aggregation"),
                        ("federation.trim_fraction=0.5", "federation.trim_fraction")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-            apply_overrides(load_preset("demo"), [bad]).validate()
+            demo(bad).validate()
     with pytest.raises(ConfigError, match="cuts at least one hospital"):  # 0.1 of 3 hospitals cuts none
-        apply_overrides(load_preset("demo"), ["data.num_clients=3", "federation.aggregation=trimmed-mean"]).validate()
+        demo("data.num_clients=3", "federation.aggregation=trimmed-mean").validate()
 
     def variant(*overrides):
-        return apply_overrides(load_preset("demo"), ["data.num_clients=3", *overrides]).validate()
+        return demo("data.num_clients=3", *overrides).validate()
 
     plain, median = variant(), variant("federation.aggregation=median")
     trimmed = variant("federation.aggregation=trimmed-mean", "federation.trim_fraction=0.34")
@@ -84,7 +86,7 @@ def test_the_rule_is_validated_and_changes_phase_3s_fingerprint_only():
     assert fingerprint(median, "mae") == fingerprint(plain, "mae")  # phases 1-2 stay FedAvg
     # trim_fraction matters only to the trimmed mean (runs made before the field still resume)
     assert fingerprint(variant("federation.trim_fraction=0.3"), "train") == fingerprint(plain, "train")
-    assert fingerprint(cfg, "train") == fingerprint(load_preset("demo"), "train")
+    assert fingerprint(cfg, "train") == fingerprint(demo(), "train")
 
 
 def test_a_rehearsed_poisoned_hospital_sends_what_it_says(monkeypatch):

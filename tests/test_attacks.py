@@ -17,11 +17,13 @@ from medfedpure.evaluation.robustness import Tally, answer, attack_cost, fixed_n
 from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
 
+from conftest import demo
+
 
 @pytest.fixture(scope="module")
 def parts():
     """A small MoE and diffusion model trained on the built-in data, and 32 test scans."""
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 1
     cfg.data.val_fraction = 0.2
     cfg.data.synthetic_per_class = 300

@@ -17,7 +17,7 @@ from medfedpure.data.datasets import decode_image, load_class_folders
 from medfedpure.metrics import evaluate_accuracy
 from medfedpure.storage import read_json
 
-from conftest import write_images
+from conftest import demo, write_images
 
 
 # ---------------------------------------------------------------- images
@@ -125,7 +125,7 @@ def test_cifar_batches_never_run_code(tmp_path):
     folder.mkdir()
     marker = tmp_path / "pwned"
     _malicious_batch(folder / "data_batch_1", marker)
-    cfg = load_preset("demo").data
+    cfg = demo().data
     cfg.dataset, cfg.root = "cifar10", str(tmp_path)
     with pytest.raises(DataError, match="data_batch_1"):
         load_dataset(cfg)
@@ -141,7 +141,7 @@ def test_cifar_batches_still_load(tmp_path):
             pickle.dump({b"batch_label": b"x", b"labels": list(rng.integers(0, 10, 4)),
                          b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
                          b"filenames": [b"a.png"] * 4}, fh, protocol=2)
-    cfg = load_preset("demo").data
+    cfg = demo().data
     cfg.dataset, cfg.root, cfg.image_size = "cifar10", str(tmp_path), 32
     assert len(load_dataset(cfg)) == 24
 
@@ -171,7 +171,7 @@ def test_yaml_parsing_is_bounded_aliases_and_sizes(tmp_path, capsys):
     (bounded time and memory), by name, before anything is written."""
     import time
 
-    from medfedpure.config import MAX_YAML_BYTES, MAX_YAML_VALUES, apply_overrides
+    from medfedpure.config import MAX_YAML_BYTES, MAX_YAML_VALUES
 
     laughs = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]" for p, c in zip("abcdefgh", "bcdefghi")]
@@ -188,7 +188,7 @@ def test_yaml_parsing_is_bounded_aliases_and_sizes(tmp_path, capsys):
         load_preset(str(big))
     many = "[" + ",".join(["1"] * (MAX_YAML_VALUES + 1)) + "]"
     with pytest.raises(ConfigError, match="values"):
-        apply_overrides(load_preset("demo"), [f"attack.suite={many}"])
+        demo(f"attack.suite={many}")
     assert not (tmp_path / "run").exists()
 
 
@@ -225,7 +225,7 @@ def test_a_summary_of_the_wrong_shape_is_named(tmp_path):
 
     (tmp_path / "summary.json").write_text("[]")
     with pytest.raises(ResumeError, match="summary.json"):
-        phase_done(load_preset("demo"), tmp_path, "train")
+        phase_done(demo(), tmp_path, "train")
 
 
 @pytest.mark.parametrize("command", ["experiment", "train", "pretrain-mae"])
@@ -243,7 +243,7 @@ def test_a_data_refusal_leaves_no_out_folder(command, tmp_path, capsys):
 def test_transfer_with_one_client_is_refused_not_nan(tmp_path):
     from medfedpure.evaluation.transfer import transfer_matrix
 
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 1
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(ValueError, match="1 client"):
@@ -295,7 +295,7 @@ def test_preset_file_with_bad_json_config_in_a_run_is_named(tmp_path, capsys):
 
 
 def test_config_errors_are_config_errors():
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.name = "a/b"
     with pytest.raises(ConfigError, match="name"):
         cfg.validate()

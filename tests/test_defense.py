@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medfedpure.config import DefenseConfig, load_preset
+from medfedpure.config import DefenseConfig
 from medfedpure.defense import (PHASES, DefendedClassifier, DisagreementDetector, MAEDetector, ResidualDetector,
                                 build_diffusion, build_mae)
 from medfedpure.defense.rules import adaptive_depth, calibrate_threshold, rank_flags
@@ -18,10 +18,12 @@ from medfedpure.methods import new_model, task
 from medfedpure.methods.medfedpure import train_local
 from medfedpure.storage import save_tensors
 
+from conftest import demo
+
 
 @pytest.fixture(scope="module")
 def cfg():
-    c = load_preset("demo")
+    c = demo()
     c.data.num_clients = 1
     c.data.val_fraction = 0.2
     c.data.synthetic_per_class = 300
@@ -252,16 +254,14 @@ def test_auroc():
     assert auroc(np.array([1, 1]), np.array([1, 1])) == 0.5
 
 
-
 def test_channels_last_changes_only_float_rounding_of_the_classifier_and_the_purifier():
     """`loop.channels_last` (what predict/serve use): the MoE's logits and the U-Net's one-step x0
     agree with the default layout to float rounding."""
-    from medfedpure.config import load_preset
     from medfedpure.defense import build_diffusion
     from medfedpure.loop import channels_last
     from medfedpure.methods import new_model
 
-    cfg = load_preset("demo")
+    cfg = demo()
     torch.manual_seed(0)
     x = torch.rand(16, 3, 32, 32)
     t = torch.full((16,), 60)

@@ -7,14 +7,16 @@ import shutil
 import pytest
 from safetensors.numpy import load_file
 
-from medfedpure.config import load_preset
 from medfedpure.workflows.training import run_federated, run_pretraining
+
+from conftest import demo
+
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_config():
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 2
     cfg.data.synthetic_per_class = 200
     cfg.train.rounds = 2

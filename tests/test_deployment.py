@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from medfedpure.config import ConfigError, apply_overrides, load_preset
+from medfedpure.config import ConfigError, apply_overrides
 from medfedpure.data import DataError
 from medfedpure.federation.client_state import HospitalState
 from medfedpure.methods import task
@@ -20,12 +20,15 @@ from medfedpure.workflows.deploy_local import LocalFederation, deploy_local, hos
 from medfedpure.workflows.deployment import config_from_run
 from medfedpure.workflows.training import run_federated
 
+from conftest import demo
+
+
 TINY = ["data.synthetic_per_class=40", "train.rounds=2", "train.local_epochs=1", "defense.enabled=false",
         "attack.steps=2", "attack.max_eval_per_client=4"]
 
 
 def tiny(*extra: str):
-    return apply_overrides(load_preset("demo"), TINY + list(extra)).validate()
+    return demo(*TINY, *extra).validate()
 
 
 # --------------------------------------------------------------------------- hospital folders (fast)

@@ -13,11 +13,14 @@ from medfedpure.workflows.evaluate import evaluate_run
 from medfedpure.workflows.experiment import run_experiment
 from medfedpure.workflows.report import ReportError, write_report
 
+from conftest import demo
+
+
 pytestmark = pytest.mark.slow
 
 
 def tiny(defense: bool = True):
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 2
     cfg.data.synthetic_per_class = 120
     cfg.train.rounds = 2

@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from medfedpure.config import load_preset
 from medfedpure.workflows.training import run_federated
+
+from conftest import demo
+
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 3
     cfg.data.partition = "dirichlet"  # unequal n_i, so a plain mean would differ from FedAvg
     cfg.data.dirichlet_alpha = 1.0
@@ -95,7 +97,7 @@ def test_learns_and_writes_results(run):
 def test_the_median_over_a_poisoned_hospital_is_the_median_of_what_each_sent(tmp_path, monkeypatch):
     """federation.aggregation=median through Flower, with client 2 rehearsing a sign-flipped update:
     the new experts are the coordinate-wise median of the three replies, so client 2's are not them."""
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients, cfg.train.rounds, cfg.attack.max_eval_per_client = 3, 1, 8
     cfg.federation.aggregation = "median"
     monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "2=sign-flip*5")
@@ -112,7 +114,7 @@ def test_the_median_over_a_poisoned_hospital_is_the_median_of_what_each_sent(tmp
 def test_a_private_federation_clips_each_update_adds_noise_and_reports_its_epsilon(tmp_path):
     """federation.dp_epsilon=8 through Flower: every hospital's update leaves clipped to the norm, the
     new experts are their mean plus noise, and summary.json says what the run spent."""
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients, cfg.train.rounds, cfg.attack.max_eval_per_client = 3, 2, 8
     cfg.federation.dp_epsilon, cfg.federation.dp_clipping_norm = 8.0, 0.5
     history = run_federated(cfg, tmp_path, keep_client_arrays=True, progress=False).history

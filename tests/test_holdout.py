@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_images
+from conftest import demo, write_images
 from medfedpure.cli import main
-from medfedpure.config import DataConfig, ExperimentConfig, load_preset
+from medfedpure.config import DataConfig, ExperimentConfig
 from medfedpure.data import CIFAR10_CLASSES, DataError, load_cifar10, load_dataset
 from medfedpure.data.datasets import cap_per_class
 from medfedpure.data.holdout import export_holdout
@@ -24,7 +24,7 @@ def folder_set(root, per_class=(10, 8)):
 
 def tiny_run(run, data, dataset="folder", max_per_class=5, num_clients=2):
     """A run folder holding only what `holdout` reads: config.json and partition.json."""
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data = DataConfig(dataset=dataset, root=str(data), image_size=8, num_clients=num_clients,
                           max_per_class=max_per_class, min_client_size=1, test_fraction=0.3)
     prepare_run(cfg, run)
@@ -148,7 +148,7 @@ def test_clear_errors(tmp_path, capsys):
         export_holdout(whole, data, tmp_path / "o3")
 
     synthetic = tmp_path / "synthetic-run"
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.synthetic_per_class = 30  # enough for 3 clients with a validation scan each
     prepare_run(cfg, synthetic)
     with pytest.raises(DataError, match="only image-file layouts"):

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from medfedpure.attacks import PGD
-from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig, load_preset
+from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig
 from medfedpure.data import make_synthetic
 from medfedpure.methods import METHODS, parse_methods
 from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, adversarial_shares, e_step,
                                           make_adversarial_set, train_fedem)
 from medfedpure.models import LearnerMixture
+
+from conftest import demo
+
 
 SMALL = ModelConfig(backbone="small_cnn", head_hidden=16)
 
@@ -149,7 +152,7 @@ def test_defense_in_depth_batch_keeps_raw_attacks_raw_and_labels_in_place():
     from medfedpure.defense import build_diffusion
     from medfedpure.methods.medfedpure import defended_training_batch
 
-    cfg = load_preset("demo")
+    cfg = demo()
     diffusion = build_diffusion(cfg).eval()
     x, y = torch.rand(10, 3, 32, 32), torch.arange(10) % 2
     through = lambda xb, yb: (xb + 0.01).clamp(0, 1)  # noqa: E731 (stand-ins that mark their scans)
@@ -233,7 +236,7 @@ BASELINES = ["fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]
 def trained(tmp_path_factory):
     from medfedpure.workflows.training import run_federated
 
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 2
     cfg.data.partition = "dirichlet"  # alpha 100: classes near 50/50 (chance), but unequal n_i
     cfg.data.dirichlet_alpha = 100.0
@@ -345,7 +348,7 @@ def test_transfer_matrix_shape_and_white_box_diagonal(trained):
 def test_experiment_compares_methods_and_resumes(tmp_path):
     from medfedpure.workflows.experiment import run_experiment
 
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.data.num_clients = 2
     cfg.data.synthetic_per_class = 60
     cfg.train.rounds = 1
@@ -393,7 +396,7 @@ def test_a_round_trains_in_channels_last_and_leaves_the_default_layout(name):
     from medfedpure.loop import channels_last
     from medfedpure.methods import LocalRound, method_of, new_model
 
-    cfg = load_preset("demo")
+    cfg = demo()
     cfg.method.name, cfg.data.num_clients, cfg.defense.purify_training = name, 2, False
     cfg.model.backbone, cfg.model.width = "resnet18", 8  # ResNet-18's layout at demo size
     cfg.train.local_epochs = 1

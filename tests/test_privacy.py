@@ -6,10 +6,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from medfedpure.config import ConfigError, apply_overrides, load_preset
+from medfedpure.config import ConfigError, apply_overrides
 from medfedpure.federation.privacy import Privacy, clip_update, epsilon_after, noise_for_epsilon
 from medfedpure.federation.strategy import ExpertFedAvg
 from medfedpure.methods import fingerprint
+
+from conftest import demo
 
 
 def test_more_noise_spends_less_and_the_solved_noise_meets_its_epsilon():
@@ -79,7 +81,7 @@ def test_the_server_averages_hospitals_alike_adds_the_noise_and_records_the_spen
 
 
 def test_privacy_settings_are_checked_and_change_the_fingerprint():
-    cfg = load_preset("demo")
+    cfg = demo()
     private = apply_overrides(cfg, ["federation.dp_epsilon=8"])
     assert private.federation.private and not cfg.federation.private
     assert fingerprint(private, "train") != fingerprint(cfg, "train")

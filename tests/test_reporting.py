@@ -26,8 +26,9 @@ def test_rounds_and_clients_are_whole_numbers_on_the_axes(monkeypatch, tmp_path)
 
 def test_a_series_without_values_has_no_legend_entry_and_missing_values_no_bar(monkeypatch, tmp_path):
     figures = _captured(monkeypatch)
-    rows = [{"method": "FedAvg", "clean": 90.0, "adv": 10.0, "paper_clean": None, "paper_adv": None},
-            {"method": "Local", "clean": 80.0, "adv": None, "paper_clean": None, "paper_adv": None}]
+    from medfedpure.reporting.rows import MethodRow
+
+    rows = [MethodRow(method="FedAvg", clean=90.0, adv=10.0), MethodRow(method="Local", clean=80.0)]
     plots.plot_method_comparison(rows, tmp_path / "m.png", "no paper figures")
     ax = figures[0].axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours clean", "ours PGD (paper protocol)"]
@@ -140,3 +141,17 @@ def test_publishing_a_comparison_writes_its_result_and_its_frontier_figure(tmp_p
     with pytest.raises(ValueError, match="headline.md: a .json file"):
         publish(result, tmp_path / "headline.md")
     assert not (tmp_path / "headline.md").exists() and not (tmp_path / "headline.png").exists()
+
+
+def test_a_method_row_reads_back_what_it_saved_and_an_older_row_without_the_adaptive_column():
+    from medfedpure.reporting.rows import MethodRow
+
+    row = MethodRow(table="II", data="br35h", resolution=64, clients=10, attack="PGD-7", model="K=3 x resnet18",
+                    method="MedFedPure", protocol="p", clean=98.5, adv=90.0, adaptive=88.1, adaptive_ci=[84.9, 90.9],
+                    adaptive_attack="eot-pgd:margin (50 steps x 4 draws, margin), 480 scans")
+    saved = row.to_dict()
+    assert list(saved)[:8] == ["table", "data", "resolution", "clients", "attack", "model", "method", "protocol"]
+    assert MethodRow.from_dict({**saved, "later_key": 1}) == row
+    assert row.adaptive_cell() == "**88.1** [84.9, 90.9] eot-pgd:margin (50 steps x 4 draws, margin), 480 scans"
+    older = {k: v for k, v in saved.items() if not k.startswith("adaptive")}
+    assert MethodRow.from_dict(older).adaptive_cell() == ""

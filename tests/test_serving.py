@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from medfedpure.cli import main
-from medfedpure.config import apply_overrides, load_preset
 from medfedpure.defense.trainer import build_diffusion, build_mae
 from medfedpure.methods import new_model
 from medfedpure.runfolder import client_dir
@@ -25,10 +24,12 @@ from medfedpure.serving.predict import Predictor
 from medfedpure.serving.service import create_app
 from medfedpure.storage import read_json, save_tensors, write_json
 
+from conftest import demo
+
 
 def make_run(folder: Path, clients: int = 2) -> Path:
     """A run folder as `experiment` leaves it, with untrained weights (demo sizes)."""
-    cfg = apply_overrides(load_preset("demo"), [f"data.num_clients={clients}"]).validate()
+    cfg = demo(f"data.num_clients={clients}").validate()
     write_json(folder / "config.json", cfg.to_dict())
     write_json(folder / "partition.json", {"classes": ["healthy", "tumor"], "clients": []})
     write_json(folder / "environment.json", {"git_commit": "abc123"})

@@ -5,6 +5,8 @@ import torch
 
 from medfedpure.storage import atomic_write_text, load_tensors, save_tensors, write_csv, write_json
 
+from conftest import demo
+
 
 def test_safetensors_round_trip_and_metadata(tmp_path):
     t = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
@@ -43,14 +45,13 @@ def test_csv_union_of_columns(tmp_path):
 
 def test_a_run_folder_names_its_files_and_loads_them(tmp_path):
     """One object opens a run: named paths, loaders, and one error naming whatever is missing."""
-    from medfedpure.config import load_preset
     from medfedpure.runfolder import RunFolder, RunFolderError
 
     run = RunFolder(tmp_path)
     assert RunFolder.of(run) is run and RunFolder.of(str(tmp_path)) == run
     with pytest.raises(RunFolderError, match="config.json' is missing"):
         run.config()
-    cfg = load_preset("demo")
+    cfg = demo()
     write_json(run.config_file, cfg.to_dict())
     write_json(run / "partition.json", {"classes": ["no", "yes"]})
     assert run.config().to_dict() == cfg.to_dict() and run.classes() == ["no", "yes"]

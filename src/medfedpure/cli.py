@@ -192,17 +192,20 @@ def _report_docs(args: argparse.Namespace) -> int:
 
 
 def _print_tables(tables: dict, out: Path) -> None:
-    with_paper = any(r["paper_clean"] is not None for r in tables["rows"])
+    from medfedpure.reporting.rows import MethodRow
+
+    rows = [MethodRow.from_dict(r) for r in tables["rows"]]
+    with_paper = any(r.paper_clean is not None for r in rows)
     print(f"\nTable {tables['table']} rows: clean % / adv % (the paper's protocol: PGD on the classifier"
           + (", the paper's figures in brackets" if with_paper else "") + "); headline: the strongest attack that "
           "knows the defense, first draw, with its 95% interval")
-    for r in tables["rows"]:
-        ours = "not run" if r["clean"] is None else f"{r['clean']} / {r['adv']}"
-        paper = "" if r["paper_clean"] is None else f"  [{r['paper_clean']} / {r['paper_adv']}]"
-        print(f"  {r['method']:<48} {ours:>15}{paper}")
-        if r.get("adaptive") is not None:
-            lo, hi = r["adaptive_ci"]
-            print(f"  {'':<48} headline {r['adaptive']}% [{lo}, {hi}] under {r['adaptive_attack']}")
+    for r in rows:
+        ours = "not run" if r.clean is None else f"{r.clean} / {r.adv}"
+        paper = "" if r.paper_clean is None else f"  [{r.paper_clean} / {r.paper_adv}]"
+        print(f"  {r.method:<48} {ours:>15}{paper}")
+        if r.adaptive is not None:
+            lo, hi = r.adaptive_ci
+            print(f"  {'':<48} headline {r.adaptive}% [{lo}, {hi}] under {r.adaptive_attack}")
     for r in tables.get("transfer", []):
         print(f"  internal evasion, {r['method']}: white-box {r['white_box_diagonal']}%, "
               f"from other clients {r['transfer_off_diagonal']}% (unattacked {r.get('clean_off_diagonal')}%)")

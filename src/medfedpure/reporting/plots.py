@@ -96,23 +96,23 @@ def plot_transfer(matrices: dict, path: Path | str, title: str) -> None:
     _save(fig, path, bbox_inches="tight")
 
 
-def plot_method_comparison(rows: list[dict], path: Path | str, title: str) -> None:
-    """Clean and adversarial accuracy per method (ours hatched beside the paper's)."""
-    rows = [r for r in rows if r.get("clean") is not None or r.get("paper_clean") is not None]
+def plot_method_comparison(rows: list, path: Path | str, title: str) -> None:
+    """Clean and adversarial accuracy per method (`reporting.rows.MethodRow`; ours beside the paper's, hatched)."""
+    rows = [r for r in rows if r.clean is not None or r.paper_clean is not None]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.0), dpi=110)
     xs = range(len(rows))
     series = [("clean", "ours clean", "tab:blue", None), ("adv", "ours PGD (paper protocol)", "tab:red", None)]
-    if any(r.get("adaptive") is not None for r in rows):
+    if any(r.adaptive is not None for r in rows):
         series.append(("adaptive", "ours, attack that knows the defense", "tab:purple", None))
     series += [("paper_clean", "paper clean", "tab:blue", "//"), ("paper_adv", "paper PGD", "tab:red", "//")]
-    series = [s for s in series if any(r.get(s[0]) is not None for r in rows)]  # no legend entry without bars
+    series = [s for s in series if any(getattr(r, s[0]) is not None for r in rows)]  # no legend entry without bars
     w = 0.8 / len(series)
     for k, (key, label, color, hatch) in enumerate(series):
-        vals = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]  # missing: no bar, not 0
+        vals = [float("nan") if getattr(r, key) is None else getattr(r, key) for r in rows]  # missing: no bar, not 0
         ax.bar([x + (k - (len(series) - 1) / 2) * w for x in xs], vals, w, label=label, color=color,
                alpha=0.35 if hatch else 0.9, hatch=hatch, edgecolor=color)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([r.method for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 118)  # room for the legend above the 100% bars
     ax.set_yticks(range(0, 101, 20))

@@ -1,7 +1,8 @@
-"""Typed results: a paired test of two evaluations, a defense candidate's row, a comparison of
-candidates. Each is built once (`evaluation.attack_suite.paired_test`, `workflows.compare`), saved
-as JSON with `to_dict` (the keys the saved results have always had) and read back with `from_dict`,
-so the tables and figures that render them name fields, not dictionary keys."""
+"""Typed results: a paired test of two evaluations, a method's row of the paper's tables, a defense
+candidate's row, a comparison of candidates. Each is built once (`evaluation.attack_suite.paired_test`,
+`workflows.report`, `workflows.compare`), saved as JSON with `to_dict` (the keys the saved results have
+always had) and read back with `from_dict`, so the tables and figures that render them name fields,
+not dictionary keys."""
 
 from __future__ import annotations
 
@@ -45,6 +46,44 @@ class PairedTest:
         if self.unavailable is not None or self.p_value is None:
             return "n/a"
         return f"{self.only_b} vs {self.only_a}, p = {self.p_value:.3g}"
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """A row of the paper's Table I / II (`tables.json`'s rows): a method on the run's setting, or ours
+    behind its defense. Accuracies in %: clean, adv (the paper's protocol: PGD on the classifier), the
+    adaptive column (the lowest first-draw accuracy over the attacks that know the defense, its 95%
+    interval and attack; None where no suite ran) and the paper's figures (None where it has none)."""
+
+    table: str | None = None
+    data: str | None = None
+    resolution: int | None = None
+    clients: int | None = None
+    attack: str | None = None
+    model: str = ""
+    method: str = ""
+    protocol: str = ""
+    clean: float | None = None
+    adv: float | None = None
+    adaptive: float | None = None
+    adaptive_ci: list | None = None
+    adaptive_attack: str | None = None
+    paper_clean: float | None = None
+    paper_adv: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodRow:
+        return cls(**_known(cls, data))
+
+    def adaptive_cell(self) -> str:
+        """'**50.0** [31.3, 68.7] its attack', or empty where there is no adaptive figure."""
+        if self.adaptive is None:
+            return ""
+        lo, hi = self.adaptive_ci
+        return f"**{self.adaptive}** [{lo}, {hi}] {self.adaptive_attack}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_lab
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.markdown import table
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
+from medfedpure.reporting.rows import MethodRow
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
 
@@ -74,9 +75,8 @@ def build_tables(run: Path) -> dict:
         if name not in runs:
             if method.label in paper:
                 paper_clean, paper_adv = paper[method.label]
-                rows.append({**setting, "model": "", "method": method.label,
-                             "protocol": f"not run (medfedpure experiment --methods {name})", "clean": None,
-                             "adv": None, "paper_clean": paper_clean, "paper_adv": paper_adv})
+                rows.append(MethodRow(**setting, method=method.label, paper_clean=paper_clean, paper_adv=paper_adv,
+                                      protocol=f"not run (medfedpure experiment --methods {name})"))
             continue
         folder = runs[name]
         summary = _load(folder, SUMMARY)
@@ -94,7 +94,7 @@ def build_tables(run: Path) -> dict:
     for reference in [m for m in suites if m["method"] == REFERENCE.label]:
         # "beats plain federated adversarial training" is a paired test against it, evaluation by evaluation
         _pair_with(reference, reference["method"], suites)
-    return {"run": str(run), "table": table, "rows": rows, "detection": detection, "transfer": transfer,
+    return {"run": str(run), "table": table, "rows": [r.to_dict() for r in rows], "detection": detection, "transfer": transfer,
             "suites": suites, "missing_hospitals": missing, "privacy": privacy,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
@@ -125,17 +125,17 @@ def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]
 
 
 def _method_rows(method, folder: Path, summary: dict, suite: dict | None, setting: dict,
-                 paper: tuple[float | None, float | None]) -> list[dict]:
+                 paper: tuple[float | None, float | None]) -> list[MethodRow]:
     """A method's bare row (white-box PGD on its classifier), and ours behind its defense."""
     mcfg = ExperimentConfig.from_dict(_load(folder, CONFIG))
     final = summary["final"]
     model = f"K={method.num_models(mcfg)} x {mcfg.model.backbone}"
     ours = method.defended
-    rows = [{**setting, "model": model, "method": "MoE, no defense (ours)" if ours else method.label,
-             "protocol": "white-box PGD on the classifier" + method.training_note(mcfg),
-             "clean": _pct(final["clean_acc"]), "adv": _pct(final.get("adv_acc")),
-             **_adaptive(None if ours else suite),
-             "paper_clean": None if ours else paper[0], "paper_adv": None if ours else paper[1]}]
+    rows = [MethodRow(**setting, model=model, method="MoE, no defense (ours)" if ours else method.label,
+                      protocol="white-box PGD on the classifier" + method.training_note(mcfg),
+                      clean=_pct(final["clean_acc"]), adv=_pct(final.get("adv_acc")),
+                      **_adaptive(None if ours else suite),
+                      paper_clean=None if ours else paper[0], paper_adv=None if ours else paper[1])]
     if not ours:
         return rows
     # the defense the attack suite evaluated (the experiment's current one), else the trained config's
@@ -144,11 +144,11 @@ def _method_rows(method, folder: Path, summary: dict, suite: dict | None, settin
     headline = next((r for r in summary.get("defense", [])
                      if r["detector"] == shown["detector"] and r["mode"] == shown["mode"]), None)
     if headline is not None:
-        rows.append({**setting, "model": model, "method": f"{method.label} ({shown['mode']}, {shown['detector']} detector)",
-                     "protocol": "adv: paper protocol (PGD on the classifier, then the defense); "
-                                 "adaptive: the defense attacked as a whole",
-                     "clean": _pct(headline["clean_acc"]), "adv": _pct(headline["adv_acc"]),
-                     **_adaptive(suite), "paper_clean": paper[0], "paper_adv": paper[1]})
+        rows.append(MethodRow(**setting, model=model, method=f"{method.label} ({shown['mode']}, {shown['detector']} detector)",
+                              protocol="adv: paper protocol (PGD on the classifier, then the defense); "
+                                       "adaptive: the defense attacked as a whole",
+                              clean=_pct(headline["clean_acc"]), adv=_pct(headline["adv_acc"]),
+                              **_adaptive(suite), paper_clean=paper[0], paper_adv=paper[1]))
     return rows
 
 
@@ -210,13 +210,6 @@ def _adaptive(suite: dict | None) -> dict:
             "adaptive_attack": f"{h['attack']} ({budget_label(h['settings'])}), {h['n']} scans"}
 
 
-def _adaptive_cell(r: dict) -> str:
-    if r.get("adaptive") is None:
-        return ""
-    lo, hi = r["adaptive_ci"]
-    return f"**{r['adaptive']}** [{lo}, {hi}] {r['adaptive_attack']}"
-
-
 def _markdown(tables: dict) -> str:
     lines = [f"# Results: {tables['run']}", "",
              f"## Table {tables['table']} rows (ours beside the paper's; accuracy %)", "",
@@ -225,8 +218,8 @@ def _markdown(tables: dict) -> str:
              "white-box PGD and Square. This is a defended method's headline; adv is the paper's protocol.", "",
              table(["data", "px", "model", "attack", "method", "protocol", "clean", "adv", "adaptive", "paper clean",
                     "paper adv"],
-                   [[r[k] for k in ("data", "resolution", "model", "attack", "method", "protocol", "clean", "adv")]
-                    + [_adaptive_cell(r), r["paper_clean"], r["paper_adv"]] for r in tables["rows"]])]
+                   [[r.data, r.resolution, r.model, r.attack, r.method, r.protocol, r.clean, r.adv, r.adaptive_cell(),
+                     r.paper_clean, r.paper_adv] for r in map(MethodRow.from_dict, tables["rows"])])]
     if tables["note"]:
         lines += ["", tables["note"]]
     for line in tables.get("missing_hospitals", []):
@@ -316,7 +309,7 @@ def write_report(run: Path | str) -> dict:
                          f"{cfg.name} / {name}: {cfg.data.dataset} {cfg.data.image_size}px, "
                          f"{cfg.data.num_clients} clients, {cfg.model.backbone}", metrics["attack"])
     if len(tables["rows"]) > 1:
-        plot_method_comparison(tables["rows"], run / "methods.png",
+        plot_method_comparison([MethodRow.from_dict(r) for r in tables["rows"]], run / "methods.png",
                                f"Table {tables['table']}: {tables['rows'][0]['data']} "
                                f"{tables['rows'][0]['resolution']}px, {tables['rows'][0]['attack']}")
     return tables
