@@ -129,7 +129,7 @@ class MaskedAutoencoder(nn.Module):
     def decode(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Predicted pixels of every patch, (B, L, p*p*C)."""
         x = self.decoder_embed(latent)
-        b, n_keep, d = x.shape[0], keep.shape[1], x.shape[-1]
+        b, d = x.shape[0], x.shape[-1]
         full = self.mask_token.expand(b, self.num_patches, d).clone()
         full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
         x = torch.cat([x[:, :1], full + self.decoder_pos_embed], dim=1)

@@ -22,8 +22,8 @@ from medfedpure.evaluation.runs import RunUnderTest, open_run
 from medfedpure.loop import channels_last
 from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
-from medfedpure.reporting.markdown import table
-from medfedpure.reporting.rows import PairedTest
+from medfedpure.reporting.markdown import percent, table, with_interval
+from medfedpure.reporting.rows import AttackResult, PairedTest
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import SUMMARY, RunFolder
@@ -183,11 +183,10 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
         knows = spec.knows if spec is not None else ""
         if first.get("same_as"):
             knows = f"= {first['same_as']} (no defense to know)"
-        pooled[name] = {**mean, "settings": first.get("settings"), "draws": first.get("draws"), "max_linf": linf,
-                        "knows_the_defense": knows}
-        if "outcomes" in first:  # per scan, in the order of `scans` below
-            pooled[name]["outcomes"] = {v: "".join(c["results"][name]["outcomes"][v] for c in per_client)
-                                        for v in VERDICTS}
+        outcomes = ({v: "".join(c["results"][name]["outcomes"][v] for c in per_client) for v in VERDICTS}
+                    if "outcomes" in first else None)  # per scan, in the order of `scans` below
+        pooled[name] = AttackResult(**mean, settings=first.get("settings"), draws=first.get("draws"), max_linf=linf,
+                                    knows_the_defense=knows, outcomes=outcomes).to_dict()
     adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
     worst = min(adaptive, key=lambda a: pooled[a]["first"])
     convergence = []  # each attack run at its own budget beside the same attack at the suite's
@@ -238,16 +237,6 @@ def budget_label(settings: dict | None) -> str:
     return f"{settings['steps']} steps{eot}, {settings.get('loss', 'ce')}"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def _with_ci(p: dict, verdict: str) -> str:
-    """'92.0 [85.0, 96.5]': a verdict's accuracy with its interval (older evaluations: without)."""
-    ci = p.get(f"{verdict}_ci")
-    return _pct(p[verdict]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
-
-
 def suite_markdown(result: dict) -> str:
     a = result["attack_config"]
     lines = [f"# Attack suite: {result['run']} on {result['data']}", ""]
@@ -263,17 +252,16 @@ def suite_markdown(result: dict) -> str:
               f"{a['draws']} times with fresh purification noise (once by a deterministic model); 95% "
               "Clopper-Pearson intervals.", ""]
     rows = []
-    for name, p in result["suite"].items():
-        lo, hi = p["first_ci"]
-        seconds = None if p["seconds_per_scan"] is None else f"{p['seconds_per_scan']:.2f}"
-        rows.append([name, p["knows_the_defense"], budget_label(p["settings"]), p["n"],
-                     f"{_pct(p['first'])} [{_pct(lo)}, {_pct(hi)}]", _with_ci(p, "majority"), _with_ci(p, "worst"),
-                     _pct(p["flagged"]), _pct(p["bare_acc"]), seconds])
+    for name, p in ((name, AttackResult.from_dict(p)) for name, p in result["suite"].items()):
+        seconds = None if p.seconds_per_scan is None else f"{p.seconds_per_scan:.2f}"
+        rows.append([name, p.knows_the_defense, budget_label(p.settings), p.n, with_interval(p.first, p.first_ci),
+                     with_interval(p.majority, p.majority_ci), with_interval(p.worst, p.worst_ci), percent(p.flagged),
+                     percent(p.bare_acc), seconds])
     lines.append(table(["attack", "knows the defense", "budget", "scans", "first draw [95% CI]", "majority [CI]",
                         "worst of N [CI]", "flagged", "bare classifier", "s / scan"], rows))
     h = result["headline"]
-    lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {_pct(h['first'])}% "
-                  f"[{_pct(h['first_ci'][0])}, {_pct(h['first_ci'][1])}] under {h['attack']} "
+    lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {percent(h['first'])}% "
+                  f"[{percent(h['first_ci'][0])}, {percent(h['first_ci'][1])}] under {h['attack']} "
                   f"({budget_label(h['settings'])}), {h['n']} scans.**", ""]
     lines += convergence_lines(result.get("convergence", []))
     return "\n".join(lines)
@@ -285,8 +273,8 @@ def convergence_lines(convergence: list[dict]) -> list[str]:
     for c in convergence:
         verdict = ("lower beyond the interval: the budget has not converged, and the headline takes the stronger one"
                    if c["lower_beyond_interval"] else "within the interval: the suite's budget has converged")
-        lines += [f"Convergence: {c['stronger']} {_pct(c['stronger_first'])}% against {c['attack']} "
-                  f"{_pct(c['first'])}% [{_pct(c['first_ci'][0])}, {_pct(c['first_ci'][1])}] on the same scans: "
+        lines += [f"Convergence: {c['stronger']} {percent(c['stronger_first'])}% against {c['attack']} "
+                  f"{percent(c['first'])}% [{percent(c['first_ci'][0])}, {percent(c['first_ci'][1])}] on the same scans: "
                   f"{verdict}.", ""]
     return lines
 

@@ -1,4 +1,5 @@
-"""One markdown table renderer, and the marked blocks of a document that a command regenerates."""
+"""One markdown table renderer, one way to write a share as a percentage, and the marked blocks of a
+document that a command regenerates."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def percent(x: float | None, digits: int = 1) -> str:
+    """A share (0.92) as a percentage ('92.0'); 'n/a' where there is none."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}"
+
+
+def with_interval(x: float | None, ci: list | None, digits: int = 1) -> str:
+    """'92.0 [85.0, 96.5]': a share and its interval as percentages (without the interval where there is none)."""
+    return percent(x, digits) + (f" [{percent(ci[0], digits)}, {percent(ci[1], digits)}]" if ci else "")
 
 
 def _markers(name: str) -> tuple[str, str]:

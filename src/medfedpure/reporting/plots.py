@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from medfedpure.reporting.rows import AttackResult  # noqa: E402
 from medfedpure.storage import atomic_write_bytes  # noqa: E402
 
 
@@ -125,15 +126,16 @@ def plot_method_comparison(rows: list, path: Path | str, title: str) -> None:
 def plot_suite(result: dict, path: Path | str) -> None:
     """Accuracy under each attack of the suite: first draw with its 95% interval, majority and
     worst of N beside it."""
-    names = list(result["suite"])
+    suite = {name: AttackResult.from_dict(p) for name, p in result["suite"].items()}
+    names = list(suite)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(names)), 3.8), dpi=110)
     w = 0.26
     for k, (verdict, color) in enumerate((("first", "tab:blue"), ("majority", "tab:green"), ("worst", "tab:red"))):
-        vals = [100 * (result["suite"][n][verdict] or 0.0) for n in names]
+        vals = [100 * (getattr(suite[n], verdict) or 0.0) for n in names]
         xs = [i + (k - 1) * w for i in range(len(names))]
         err = None
         if verdict == "first":
-            cis = [result["suite"][n]["first_ci"] for n in names]
+            cis = [suite[n].first_ci for n in names]
             err = [[v - 100 * lo for v, (lo, _) in zip(vals, cis)], [100 * hi - v for v, (_, hi) in zip(vals, cis)]]
         ax.bar(xs, vals, w, yerr=err, capsize=3, color=color, alpha=0.85,
                label={"first": "first draw (95% CI)", "majority": "majority", "worst": "worst of N"}[verdict])

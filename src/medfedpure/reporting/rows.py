@@ -49,6 +49,43 @@ class PairedTest:
 
 
 @dataclass(frozen=True)
+class AttackResult:
+    """One attack (or clean) of a suite evaluation pooled over the hospitals (`evaluation.json`'s
+    `suite` entries): scans, each verdict's accuracy with its 95% interval (first draw, majority and
+    worst of the N answers), the share flagged, the bare classifier's accuracy, seconds per scan and
+    answer latency, the attack's settings, and the per-scan outcomes a paired test needs."""
+
+    client: str = "all"
+    attack: str = ""
+    n: int = 0
+    first: float | None = None
+    first_ci: list | None = None
+    majority: float | None = None
+    majority_ci: list | None = None
+    worst: float | None = None
+    worst_ci: list | None = None
+    flagged: float | None = None
+    bare_acc: float | None = None
+    seconds_per_scan: float | None = None
+    latency_ms: float | None = None
+    settings: dict | None = None
+    draws: int | None = None
+    max_linf: float = 0.0
+    knows_the_defense: str = ""
+    outcomes: dict | None = None  # per verdict, '1'/'0' per scan in the evaluation's scan order
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if out["outcomes"] is None:
+            del out["outcomes"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttackResult:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
 class MethodRow:
     """A row of the paper's Table I / II (`tables.json`'s rows): a method on the run's setting, or ours
     behind its defense. Accuracies in %: clean, adv (the paper's protocol: PGD on the classifier), the

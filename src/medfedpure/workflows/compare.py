@@ -21,9 +21,9 @@ from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml_file
 from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, paired_test, suite_done,
                                                suite_request)
-from medfedpure.reporting.markdown import table
+from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
-from medfedpure.reporting.rows import CandidateRow, Comparison
+from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
 
@@ -123,21 +123,17 @@ def _reuse(candidate: dict, spec: dict) -> dict:
 
 
 def _row(candidate: dict, ev: dict) -> CandidateRow:
-    suite = ev["suite"]
+    suite = {name: AttackResult.from_dict(p) for name, p in ev["suite"].items()}
     clean = suite.get("clean (whole split)", suite["clean"])
-    h = ev["headline"]
+    name = ev["headline"]["attack"]
+    strongest = suite[name]
     return CandidateRow(name=candidate["name"], run=candidate["run"], overrides=candidate.get("overrides", []),
                         note=candidate.get("note", ""), defense=ev["defense"],
-                        clean=clean["first"], clean_ci=clean["first_ci"], clean_n=clean["n"],
-                        robust=h["first"], robust_ci=h["first_ci"], robust_n=h["n"], strongest=h["attack"],
-                        budget=budget_label(h["settings"]), robust_majority=suite[h["attack"]]["majority"],
-                        robust_worst=suite[h["attack"]]["worst"],
-                        per_attack={a: suite[a]["first"] for a in ev["attacks"]},
-                        latency_ms=suite["clean"].get("latency_ms"))
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
+                        clean=clean.first, clean_ci=clean.first_ci, clean_n=clean.n,
+                        robust=strongest.first, robust_ci=strongest.first_ci, robust_n=strongest.n,
+                        strongest=name, budget=budget_label(strongest.settings),
+                        robust_majority=strongest.majority, robust_worst=strongest.worst,
+                        per_attack={a: suite[a].first for a in ev["attacks"]}, latency_ms=suite["clean"].latency_ms)
 
 
 def candidates_table(result: Comparison) -> str:
@@ -145,10 +141,9 @@ def candidates_table(result: Comparison) -> str:
     their intervals, majority and worst of N, every attack, latency, and the paired test with the first."""
     header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N",
               *result.attacks, "ms / scan", "paired with the first"]
-    rows = [[r.name, f"{_pct(r.clean)} [{_pct(r.clean_ci[0])}, {_pct(r.clean_ci[1])}]",
-             f"{_pct(r.robust)} [{_pct(r.robust_ci[0])}, {_pct(r.robust_ci[1])}]",
-             f"{r.strongest} ({r.budget})", _pct(r.robust_majority), _pct(r.robust_worst),
-             *[_pct(r.per_attack.get(a)) for a in result.attacks],
+    rows = [[r.name, with_interval(r.clean, r.clean_ci), with_interval(r.robust, r.robust_ci),
+             f"{r.strongest} ({r.budget})", percent(r.robust_majority), percent(r.robust_worst),
+             *[percent(r.per_attack.get(a)) for a in result.attacks],
              "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
              "(reference)" if r.paired is None else r.paired.cell()] for r in result.rows]
     return table(header, rows)

@@ -16,7 +16,7 @@ from medfedpure.defense.evaluation import evaluate_defense
 from medfedpure.evaluation.runs import open_run
 from medfedpure.methods import task
 from medfedpure.metrics import evaluate_accuracy
-from medfedpure.reporting.markdown import table
+from medfedpure.reporting.markdown import percent, table
 from medfedpure.reporting.results import defense_rows, weighted_mean
 from medfedpure.storage import atomic_write_text, write_csv, write_json
 
@@ -70,7 +70,7 @@ def _weighted_mean(rows: list[dict]) -> dict:
 def _markdown(result: dict, defended: bool) -> str:
     lines = [f"# {result['run']} on {result['data']} ({result['n_images']} scans)", "",
              f"attack: {json.dumps(result['attack'])}", ""]
-    pct = lambda x: f"{100 * x:.2f}"  # noqa: E731
+    pct = lambda x: percent(x, 2)  # noqa: E731
     if defended:
         lines.append(table(["client", "detector", "mode", "bare clean", "bare adv", "clean", "adv", "AUROC"],
                            [[r["client"], r["detector"], r["mode"], pct(r["bare_clean_acc"]), pct(r["bare_adv_acc"]),

@@ -12,9 +12,9 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_label, convergence_lines,
                                                current_purifier, default_suite_dir, paired_test)
 from medfedpure.methods import METHODS, OURS, REFERENCE
-from medfedpure.reporting.markdown import table
+from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
-from medfedpure.reporting.rows import MethodRow
+from medfedpure.reporting.rows import AttackResult, MethodRow
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
 
@@ -252,10 +252,9 @@ def _suite_lines(m: dict) -> list[str]:
     where = (f"behind its defense ({d['mode']}, {d['detector']} detector, t* in [{d['t_min']}, {d['t_max']}], "
              f"{d['votes']} purification(s))" if d else "no defense")
     title = {"suite": "Attack suite", "headline": "Headline attacks", "convergence": "Convergence check"}[m["kind"]]
-    rows = [[name, budget_label(p["settings"]), p["n"],
-             f"{100 * p['first']:.1f} [{100 * p['first_ci'][0]:.1f}, {100 * p['first_ci'][1]:.1f}]",
-             f"{100 * p['majority']:.1f}", f"{100 * p['worst']:.1f}",
-             None if p.get("flagged") is None else f"{100 * p['flagged']:.1f}"] for name, p in m["suite"].items()]
+    rows = [[name, budget_label(p.settings), p.n, with_interval(p.first, p.first_ci), percent(p.majority),
+             percent(p.worst), None if p.flagged is None else percent(p.flagged)]
+            for name, p in ((name, AttackResult.from_dict(p)) for name, p in m["suite"].items())]
     lines = ["", f"## {title}: {m['method']}, {where}, each client's own test split", "",
              table(["attack", "budget", "scans", "first draw [95% CI]", "majority", "worst of N", "flagged"], rows)]
     if m.get("convergence"):
