@@ -36,13 +36,13 @@ class SuiteAttack:
     budgeted: bool = True  # takes '@STEPSxDRAWS' (attack.adaptive_steps x attack.eot otherwise)
     one_draw: bool = False  # its budget has one EOT draw (the noise is fixed)
     same_as_pgd_without_defense: bool = False  # on a bare model it is exactly eot-pgd
+    # model calls per scan where the budget is not adaptive steps x EOT draws: (AttackConfig) -> int
+    calls: Callable | None = None
 
     def cost(self, cfg, budget: tuple[int, int] | None = None) -> int:
         """Model calls (forward and backward) one scan costs with the budget of `cfg` (an AttackConfig)."""
-        if self.name == "pgd":
-            return max(1, cfg.steps)
-        if not self.budgeted:
-            return max(1, cfg.square_queries)
+        if self.calls is not None:
+            return max(1, self.calls(cfg))
         steps, eot = budget or (cfg.adaptive_steps, cfg.eot)
         return max(1, steps * (1 if self.one_draw else eot))
 
@@ -91,7 +91,7 @@ def make_pgd(model: nn.Module, cfg, seed: int, loss: str = "ce") -> PGD:
                seed=seed, loss=loss)
 
 
-@register("pgd", knows="no (paper protocol)", adaptive=False, budgeted=False,
+@register("pgd", knows="no (paper protocol)", adaptive=False, budgeted=False, calls=lambda cfg: cfg.steps,
           help="PGD on the classifier alone, then met by the defense (the paper's protocol)")
 def _pgd(model, cfg, seed):
     return make_pgd(model.classifier if isinstance(model, Defended) else model, cfg, seed, loss=cfg.loss)
@@ -130,7 +130,7 @@ def _orthogonal(model, cfg, seed):
     return OrthogonalPGD(model, **_adaptive(model, cfg, seed))
 
 
-@register("square", knows="yes (queries)", takes_loss=False, budgeted=False,
+@register("square", knows="yes (queries)", takes_loss=False, budgeted=False, calls=lambda cfg: cfg.square_queries,
           help="gradient-free random search (l_inf), the check for masked gradients")
 def _square(model, cfg, seed):
     if cfg.norm != "linf":
