@@ -1,4 +1,4 @@
-"""The baselines (SPEC §6b): their models, FedEM's EM steps, adversarial training, and each
+"""The baselines (docs/design.md, Baselines): their models, FedEM's EM steps, adversarial training, and each
 method trained through a real Flower simulation, with the internal-evasion matrix."""
 
 import json
