@@ -167,8 +167,10 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 def test_a_supernode_killed_in_round_2_is_left_out_and_rejoins_with_its_saved_gate(tmp_path):
     out = tmp_path / "deploy"
     # a lost hospital is waited for 15 s before each round (default 30): round 2 goes on without it, and
-    # round 3 has it back (its SuperNode restarts in a few seconds)
-    cfg = hospital_config(tiny("train.rounds=3", "federation.rejoin_wait_s=15"), out, progress=False)
+    # round 3 has it back (its SuperNode restarts in a few seconds); the experts are combined by a
+    # robust rule (the coordinate-wise median) on this runtime too
+    cfg = hospital_config(tiny("train.rounds=3", "federation.rejoin_wait_s=15", "federation.aggregation=median"),
+                          out, progress=False)
     folder = lambda i: Path(cfg.data.root) / f"hospital-{i}"  # noqa: E731
     with LocalFederation(out, 3) as fed:
         fed.prepare()
@@ -192,6 +194,9 @@ def test_a_supernode_killed_in_round_2_is_left_out_and_rejoins_with_its_saved_ga
     assert trained[3]["gate_in"] == trained[1]["gate_out"]  # the gate it saved, not a fresh one
     assert trained[3]["gate_in"] != trained[1]["gate_in"]
     assert "1" in {str(r["client"]) for r in summary["clients"]}  # and answered the last round
+    history = read_json(out / "checkpoints" / "train.json")["state"]["history"]
+    assert [history[r]["aggregation"] for r in sorted(history)] == ["median"] * 3
+    assert summary["aggregation"] == {"rule": "median", "rounds": 3}
 
 
 @pytest.mark.slow

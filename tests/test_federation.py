@@ -109,6 +109,12 @@ def test_the_median_over_a_poisoned_hospital_is_the_median_of_what_each_sent(tmp
     weight = next(k for k in floats if k.endswith("weight") and "running" not in k)
     assert not np.allclose(sent[2][weight], rec["aggregated"][weight])
     assert json.loads((tmp_path / "config.json").read_text())["federation"]["aggregation"] == "median"
+    assert rec["aggregation"] == "median"  # the rule the server applied, in the round's record
+    assert json.loads((tmp_path / "summary.json").read_text())["aggregation"] == {"rule": "median", "rounds": 1}
+    from medfedpure.workflows.report import _markdown, build_tables
+
+    assert "**Robust aggregation (MedFedPure).** Over 1 round, each round's experts are the coordinate-wise median" \
+        in _markdown(build_tables(tmp_path))
 
 
 def test_a_private_federation_clips_each_update_adds_noise_and_reports_its_epsilon(tmp_path):

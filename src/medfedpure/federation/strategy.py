@@ -133,8 +133,11 @@ class ExpertFedAvg(ResumableFedAvg):
 
     `history[round]` holds the keys sent and received and each client's metrics;
     with `keep_client_arrays` it also keeps what every client sent (for audits and tests).
-    A resumed run passes the rounds already done as `round_offset` and their `history`.
+    A resumed run passes the rounds already done as `round_offset` and their `history`; each round's
+    record names the rule that combined its experts (`aggregation`).
     """
+
+    RULE = MEAN  # `federation.aggregation`: the robust variants of `expert_strategy` name theirs
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
                  keep_client_arrays: bool = False, history: dict[int, dict] | None = None,
@@ -220,6 +223,7 @@ class ExpertFedAvg(ResumableFedAvg):
             # Integer buffers (BatchNorm's num_batches_tracked) stay integers.
             agg_arrays = ArrayRecord({k: Array(_cast(v.numpy(), dtypes[k])) for k, v in agg_arrays.items()})
             self.latest_arrays = agg_arrays
+            rec["aggregation"] = self.RULE
             if self.keep_client_arrays:
                 rec["aggregated"] = {k: v.numpy().copy() for k, v in agg_arrays.items()}
         rec["train"] = _without_id(agg_metrics)
@@ -272,7 +276,8 @@ def expert_strategy(aggregation: str) -> type[ExpertFedAvg]:
     if aggregation not in ROBUST:
         raise ValueError(f"federation.aggregation: '{aggregation}' is not one of fedavg, {', '.join(ROBUST)}")
     rule = ROBUST[aggregation]
-    return type(f"Expert{rule.__name__}", (ExpertFedAvg, rule), {"__doc__": f"ExpertFedAvg with {rule.__name__}."})
+    return type(f"Expert{rule.__name__}", (ExpertFedAvg, rule),
+                {"__doc__": f"ExpertFedAvg with {rule.__name__}.", "RULE": aggregation})
 
 
 class PretrainFedAvg(ResumableFedAvg):

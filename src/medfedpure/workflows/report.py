@@ -27,6 +27,8 @@ PAPER = {
     ("I", "cifar10"): {"FedAvg": (93.0, 0.0), "Local": (38.0, 33.0), "FedEM": (76.0, 13.0), "FAT": (80.0, 30.0),
                        "Local Adv": (30.0, 28.0), "pFedDef": (66.0, 48.0), "MedFedPure": (82.31, 69.13)},
 }
+ROBUST_WORDS = {"median": "the coordinate-wise median",  # federation.aggregation, as tables.md says it
+                "trimmed-mean": "the coordinate-wise mean after cutting {trim_fraction:g} of them from each tail"}
 NOTES = {"I": "The paper's Table I pFedDef figures come from another protocol (cross-client evaluation, "
               "l_2 eps 4.5), not the one used here."}
 
@@ -70,7 +72,7 @@ def build_tables(run: Path) -> dict:
     setting = {"table": table, "data": cfg.data.dataset, "resolution": cfg.data.image_size,
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
     paper = PAPER.get((table, cfg.data.dataset), {})
-    rows, detection, transfer, wall, suites, missing, privacy = [], [], [], {}, [], [], {}
+    rows, detection, transfer, wall, suites, missing, privacy, aggregation = [], [], [], {}, [], [], {}, {}
     for name, method in METHODS.items():
         if name not in runs:
             if method.label in paper:
@@ -84,6 +86,8 @@ def build_tables(run: Path) -> dict:
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
         if summary.get("privacy"):
             privacy[method.label] = summary["privacy"]
+        if summary.get("aggregation"):
+            aggregation[method.label] = summary["aggregation"]
         evaluations = _suites(folder)
         suites += [{"method": method.label, **ev} for ev in evaluations.values()]
         suite = evaluations.get("headline", evaluations.get("suite"))  # the table's adaptive column
@@ -96,6 +100,7 @@ def build_tables(run: Path) -> dict:
         _pair_with(reference, reference["method"], suites)
     return {"run": str(run), "table": table, "rows": [r.to_dict() for r in rows], "detection": detection, "transfer": transfer,
             "suites": suites, "missing_hospitals": missing, "privacy": privacy,
+            "aggregation": aggregation,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall}
@@ -229,6 +234,12 @@ def _markdown(tables: dict) -> str:
                       f"{p['clipping_norm']:g}, Gaussian noise of multiplier {p['noise_multiplier']:.3g} on the mean, "
                       f"{p['rounds']} rounds: (epsilon {p['epsilon']:.3g}, delta {p['delta']:g}) per hospital "
                       "(client-level, RDP accountant, no sampling amplification; round metrics are not covered)."]
+    for label, a in tables.get("aggregation", {}).items():
+        how = ", ".join(ROBUST_WORDS.get(rule, rule).format(**a) for rule in a["rule"].split(", "))
+        rounds = f"{a['rounds']} round" + ("s" if a["rounds"] != 1 else "")
+        lines += ["", f"**Robust aggregation ({label}).** Over {rounds}, each round's experts are {how} of the "
+                      "hospitals' replies, every hospital weighing alike (Flower's rule; the round metrics stay "
+                      "n-weighted means)."]
     if tables.get("suites"):
         lines += ["", "In the attack tables below, each attacked scan is answered N times (`attack.draws`) with fresh "
                       "purification noise: *first draw* is the first answer (what one submission sees), *majority* "

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from medfedpure.attacks import pgd_label
-from medfedpure.config import ExperimentConfig
+from medfedpure.config import MEAN, ExperimentConfig
 from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
@@ -371,6 +371,11 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
     if released:  # differential privacy of the experts: what the whole run spent, per hospital
         summary["privacy"] = {**released[-1], "rounds": len(released),
                               "unit": "a hospital (client-level DP of the experts it sends)"}
+    rules = sorted({history[rnd]["aggregation"] for rnd in history if "aggregation" in history[rnd]})
+    if rules and rules != [MEAN]:  # a robust rule combined the experts: which, and in how many rounds
+        trim = {"trim_fraction": cfg.federation.trim_fraction} if "trimmed-mean" in rules else {}
+        summary["aggregation"] = {"rule": ", ".join(rules), "rounds": sum("aggregation" in h for h in history.values()),
+                                  **trim}
     if defense_results:
         drows = defense_rows(defense_results, cfg)
         write_json(out / "defense.json", {"attack": label + " (crafted on the classifier)", "rows": drows})
