@@ -90,3 +90,33 @@ def test_central_mode_pools_the_clients(tmp_path):
     summary = run_pretraining(cfg, "mae", tmp_path, progress=False)
     assert summary["training"] == "central" and len(summary["rows"]) == 2
     assert (tmp_path / "mae.safetensors").is_file()
+
+
+def test_private_pretraining_clips_each_update_and_counts_its_rounds_in_the_runs_budget(tmp_path):
+    """federation.dp_pretraining: each hospital's U-Net update leaves clipped (a norm of 1e-3, noise
+    of a tiny multiplier: the released U-Net moved at most about that far), and phase 2's accountant
+    starts where phase 1's ended: one budget over every phase."""
+    import numpy as np
+
+    from medfedpure.defense.trainer import PHASES
+    from medfedpure.federation.privacy import epsilon_after
+    from medfedpure.methods import task
+
+    cfg = tiny_config()
+    cfg.data.synthetic_per_class = 60
+    cfg.federation.dp_noise_multiplier, cfg.federation.dp_clipping_norm = 1e-4, 1e-3
+    cfg.federation.dp_pretraining = True
+    for part in (cfg.defense.mae, cfg.defense.diffusion):
+        part.train.rounds = 1
+    task.set_seed(cfg.seed)  # as run_pretraining builds the U-Net it starts from
+    initial = {k: v.numpy() for k, v in PHASES["diffusion"].build(cfg).state_dict().items()}
+    spent = {phase: run_pretraining(cfg, phase, tmp_path, progress=False)["privacy"] for phase in ("diffusion", "mae")}
+    released = load_file(str(tmp_path / "diffusion.safetensors"))
+    moved = np.sqrt(sum(float(((released[k] - initial[k]) ** 2).sum()) for k in released
+                        if np.issubdtype(released[k].dtype, np.floating)))
+    assert 0 < moved <= 1.05e-3  # unclipped, one local epoch moves it by orders of magnitude more
+    assert spent["diffusion"]["epsilon"] == pytest.approx(epsilon_after(1e-4, 1, 1e-5, 2))
+    assert spent["mae"]["epsilon"] == pytest.approx(epsilon_after(1e-4, 2, 1e-5, 2))
+    assert spent["mae"]["phases"] == {"diffusion": 1, "mae": 1, "train": 2}
+    rows = json.loads((tmp_path / "mae_metrics.json").read_text())["rows"]
+    assert rows[0]["dp"]["clipping_norm"] == 1e-3 and rows[0]["dp"]["hospitals"] == 2

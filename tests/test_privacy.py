@@ -85,12 +85,46 @@ def test_privacy_settings_are_checked_and_change_the_fingerprint():
     private = apply_overrides(cfg, ["federation.dp_epsilon=8"])
     assert private.federation.private and not cfg.federation.private
     assert fingerprint(private, "train") != fingerprint(cfg, "train")
-    assert fingerprint(private, "mae") == fingerprint(cfg, "mae")  # phases 1-2 are not private (yet)
+    assert fingerprint(private, "mae") == fingerprint(cfg, "mae")  # phases 1-2 private only when asked
     for bad, field in ((["federation.dp_epsilon=8", "federation.aggregation=median"], "federation.aggregation"),
                        (["federation.dp_epsilon=8", "federation.dp_noise_multiplier=1"], "federation.dp_epsilon"),
                        (["federation.dp_epsilon=0"], "federation.dp_epsilon"),
                        (["federation.dp_noise_multiplier=1", "federation.dp_clipping_norm=0"],
                         "federation.dp_clipping_norm"),
-                       (["federation.dp_noise_multiplier=1", "federation.dp_delta=1"], "federation.dp_delta")):
+                       (["federation.dp_noise_multiplier=1", "federation.dp_delta=1"], "federation.dp_delta"),
+                       (["federation.dp_pretraining=true"], "federation.dp_pretraining"),
+                       (["federation.dp_epsilon=8", "federation.dp_pretraining=true", "defense.training=central"],
+                        "federation.dp_pretraining")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             apply_overrides(cfg, bad).validate()
+
+
+def test_with_dp_pretraining_every_model_that_leaves_a_hospital_shares_one_budget():
+    """federation.dp_pretraining: phases 1, 2 (and 4) are released like phase 3, the noise multiplier is
+    solved over all their rounds, each phase's accountant starts where the phase before it ended, and
+    each phase's noise is its own; a baseline (no defense phases) counts phase 3 alone."""
+    from medfedpure.federation.server_app import privacy_for
+    from medfedpure.methods import METHODS, private_phases
+
+    cfg = demo("federation.dp_epsilon=8", "defense.diffusion.train.rounds=2", "defense.mae.train.rounds=3",
+               "train.rounds=4", "data.num_clients=3").validate()
+    both = apply_overrides(cfg, ["federation.dp_pretraining=true"]).validate()
+    assert private_phases(cfg) == {"train": 4}
+    assert private_phases(both) == {"diffusion": 2, "mae": 3, "train": 4}
+    tuned = apply_overrides(both, ["defense.purify_training=true", "defense.purifier.rounds=2"]).validate()
+    assert list(private_phases(tuned)) == ["diffusion", "mae", "train", "purifier"]
+    assert private_phases(METHODS["fat"].configure(both)) == {"train": 4}
+    assert privacy_for(cfg, "mae") is None and privacy_for(cfg, "train").earlier_rounds == 0
+    phases = {p: privacy_for(both, p) for p in ("diffusion", "mae", "train")}
+    z = noise_for_epsilon(8, 9, 1e-5, 3)
+    assert all(pr.noise_multiplier == z for pr in phases.values())
+    assert [pr.earlier_rounds for pr in phases.values()] == [0, 2, 5]
+    assert len({pr.stream for pr in phases.values()}) == 3 and phases["train"].stream == 0
+    # phase 3's last round spends what all nine releases spend: the run's budget, not more
+    last = phases["train"]
+    for rnd in range(1, 5):
+        _, record = last.release(rnd, {"w": np.zeros(2, np.float32)}, 3)
+    assert record["epsilon"] == pytest.approx(epsilon_after(z, 9, 1e-5, 3)) and record["epsilon"] <= 8
+    # the defense's models are part of the budget: their fingerprints change, and phase 3's too
+    for phase in ("diffusion", "mae", "train"):
+        assert fingerprint(both, phase) != fingerprint(cfg, phase)

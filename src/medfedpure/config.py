@@ -141,11 +141,14 @@ class FederationConfig:
     # client-level differential privacy of phase 3's experts (federation/privacy.py): each hospital clips
     # its update to dp_clipping_norm, the server adds Gaussian noise of dp_noise_multiplier x that norm to
     # the average; dp_epsilon instead solves the noise multiplier for that epsilon at dp_delta over
-    # train.rounds. Off (0 and null) by default
+    # every private round. Off (0 and null) by default. dp_pretraining: the defense's models that travel
+    # (phase 1's U-Net, phase 2's MAE, phase 4's fine-tuned U-Net) released the same way, one
+    # accountant over all their rounds and phase 3's (`ExperimentConfig.private_phases`)
     dp_noise_multiplier: float = 0.0
     dp_epsilon: float | None = None
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    dp_pretraining: bool = False
 
     @property
     def private(self) -> bool:
@@ -299,6 +302,21 @@ class ExperimentConfig:
     def from_json(cls, text: str) -> "ExperimentConfig":
         return cls.from_dict(json.loads(text))
 
+    def private_phases(self, defended: bool) -> dict[str, int]:
+        """The phases whose models leave the hospitals under differential privacy, with their rounds,
+        in the order they run: phase 3 ("train"), and with federation.dp_pretraining the defense's
+        federated phases a `defended` method runs ("diffusion", "mae", and "purifier" where
+        defense.purifier.rounds > 0). Empty without privacy."""
+        if not self.federation.private:
+            return {}
+        d = self.defense
+        pre = self.federation.dp_pretraining and defended and d.enabled and d.training == "federated"
+        phases = {"diffusion": d.diffusion.train.rounds, "mae": d.mae.train.rounds} if pre else {}
+        phases["train"] = self.train.rounds
+        if pre and d.purifier.rounds > 0:
+            phases["purifier"] = d.purifier.rounds
+        return phases
+
     def adversarial_training_attack(self) -> AttackConfig:
         """The PGD budget adversarial training uses: method.adv_* where set, else the attack's."""
         m = self.method
@@ -342,6 +360,9 @@ class ExperimentConfig:
              "federation.dp_epsilon", "alone: it sets the noise multiplier (leave federation.dp_noise_multiplier 0)"),
             (self.federation.dp_clipping_norm > 0, "federation.dp_clipping_norm", "> 0"),
             (0 < self.federation.dp_delta < 1, "federation.dp_delta", "in (0, 1)"),
+            (not self.federation.dp_pretraining or (self.federation.private and self.defense.training == "federated"),
+             "federation.dp_pretraining", "only with differential privacy on (dp_epsilon or dp_noise_multiplier) "
+             "and defense.training=federated (central pretraining pools the scans)"),
             (not self.federation.private or self.federation.aggregation == MEAN, "federation.aggregation",
              "fedavg with differential privacy (its noise is calibrated to a mean of clipped updates)"),
             (self.data.partition in {"iid", "dirichlet"}, "data.partition", "iid or dirichlet"),

@@ -220,17 +220,21 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
             part_of = part_of.get(key, {})
         if part_of.get(field, default) == default:
             part_of.pop(field, None)
+    private = cfg.private_phases(defended)
+    privacy = ({k: federation[k] for k in ("dp_noise_multiplier", "dp_epsilon", "dp_clipping_norm", "dp_delta")}
+               | ({"dp_pretraining": private} if federation.get("dp_pretraining") else {}))  # one budget: all phases
     if phase in CHECKPOINTS:
         part = {"seed": raw["seed"], "data": raw["data"], "training": raw["defense"]["training"],
                 phase: raw["defense"][phase]}
+        if phase in private:  # released under differential privacy (federation.dp_pretraining)
+            part["privacy"] = privacy
     else:
         part = raw
         if federation.get("aggregation", MEAN) != MEAN:  # a robust rule makes other experts
             part["aggregation"] = {k: federation[k] for k in ("aggregation", "trim_fraction")
                                    if k == "aggregation" or federation["aggregation"] == "trimmed-mean"}
-        if federation.get("dp_noise_multiplier", 0) or federation.get("dp_epsilon") is not None:  # and privacy
-            part["privacy"] = {k: federation[k] for k in ("dp_noise_multiplier", "dp_epsilon", "dp_clipping_norm",
-                                                          "dp_delta")}
+        if private:  # and privacy
+            part["privacy"] = privacy
         purifier = raw["defense"].get("purifier")
         part["defense"] = {k: v for k, v in raw["defense"].items()
                            if k not in EVALUATION_ONLY + ("mae", "training", "purifier")}

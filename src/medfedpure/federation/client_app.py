@@ -152,15 +152,20 @@ def train(msg: Message, context: Context) -> Message:
                           "gate_out": task.state_digest(gate), "n_train": n_train, **stats})
     metrics = MetricRecord({"partition-id": partition, "num-examples": n_train, **stats})
     shared = rehearsed_poison(poison, partition, server_round, msg.content["arrays"], method.shared_state(model))
+    return private_reply(msg, shared, metrics)
+
+
+def private_reply(msg: Message, arrays: dict[str, torch.Tensor], metrics: MetricRecord) -> Message:
+    """The reply to a training message: `arrays` and `metrics`, the update clipped before it leaves
+    where the server asks for differential privacy (its clipping norm in the message's config)."""
     clipping_norm = msg.content["config"].get(KEY_CLIPPING_NORM)
-    if clipping_norm is not None:  # differential privacy: the update is clipped before it leaves
+    if clipping_norm is not None:
         sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        clipped, norm = clip_update(sent, {k: v.detach().cpu().numpy() for k, v in shared.items()},
+        clipped, norm = clip_update(sent, {k: v.detach().cpu().numpy() for k, v in arrays.items()},
                                     float(clipping_norm))
-        shared = {k: torch.from_numpy(v) for k, v in clipped.items()}
+        arrays = {k: torch.from_numpy(v) for k, v in clipped.items()}
         metrics["dp-weight"], metrics["dp_update_norm"] = 1, norm
-    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -230,8 +235,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     loss = train_epochs(phase, model, loader, settings.local_epochs, settings.lr, cfg.device,
                         seed=task.client_seed(cfg, partition, server_round))
     metrics = MetricRecord({"partition-id": partition, "num-examples": len(loader.dataset), "train_loss": loss})
-    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
-                   reply_to=msg)
+    return private_reply(msg, model.state_dict(), metrics)
 
 
 @app.evaluate("pretrain")
@@ -268,8 +272,7 @@ def finetune(msg: Message, context: Context) -> Message:
     stats = finetune_purifier(diffusion.train(), classifier, loader, cfg, seed)
     metrics = MetricRecord({"partition-id": partition, "num-examples": len(loader.dataset),
                             **{f"train_{k}": v for k, v in stats.items()}})
-    return Message(content=RecordDict({"arrays": ArrayRecord(diffusion.state_dict()), "metrics": metrics}),
-                   reply_to=msg)
+    return private_reply(msg, diffusion.state_dict(), metrics)
 
 
 @app.evaluate("finetune")

@@ -1,12 +1,13 @@
-"""Client-level differential privacy of phase 3's experts, as Flower's client-side fixed clipping
+"""Client-level differential privacy of phase 3's experts (and, with `federation.dp_pretraining`, of
+phases 1, 2 and 4's U-Net and MAE, in one budget with them), as Flower's client-side fixed clipping
 (McMahan et al. 2018; Andrew et al. 2021): each hospital clips its update to an L2 norm C before it
 leaves, the server adds Gaussian noise of std z*C/m to the average of the m updates, and Flower's
 RDP accountant (Google's dp-accounting) composes the rounds into (epsilon, delta). The unit of
 privacy is a hospital: adding or removing one hospital's whole data changes the released
 experts by a bounded amount. Every hospital is asked every round, so no sampling amplification
 is claimed. Flower's own wrapper strategy accounts only for an unmodified FedAvg and skips a round
-with any failure; ExpertFedAvg keeps its checks, failures and resume, and uses Flower's pieces
-(the clipping, the std, the accountant) here."""
+with any failure; our strategies (`strategy.ResumableFedAvg.combine`) keep their checks, failures
+and resume, and use Flower's pieces (the clipping, the std, the accountant) here."""
 
 from __future__ import annotations
 
@@ -65,16 +66,24 @@ def clip_update(sent: dict[str, np.ndarray], new: dict[str, np.ndarray], clippin
 
 @dataclass
 class Privacy:
-    """The server's side: noise on the average and the accountant (replayed from the rounds done)."""
+    """The server's side of one phase: noise on the average and the accountant, which starts with the
+    `earlier_rounds` releases of the private phases before this one (`federation.dp_pretraining`:
+    one budget over every phase) and is replayed from the rounds this phase already did. `stream`
+    keeps each phase's noise apart (phase 3's is 0)."""
 
     noise_multiplier: float
     clipping_norm: float
     delta: float
     hospitals: int
     seed: int = 0
+    earlier_rounds: int = 0
+    stream: int = 0
 
     def __post_init__(self) -> None:
         self.accountant = _accountant(self.delta, self.hospitals)
+        if self.earlier_rounds:
+            self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, self.hospitals, self.hospitals),
+                                    self.earlier_rounds)
 
     def replay(self, history: dict[int, dict]) -> None:
         """Compose the releases of the rounds a resumed run already made."""
@@ -86,7 +95,7 @@ class Privacy:
     def release(self, server_round: int, arrays: dict[str, np.ndarray], answered: int) -> tuple[dict, dict]:
         """The average of `answered` clipped updates with its noise, and the round's record."""
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, answered)
-        rng = np.random.default_rng([self.seed, server_round, 0xD9])  # reproducible, its own stream
+        rng = np.random.default_rng([self.seed, server_round, 0xD9] + ([self.stream] if self.stream else []))
         noisy = {k: np.asarray(v + rng.normal(0.0, std, v.shape).astype(v.dtype), dtype=v.dtype)
                  if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
         self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, answered, self.hospitals))

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfedpure.config import ExperimentConfig
 from medfedpure.federation.privacy import Privacy, noise_for_epsilon
+from medfedpure.methods import private_phases
 from medfedpure.federation.strategy import (ExpertFedAvg, FederationError, PretrainFedAvg, accept_replies,
                                             expert_strategy, needed_answers)
 
@@ -94,16 +95,28 @@ def _defended_evaluation(grid: Grid, experts: ArrayRecord, defense_models: dict[
     return [dict(m.content["metrics"]) for m in valid], failed
 
 
+def privacy_for(cfg: ExperimentConfig, phase: str) -> Privacy | None:
+    """The server's side of differential privacy for `phase`'s releases, None where that phase is not
+    private: one noise multiplier for every private phase (`federation.dp_epsilon` solved over all
+    their rounds together), and an accountant that starts with the rounds of the private phases
+    before this one, so each phase reports what the run has spent so far."""
+    phases = private_phases(cfg)
+    if phase not in phases:
+        return None
+    fed, order = cfg.federation, list(phases)
+    z = fed.dp_noise_multiplier or noise_for_epsilon(fed.dp_epsilon, sum(phases.values()), fed.dp_delta,
+                                                     cfg.data.num_clients)
+    return Privacy(z, fed.dp_clipping_norm, fed.dp_delta, cfg.data.num_clients, seed=cfg.seed,
+                   earlier_rounds=sum(phases[p] for p in order[:order.index(phase)]),
+                   stream=0 if phase == "train" else 1 + ("diffusion", "mae", "purifier").index(phase))
+
+
 def make_strategy(cfg: ExperimentConfig, on_round_end=None, keep_client_arrays: bool = False,
                   round_offset: int = 0, history: dict | None = None,
                   train_extras: dict[str, ArrayRecord] | None = None) -> ExpertFedAvg:
     fed = cfg.federation
     rule = {"beta": fed.trim_fraction} if fed.aggregation == "trimmed-mean" else {}
-    if fed.private:
-        z = fed.dp_noise_multiplier or noise_for_epsilon(fed.dp_epsilon, cfg.train.rounds, fed.dp_delta,
-                                                         cfg.data.num_clients)
-        rule["privacy"] = Privacy(z, fed.dp_clipping_norm, fed.dp_delta, cfg.data.num_clients, seed=cfg.seed)
-    return expert_strategy(fed.aggregation)(
+    return expert_strategy(fed.aggregation)(privacy=privacy_for(cfg, "train"),
         num_rounds=cfg.train.rounds, on_round_end=on_round_end, keep_client_arrays=keep_client_arrays,
         round_offset=round_offset, history=history, num_clients=cfg.data.num_clients,
         min_fit_fraction=fed.min_fit_fraction, rejoin_wait_s=fed.rejoin_wait_s, train_extras=train_extras, **rule)

@@ -83,10 +83,11 @@ def needed_answers(expected: int, min_fraction: float) -> int:
 
 class ResumableFedAvg(FedAvg):
     """FedAvg that numbers its rounds after `round_offset` (the rounds a resumed run already did)
-    and goes on when at least `min_fit_fraction` of the `num_clients` answered (`accept_replies`)."""
+    and goes on when at least `min_fit_fraction` of the `num_clients` answered (`accept_replies`);
+    with `privacy`, each hospital clips its update and the mean of them gets the server's noise."""
 
     def __init__(self, num_clients: int = 1, min_fit_fraction: float = 1.0, round_offset: int = 0,
-                 rejoin_wait_s: float = 0.0, **kwargs) -> None:
+                 rejoin_wait_s: float = 0.0, privacy: Privacy | None = None, **kwargs) -> None:
         # Rounds go to every connected hospital, and wait only for the share that must answer:
         # a hospital that is down must not stall the federation (the server waits for all of them
         # once, before the first round: `server_app.wait_for_nodes`).
@@ -99,6 +100,7 @@ class ResumableFedAvg(FedAvg):
         self.rejoin_wait_s = rejoin_wait_s  # how long a round waits for a missing hospital to (re)connect
         self.latest_arrays: ArrayRecord | None = None
         self.clients_of: dict[int, int] = {}  # node id -> partition id, learnt from replies
+        self.privacy = privacy
 
     def accept(self, replies: Iterable[Message], where: str) -> tuple[list[Message], list[dict]]:
         valid, failed = accept_replies(list(replies), self.num_clients, self.min_fit_fraction, where,
@@ -114,7 +116,29 @@ class ResumableFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._wait_for_missing(grid)
+        if self.privacy is not None:  # each hospital clips its update to this norm (client_app.private_reply)
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm
         return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def combine(self, server_round: int, replies: list[Message]
+                ) -> tuple[ArrayRecord | None, MetricRecord | None, dict | None]:
+        """The replies' arrays combined by the rule after this class in the MRO (FedAvg's n-weighted
+        mean, or a robust rule `expert_strategy` mixes in), and the round's privacy record: with
+        `privacy`, a plain mean of the clipped updates (the noise is calibrated to one, every
+        hospital weighing alike) plus the server's Gaussian noise."""
+        if self.privacy is None:
+            return (*super().aggregate_train(server_round, replies), None)
+        weighted_by, self.weighted_by_key = self.weighted_by_key, "dp-weight"
+        try:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        finally:
+            self.weighted_by_key = weighted_by
+        if arrays is None:
+            return None, metrics, None
+        noisy, record = self.privacy.release(server_round, {k: v.numpy() for k, v in arrays.items()}, len(replies))
+        log.info("round %d: differential privacy, noise std %.3g; spent epsilon %.3g at delta %g", server_round,
+                 record["noise_std"], record["epsilon"], record["delta"])
+        return ArrayRecord({k: Array(v) for k, v in noisy.items()}), metrics, record
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -141,17 +165,15 @@ class ExpertFedAvg(ResumableFedAvg):
 
     def __init__(self, num_rounds: int, on_round_end: Callable[[int, dict], None] | None = None,
                  keep_client_arrays: bool = False, history: dict[int, dict] | None = None,
-                 train_extras: dict[str, ArrayRecord] | None = None, privacy: Privacy | None = None,
-                 **kwargs) -> None:
+                 train_extras: dict[str, ArrayRecord] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.train_extras = dict(train_extras or {})  # e.g. the purifier the experts train through
         self.on_round_end = on_round_end
         self.keep_client_arrays = keep_client_arrays
         self.history: dict[int, dict] = dict(history or {})
-        self.privacy = privacy
-        if privacy is not None:
-            privacy.replay(self.history)
+        if self.privacy is not None:
+            self.privacy.replay(self.history)
 
     def _accept(self, replies: Iterable[Message], where: str, rec: dict, phase: str) -> list[Message]:
         valid, failed = self.accept(replies, where)
@@ -183,8 +205,6 @@ class ExpertFedAvg(ResumableFedAvg):
         rec["sent_bytes"] = 2 * payload_bytes(arrays) + sum(payload_bytes(r) for r in self.train_extras.values())
         if self.keep_client_arrays:
             rec["sent_arrays"] = {k: v.numpy().copy() for k, v in arrays.items()}
-        if self.privacy is not None:  # each hospital clips its update to this norm (client_app.train)
-            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for msg in messages:
             for name, record in self.train_extras.items():
@@ -205,20 +225,9 @@ class ExpertFedAvg(ResumableFedAvg):
         dtypes = {}
         for msg in replies:
             dtypes.update(self._record_client(rec, msg))
-        if self.privacy is None:
-            agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
-        else:  # the noise is calibrated to a plain mean of clipped updates: every hospital weighs alike
-            weighted_by, self.weighted_by_key = self.weighted_by_key, "dp-weight"
-            try:
-                agg_arrays, agg_metrics = super().aggregate_train(server_round, replies)
-            finally:
-                self.weighted_by_key = weighted_by
-        if agg_arrays is not None and self.privacy is not None:
-            noisy, rec["dp"] = self.privacy.release(server_round, {k: v.numpy() for k, v in agg_arrays.items()},
-                                                    len(replies))
-            agg_arrays = ArrayRecord({k: Array(v) for k, v in noisy.items()})
-            log.info("round %d: differential privacy, noise std %.3g; spent epsilon %.3g at delta %g", server_round,
-                     rec["dp"]["noise_std"], rec["dp"]["epsilon"], rec["dp"]["delta"])
+        agg_arrays, agg_metrics, dp = self.combine(server_round, replies)
+        if dp is not None:
+            rec["dp"] = dp
         if agg_arrays is not None:
             # Integer buffers (BatchNorm's num_batches_tracked) stay integers.
             agg_arrays = ArrayRecord({k: Array(_cast(v.numpy(), dtypes[k])) for k, v in agg_arrays.items()})
@@ -290,19 +299,24 @@ class PretrainFedAvg(ResumableFedAvg):
         return super()._construct_messages(record, node_ids, f"{message_type}.{self.ACTION}")
 
     def __init__(self, num_clients: int, on_round_end: Callable[[int, dict], None], round_offset: int = 0,
-                 min_fit_fraction: float = 1.0, rejoin_wait_s: float = 0.0) -> None:
+                 min_fit_fraction: float = 1.0, rejoin_wait_s: float = 0.0, privacy: Privacy | None = None,
+                 done: list[dict] | None = None) -> None:
         super().__init__(num_clients=num_clients, min_fit_fraction=min_fit_fraction, round_offset=round_offset,
-                         rejoin_wait_s=rejoin_wait_s)
+                         rejoin_wait_s=rejoin_wait_s, privacy=privacy)
         self.on_round_end = on_round_end
         self.rows: dict[int, dict] = {}
+        if privacy is not None:  # the releases of the rounds a resumed phase already made (`done`: its rows)
+            privacy.replay({r["round"]: r for r in done or []})
 
     def aggregate_train(self, server_round, replies):
         server_round += self.round_offset
         replies, _ = self.accept(replies, f"pretraining round {server_round}")
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics, dp = self.combine(server_round, replies)
         self.latest_arrays = arrays
-        self.rows.setdefault(server_round, {"round": server_round}).update(
-            {k: float(v) for k, v in metrics.items() if k.startswith("train_")})
+        row = self.rows.setdefault(server_round, {"round": server_round})
+        row.update({k: float(v) for k, v in metrics.items() if k.startswith("train_")})
+        if dp is not None:
+            row["dp"] = dp
         return arrays, _metrics_without_id(metrics)
 
     def aggregate_evaluate(self, server_round, replies):

@@ -192,5 +192,11 @@ def fingerprint(cfg: ExperimentConfig, phase: str) -> str:
     return method_of(cfg).fingerprint(cfg, phase)
 
 
+def private_phases(cfg: ExperimentConfig) -> dict[str, int]:
+    """The phases whose models leave the hospitals under differential privacy as the config's method
+    trains (`ExperimentConfig.private_phases`), with their rounds, in the order they run."""
+    return cfg.private_phases(method_of(cfg).defended)
+
+
 __all__ = ["METHODS", "OURS", "REFERENCE", "purifier_tag", "LocalRound", "Method", "ScanStore", "fingerprint", "method_of", "new_model",
-           "parse_methods"]
+           "parse_methods", "private_phases"]

@@ -27,6 +27,7 @@ PAPER = {
     ("I", "cifar10"): {"FedAvg": (93.0, 0.0), "Local": (38.0, 33.0), "FedEM": (76.0, 13.0), "FAT": (80.0, 30.0),
                        "Local Adv": (30.0, 28.0), "pFedDef": (66.0, 48.0), "MedFedPure": (82.31, 69.13)},
 }
+PHASE_WORDS = {"diffusion": "U-Net", "mae": "MAE", "train": "experts", "purifier": "fine-tuned U-Net"}
 ROBUST_WORDS = {"median": "the coordinate-wise median",  # federation.aggregation, as tables.md says it
                 "trimmed-mean": "the coordinate-wise mean after cutting {trim_fraction:g} of them from each tail"}
 NOTES = {"I": "The paper's Table I pFedDef figures come from another protocol (cross-client evaluation, "
@@ -84,8 +85,10 @@ def build_tables(run: Path) -> dict:
         summary = _load(folder, SUMMARY)
         wall[name] = summary["final"].get("wall_time_s")
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
-        if summary.get("privacy"):
-            privacy[method.label] = summary["privacy"]
+        if summary.get("privacy"):  # what the run spent: after phase 4 where it is private too (dp_pretraining)
+            tuned = folder / "purifier_metrics.json"
+            later = read_json(tuned) if summary.get("purifier") and tuned.is_file() else {}
+            privacy[method.label] = later.get("privacy") or summary["privacy"]
         if summary.get("aggregation"):
             aggregation[method.label] = summary["aggregation"]
         evaluations = _suites(folder)
@@ -230,9 +233,14 @@ def _markdown(tables: dict) -> str:
     for line in tables.get("missing_hospitals", []):
         lines += ["", f"**A hospital is missing.** {line}."]
     for label, p in tables.get("privacy", {}).items():
-        lines += ["", f"**Differential privacy ({label}).** Each hospital's expert update clipped to L2 norm "
+        what, rounds = "expert update", f"{p['rounds']} rounds"
+        if p.get("phases"):  # federation.dp_pretraining: every model that leaves a hospital, one budget
+            what = "update of every model it sends"
+            rounds = (f"{sum(p['phases'].values())} rounds over the phases ("
+                      + ", ".join(f"{PHASE_WORDS.get(k, k)} {v}" for k, v in p["phases"].items()) + ")")
+        lines += ["", f"**Differential privacy ({label}).** Each hospital's {what} clipped to L2 norm "
                       f"{p['clipping_norm']:g}, Gaussian noise of multiplier {p['noise_multiplier']:.3g} on the mean, "
-                      f"{p['rounds']} rounds: (epsilon {p['epsilon']:.3g}, delta {p['delta']:g}) per hospital "
+                      f"{rounds}: (epsilon {p['epsilon']:.3g}, delta {p['delta']:g}) per hospital "
                       "(client-level, RDP accountant, no sampling amplification; round metrics are not covered)."]
     for label, a in tables.get("aggregation", {}).items():
         how = ", ".join(ROBUST_WORDS.get(rule, rule).format(**a) for rule in a["rule"].split(", "))

@@ -30,10 +30,10 @@ from medfedpure.data import describe_splits, make_loader
 from medfedpure.data.datasets import default_cache_dir, files_digest
 from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 from medfedpure.federation.client_app import app as client_app
-from medfedpure.federation.server_app import make_pretrain_server_app, make_server_app, make_strategy
+from medfedpure.federation.server_app import make_pretrain_server_app, make_server_app, make_strategy, privacy_for
 from medfedpure.federation.simulation import flower_environment, run_flower
 from medfedpure.federation.strategy import FederationError, PretrainFedAvg, PurifierFedAvg
-from medfedpure.methods import fingerprint, method_of, new_model, purifier_tag, task
+from medfedpure.methods import fingerprint, method_of, new_model, private_phases, purifier_tag, task
 from medfedpure.reporting import environment_info, mean_rows, plot_convergence, round_rows
 from medfedpure.reporting.results import defense_rows
 from medfedpure.runfolder import (CHECKPOINTS, CONFIG, EXPERTS, PARTITION, PURIFIER, SUMMARY, ResumeError, evaluation_files,
@@ -93,6 +93,18 @@ def _run_flower(server_app, cfg: ExperimentConfig, flower_log_level: int, deploy
         server_app(*deployment)
 
 
+def _privacy_spent(released: list[dict], cfg: ExperimentConfig) -> dict:
+    """{"privacy": ...}: what a phase's releases under differential privacy have spent by its last
+    round, per hospital (the epsilon of every private phase so far: `federation.dp_pretraining`
+    puts phases 1, 2 and 4 in the same budget as phase 3), or {} for a phase without privacy."""
+    if not released:
+        return {}
+    phases = private_phases(cfg)
+    return {"privacy": {**released[-1], "rounds": len(released),
+                        **({"phases": phases} if list(phases) != ["train"] else {}),
+                        "unit": "a hospital (client-level DP of the models it sends)"}}
+
+
 # --------------------------------------------------------------------------- phases 1-2
 def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
                     flower_log_level: int = logging.ERROR, deployment: Deployment | None = None) -> dict:
@@ -128,7 +140,7 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
                  {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
                   "fingerprint": fingerprint(cfg, phase_name)})
     summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
-               "fingerprint": fingerprint(cfg, phase_name)}
+               "fingerprint": fingerprint(cfg, phase_name), **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg)}
     write_json(metrics_path, summary)
     return summary
 
@@ -149,7 +161,7 @@ def _pretrain_federated(cfg: ExperimentConfig, phase_name: str, model, settings,
 
     final: list[ArrayRecord] = []
     options = {"round_offset": len(rows), "min_fit_fraction": cfg.federation.min_fit_fraction,
-               "rejoin_wait_s": cfg.federation.rejoin_wait_s}
+               "rejoin_wait_s": cfg.federation.rejoin_wait_s, "privacy": privacy_for(cfg, phase_name), "done": rows}
     strategy = (PretrainFedAvg(cfg.data.num_clients, on_round_end, **options) if experts is None
                 else PurifierFedAvg(cfg.data.num_clients, on_round_end, experts, **options))
     server_app = make_pretrain_server_app(cfg, phase_name, ArrayRecord(model.state_dict()), strategy,
@@ -215,7 +227,8 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
     wall = time.time() - t0
     save_tensors(out / PURIFIER, model.state_dict(), {"phase": "purifier", "config": cfg.to_json(),
                                                       "wall_time_s": f"{wall:.1f}", "fingerprint": run})
-    summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), "fingerprint": run}
+    summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), "fingerprint": run,
+               **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg)}
     write_json(metrics_path, summary)
     return summary
 
@@ -367,10 +380,7 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
                # which U-Net the defended evaluation purified with: phase 4's (its fingerprint) or phase 1's
                "purifier": purifier_tag(cfg) if defense_results else None,
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
-    released = [history[rnd]["dp"] for rnd in sorted(history) if "dp" in history[rnd]]
-    if released:  # differential privacy of the experts: what the whole run spent, per hospital
-        summary["privacy"] = {**released[-1], "rounds": len(released),
-                              "unit": "a hospital (client-level DP of the experts it sends)"}
+    summary.update(_privacy_spent([history[rnd]["dp"] for rnd in sorted(history) if "dp" in history[rnd]], cfg))
     rules = sorted({history[rnd]["aggregation"] for rnd in history if "aggregation" in history[rnd]})
     if rules and rules != [MEAN]:  # a robust rule combined the experts: which, and in how many rounds
         trim = {"trim_fraction": cfg.federation.trim_fraction} if "trimmed-mean" in rules else {}
