@@ -93,13 +93,15 @@ def _run_flower(server_app, cfg: ExperimentConfig, flower_log_level: int, deploy
         server_app(*deployment)
 
 
-def _privacy_spent(released: list[dict], cfg: ExperimentConfig) -> dict:
+def _privacy_spent(released: list[dict], cfg: ExperimentConfig, phase: str) -> dict:
     """{"privacy": ...}: what a phase's releases under differential privacy have spent by its last
     round, per hospital (the epsilon of every private phase so far: `federation.dp_pretraining`
     puts phases 1, 2 and 4 in the same budget as phase 3), or {} for a phase without privacy."""
     if not released:
         return {}
     phases = private_phases(cfg)
+    order = list(phases)
+    phases = {k: phases[k] for k in order[:order.index(phase) + 1]}  # the phases this epsilon covers
     return {"privacy": {**released[-1], "rounds": len(released),
                         **({"phases": phases} if list(phases) != ["train"] else {}),
                         "unit": "a hospital (client-level DP of the models it sends)"}}
@@ -140,7 +142,8 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
                  {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
                   "fingerprint": fingerprint(cfg, phase_name)})
     summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
-               "fingerprint": fingerprint(cfg, phase_name), **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg)}
+               "fingerprint": fingerprint(cfg, phase_name),
+               **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg, phase_name)}
     write_json(metrics_path, summary)
     return summary
 
@@ -228,7 +231,7 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
     save_tensors(out / PURIFIER, model.state_dict(), {"phase": "purifier", "config": cfg.to_json(),
                                                       "wall_time_s": f"{wall:.1f}", "fingerprint": run})
     summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), "fingerprint": run,
-               **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg)}
+               **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg, "purifier")}
     write_json(metrics_path, summary)
     return summary
 
@@ -380,7 +383,8 @@ def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, d
                # which U-Net the defended evaluation purified with: phase 4's (its fingerprint) or phase 1's
                "purifier": purifier_tag(cfg) if defense_results else None,
                "clients": [r for r in rows if r["round"] == cfg.train.rounds and r["client"] != "mean"]}
-    summary.update(_privacy_spent([history[rnd]["dp"] for rnd in sorted(history) if "dp" in history[rnd]], cfg))
+    released = [history[rnd]["dp"] for rnd in sorted(history) if "dp" in history[rnd]]
+    summary.update(_privacy_spent(released, cfg, "train"))
     rules = sorted({history[rnd]["aggregation"] for rnd in history if "aggregation" in history[rnd]})
     if rules and rules != [MEAN]:  # a robust rule combined the experts: which, and in how many rounds
         trim = {"trim_fraction": cfg.federation.trim_fraction} if "trimmed-mean" in rules else {}
