@@ -7,7 +7,7 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# The suite runs on three pytest-xdist workers (pyproject's addopts) on as few as 2 cores: idle torch
+# The suite runs on two pytest-xdist workers (pyproject's addopts) on as few as 2 cores: idle torch
 # (OpenMP) threads sleep instead of spinning, so one worker's waits do not slow the other's work.
 # Set before any test module imports torch; Ray's and the deployment's processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
     """Two lanes: the fast tests first, then the slow ones (`@pytest.mark.slow`: end-to-end Flower
     runs), each lane in file order, so a broken unit shows within minutes and both lanes always run;
     `pytest -m "not slow"` runs the fast lane alone. On pytest-xdist workers (pyproject's addopts:
-    `-n 3 --dist loadfile`, each file on one worker) the unit of work is a file, handed out in this
+    `-n 2 --dist loadfile`, each file on one worker) the unit of work is a file, handed out in this
     order: the files with end-to-end runs first, most of them first, and the unit-test files last, so
     they fill whichever worker frees first instead of one long file running alone at the end."""
     if getattr(config.option, "dist", "no") == "no":
