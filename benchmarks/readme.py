@@ -51,8 +51,13 @@ def rows(results: dict, load: dict | None) -> list[list]:
     projected = results.get("experiment_breakdown", {}).get("projected", {})
     pgd, fgsm = (projected.get(f"adv_{a}, PGD evaluation final round only") for a in ("pgd", "n-fgsm"))
     if pgd and fgsm:
-        out.append([f"`{results['preset']}` experiment projected by stage: PGD-7 adversarial training (shipped) / "
-                    "one N-FGSM step, PGD test after the last round",
+        breakdown = results["experiment_breakdown"]
+        phase4 = (f", then phase 4 ({breakdown['phase_purifier']['runs']}, {breakdown['phase_purifier']['attack']})"
+                  if "phase_purifier" in breakdown else " (measured without phase 4)")
+        shipped = breakdown.get("shipped_attack")  # the defense's training attack in the preset measured
+        out.append([f"`{results['preset']}` experiment projected by stage: adversarial training through the purifier "
+                    f"with PGD-7{' (shipped)' if shipped == 'pgd' else ''} / one N-FGSM step"
+                    f"{' (shipped)' if shipped == 'n-fgsm' else ''}{phase4}, PGD test after the last round",
                     f"{pgd['experiment_s']:.0f} s / {fgsm['experiment_s']:.0f} s", "goal 1800 s",
                     _when(results, "experiment_breakdown")])
     flower = results.get("flower_overhead_br35h_cpu", {})

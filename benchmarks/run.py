@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import resource
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from medfedpure.attacks import make_pgd
+from medfedpure.attacks import make_pgd, training_attack_label
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, load_preset
 from medfedpure.defense import DefendedClassifier, MAEDetector, build_diffusion, build_mae
 from medfedpure.methods import new_model, task
@@ -238,7 +237,8 @@ def _phase3_epoch(cfg, model, diffusion, loader, server_round: int = 1) -> dict[
     add, totals = _stopwatch()
     optimizer = moe_optimizer(model, cfg, cfg.train.lr)
     gen = torch.Generator().manual_seed(cfg.seed + server_round)
-    attack = make_training_attack(RandomDepthPurified(model, diffusion, cfg.defense, gen), cfg, 0)
+    attack = make_training_attack(RandomDepthPurified(model, diffusion, cfg.defense, gen),
+                                  dataclasses.replace(cfg, method=cfg.defense.training_method(cfg.method)), 0)
 
     def timed_attack(x, y):
         t0 = time.perf_counter()
@@ -270,8 +270,11 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
     epoch of each phase, one per-round evaluation, one defended evaluation) and multiplied by how
     often the preset runs it (epochs x rounds x hospitals). A projection, not a run of the
     experiment: Flower's own overhead is added from the measured br35h-cpu round (`flower`) where
-    given. Phase 3 is projected for adversarial training with PGD-k (the preset's) and with one
-    N-FGSM step, and for the PGD evaluation every round and in the final round only."""
+    given. Phase 3 is projected for the defense's adversarial training with PGD-k and with one N-FGSM
+    step (`defense.adv_attack`; the preset ships N-FGSM), and for the PGD evaluation every round and in
+    the final round only; phase 4 (`defense.purifier`, where the preset has rounds) from one local epoch
+    of fine-tuning and one evaluation on the same hospital, against the N-FGSM epoch's classifier."""
+    from medfedpure.defense.finetune import evaluate_purifier, finetune_purifier
     from medfedpure.defense.evaluation import evaluate_defense
     from medfedpure.defense.trainer import PHASES, eval_loss, train_epochs
 
@@ -298,13 +301,15 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
                                 "projected_s": round(n * (settings.local_epochs * epoch + ev), 1),
                                 "runs": f"{settings.rounds} rounds x {clients} hospitals x {settings.local_epochs} epochs"}
     phase3: dict = {}
-    for label, attack_name in (("pgd", "pgd"), ("n-fgsm", "n-fgsm")):
-        cfg.method.adv_attack = attack_name
+    shipped = cfg.defense.adv_attack
+    out["shipped_attack"] = cfg.defense.training_method(cfg.method).adv_attack
+    for label in ("pgd", "n-fgsm"):
+        cfg.defense.adv_attack = label
         torch.manual_seed(0)
         model = new_model(cfg, 2, 0)
         stages = _phase3_epoch(cfg, model, models["diffusion"], train)
         phase3[f"local_epoch_{label}"] = {k: round(v, 2) for k, v in stages.items()}
-    cfg.method.adv_attack = "pgd"
+    cfg.defense.adv_attack = shipped
     model.eval()
     t0 = time.perf_counter()
     task.test_local(model, test, cfg, 0, with_attack=False)
@@ -319,6 +324,21 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
                      list(d.eval_detectors), list(d.eval_modes), 0)
     phase3["defended_evaluation_s"] = round(time.perf_counter() - t0, 2)
     phase3["defended_evaluation"] = f"{len(d.eval_detectors)} detectors x {len(d.eval_modes)} modes, paper protocol"
+    p4 = cfg.defense.purifier
+    if p4.rounds > 0:  # phase 4: the U-Net fine-tuned against the hospital's frozen classifier
+        unet = build_diffusion(cfg)
+        unet.load_state_dict(models["diffusion"].state_dict())
+        t0 = time.perf_counter()
+        finetune_purifier(unet.train(), model, train, cfg, seed=0)
+        epoch = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate_purifier(unet.eval(), model, test, cfg, seed=0)
+        ev = time.perf_counter() - t0
+        out["phase_purifier"] = {"local_epoch_s": round(epoch, 2), "evaluation_s": round(ev, 2),
+                                 "projected_s": round(p4.rounds * clients * (p4.local_epochs * epoch + ev), 1),
+                                 "runs": f"{p4.rounds} rounds x {clients} hospitals x {p4.local_epochs} epochs",
+                                 "attack": training_attack_label(dataclasses.replace(
+                                     cfg, method=p4.training_method(cfg.defense.training_method(cfg.method))))}
     overhead = 0.0
     if flower and "flower_simulation_s" in flower:
         overhead = (flower["flower_simulation_s"] - flower["direct_s"]) / (clients * int(flower.get("rounds", 2)))
@@ -336,8 +356,8 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
                      "defended_evaluation_s": round(clients * phase3["defended_evaluation_s"], 1),
                      "flower_overhead_s": round(n * overhead, 1)}
             total["phase3_s"] = round(sum(total.values()), 1)
-            total["experiment_s"] = round(total["phase3_s"] + out["phase_diffusion"]["projected_s"]
-                                          + out["phase_mae"]["projected_s"], 1)
+            total["experiment_s"] = round(total["phase3_s"] + sum(out[f"phase_{name}"]["projected_s"] for name in
+                                                                  ("diffusion", "mae", "purifier") if f"phase_{name}" in out), 1)
             projected[f"adv_{label}, PGD evaluation {'every round' if every_round else 'final round only'}"] = total
     out["phase3"] = phase3
     out["projected"] = projected
@@ -416,7 +436,7 @@ def bench_training_layout(cfg, br35h: str | None, repeats: int = 2) -> dict:
     for _ in range(repeats):
         for layout in (False, True):
             run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, channels_last=layout),
-                                      method=dataclasses.replace(cfg.method, adv_attack="n-fgsm"))
+                                      defense=dataclasses.replace(cfg.defense, adv_attack="n-fgsm"))
             torch.manual_seed(0)
             stages = _phase3_epoch(run, new_model(run, 2, 0), diffusion, train)
             out["channels_last_s" if layout else "default_s"].append(round(sum(stages.values()), 2))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, load_preset, preset_names
@@ -71,6 +73,8 @@ def test_validation_names_the_field():
                                "defense.purifier.clean_weight=-1"], "defense.purifier.clean_weight"),
                              (["defense.purifier.lr=0"], "defense.purifier"),
                              (["defense.purifier.adv_attack=eot-pgd"], "defense.purifier.adv_attack"),
+                             (["defense.adv_attack=square"], "defense.adv_attack"),
+                             (["attack.norm=l2", "attack.eps=0.5", "defense.adv_attack=n-fgsm"], "defense.adv_attack"),
                              (["defense.purifier.adv_steps=0"], "defense.purifier.adv_steps"),
                              (["defense.adv_raw_share=0.3"], "defense.adv_raw_share"),
                              (["defense.purify_training=true", "defense.adv_share=0.8", "defense.adv_raw_share=0.3"],
@@ -124,15 +128,29 @@ def test_adversarial_training_attack_is_part_of_a_defended_runs_fingerprint():
     from medfedpure.methods import fingerprint
 
     cfg = load_preset("br35h-cpu")
+    assert (cfg.defense.adv_attack, cfg.method.adv_attack) == ("n-fgsm", "pgd")  # shipped: FAT keeps PGD-7
+    shipped, shipped_p4, fat = fingerprint(cfg, "train"), fingerprint(cfg, "purifier"), _fat(cfg)
+    cfg.defense.adv_attack = None
     pgd = fingerprint(cfg, "train")
-    cfg.method.adv_attack = "n-fgsm"
-    nfgsm = fingerprint(cfg, "train")
+    cfg.method.adv_attack = "n-fgsm"  # as runs made before defense.adv_attack named it: the same weights
+    assert (fingerprint(cfg, "train"), fingerprint(cfg, "purifier")) == (shipped, shipped_p4)
+    assert _fat(cfg) != fat  # while FAT itself now trains on N-FGSM
     cfg.method.adv_attack, cfg.method.adv_steps = "pgd", 3
     fewer_steps = fingerprint(cfg, "train")
-    assert len({pgd, nfgsm, fewer_steps}) == 3  # a run is never resumed with another training attack
+    assert len({pgd, shipped, fewer_steps}) == 3  # a run is never resumed with another training attack
     cfg.method.adv_steps, cfg.attack.channels_last, cfg.attack.eot = None, False, 20
     assert fingerprint(cfg, "train") == pgd  # evaluation-only fields change no weights
+    cfg.defense.adv_attack = "n-fgsm"
+    assert _fat(cfg) == fat  # the defense's attack is no baseline's business
     cfg.defense.adv_share = 0.0
     no_adv = fingerprint(cfg, "train")
-    cfg.method.adv_attack = "n-fgsm"
+    cfg.defense.adv_attack = None
     assert fingerprint(cfg, "train") == no_adv  # without adversarial training the attack is moot
+
+
+def _fat(cfg):
+    """FAT's phase-3 fingerprint in the experiment of `cfg`."""
+    from medfedpure.methods import METHODS
+
+    return METHODS["fat"].fingerprint(dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fat")),
+                                      "train")

@@ -322,3 +322,5 @@ def test_phase_4_fine_tunes_the_purifier_alone_against_the_frozen_classifier(cfg
     c.defense.purifier.adv_attack, c.defense.purifier.adv_steps = "pgd", 3
     _, pgd = _target(classifier, diffusion, c, seed=1)
     assert (pgd.name, pgd.steps, pgd.eps) == ("pgd", 3, c.attack.eps) and c.method.adv_attack == "n-fgsm"
+    c.method.adv_attack, c.defense.adv_attack, c.defense.purifier.adv_attack = "pgd", "n-fgsm", None
+    assert _target(classifier, diffusion, c, seed=1)[1].name == "n-fgsm"  # phase 3's: defense.adv_attack

@@ -167,6 +167,29 @@ def test_defense_in_depth_batch_keeps_raw_attacks_raw_and_labels_in_place():
     assert torch.equal(plain, again) and torch.equal(plain[6:], x[6:])
 
 
+def test_the_defenses_training_attack_is_defense_adv_attack_where_set(monkeypatch):
+    """defense.adv_attack names the attack of MedFedPure's adversarial shares (both of them), so the
+    defense can train on N-FGSM while FAT keeps method.adv_attack's PGD; unset, it is method.adv_attack."""
+    from medfedpure.defense import build_diffusion
+    from medfedpure.methods import medfedpure, new_model
+
+    made = []
+
+    def record(model, cfg, seed):  # the attack each share is crafted with, then a no-op in its place
+        made.append(cfg.method.adv_attack)
+        return lambda xb, yb: xb
+
+    monkeypatch.setattr(medfedpure, "make_training_attack", record)
+    cfg = demo("defense.purify_training=true", "defense.adv_share=0.25", "defense.adv_raw_share=0.25",
+               "train.local_epochs=1")
+    model, diffusion = new_model(cfg, 2, 0), build_diffusion(cfg).eval()
+    batches = [(torch.rand(8, 3, 32, 32), torch.arange(8) % 2)]
+    medfedpure.train_local(model, batches, cfg, purifier=diffusion)
+    cfg.defense.adv_attack = "n-fgsm"
+    medfedpure.train_local(model, batches, cfg, purifier=diffusion)
+    assert made == ["pgd", "pgd", "n-fgsm", "n-fgsm"] and cfg.method.adv_attack == "pgd"
+
+
 def test_pfeddef_replaces_share_g_of_the_scans_with_pgd_examples():
     torch.manual_seed(0)
     data = _data(15)

@@ -204,7 +204,7 @@ class PurifierSettings:
     clean_weight: float = 1.0  # weight of the classifier's loss on purified clean scans
     denoise_weight: float = 1.0  # weight of the U-Net's own denoising loss (Eq. 16)
     # phase 4's training attack, where it should be stronger than phase 3's (AToP and ADBM fine-tune
-    # against multi-step PGD): None keeps method.adv_attack / method.adv_steps (or attack.steps)
+    # against multi-step PGD): None keeps phase 3's (defense.adv_attack, method.adv_steps or attack.steps)
     adv_attack: str | None = None
     adv_steps: int | None = None
 
@@ -240,11 +240,19 @@ class DefenseConfig:
     # defense in depth: this share of every phase-3 batch is replaced by the same attack crafted on the
     # classifier alone (as FAT does) and left unpurified, so the experts also know raw adversarial scans
     adv_raw_share: float = 0.0
+    # the attack of those shares (pgd | fgsm-rs | n-fgsm; budget: method.adv_*): None keeps method.adv_attack,
+    # so the defense can train on one N-FGSM step while the baselines (FAT) keep PGD-k
+    adv_attack: str | None = None
     eval_modes: list = field(default_factory=lambda: ["selective", "graded"])
     eval_detectors: list = field(default_factory=lambda: list(DETECTOR_NAMES))
     mae: MAESettings = field(default_factory=MAESettings)
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
     purifier: PurifierSettings = field(default_factory=PurifierSettings)
+
+    def training_method(self, method: "MethodConfig") -> "MethodConfig":
+        """The method settings phase 3's attacks for the defense are built from: `method` with
+        adv_attack replaced where defense.adv_attack names one."""
+        return dataclasses.replace(method, adv_attack=self.adv_attack or method.adv_attack)
 
 
 METHOD_NAMES = ("medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef")
@@ -428,8 +436,15 @@ class ExperimentConfig:
              and self.defense.purifier.lr > 0, "defense.purifier", "local_epochs, batch_size >= 1 and lr > 0"),
             (self.defense.purifier.rounds == 0 or self.defense.purify_training, "defense.purifier.rounds",
              "0 unless defense.purify_training is on (the experts must know purified scans)"),
-            (self.defense.purifier.adv_attack in (None, *TRAINING_ATTACKS), "defense.purifier.adv_attack",
+            (self.defense.adv_attack in (None, *TRAINING_ATTACKS), "defense.adv_attack",
              "null (method.adv_attack) or one of " + ", ".join(TRAINING_ATTACKS)),
+            (self.defense.purifier.adv_attack in (None, *TRAINING_ATTACKS), "defense.purifier.adv_attack",
+             "null (phase 3's attack) or one of " + ", ".join(TRAINING_ATTACKS)),
+            (all(a not in TRAINING_ATTACKS or not TRAINING_ATTACKS[a].linf_only
+                 or (self.method.adv_norm or self.attack.norm) == "linf"
+                 for a in (self.defense.adv_attack, self.defense.purifier.adv_attack)),
+             "defense.adv_attack/defense.purifier.adv_attack",
+             "one without an l_inf-only budget unless adversarial training's norm is linf"),
             (self.defense.purifier.adv_steps is None or self.defense.purifier.adv_steps >= 1,
              "defense.purifier.adv_steps", "null or >= 1"),
             (self.defense.purifier.clean_weight >= 0 and self.defense.purifier.denoise_weight >= 0,

@@ -22,6 +22,7 @@ safetensors file that belongs to a round carries that round in its metadata (`sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -238,19 +239,21 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
         purifier = raw["defense"].get("purifier")
         part["defense"] = {k: v for k, v in raw["defense"].items()
                            if k not in EVALUATION_ONLY + ("mae", "training", "purifier")}
+        # the defense's attacks: method.adv_* with defense.adv_attack where set (recorded as if method.adv_attack
+        # had named it, so a run made that way before the field existed keeps its fingerprint)
+        part["defense"].pop("adv_attack", None)
+        trained = dataclasses.asdict(cfg.defense.training_method(cfg.method))
+        chosen = {k: trained[k] for k in ADVERSARIAL_TRAINING
+                  if trained[k] is not None and not (k == "adv_attack" and trained[k] == _ADDED_FIELDS["method", k])}
         if not defended:
             part.pop("defense")
             part["method"] = method
-        elif max(raw["defense"].get("adv_share", 0.0), raw["defense"].get("adv_raw_share", 0.0)) > 0:
-            # it trains on attacks made with method.adv_*
-            chosen = {k: method[k] for k in ADVERSARIAL_TRAINING if method.get(k) is not None and k in method}
-            if chosen:
-                part["adversarial_training"] = chosen
+        elif max(raw["defense"].get("adv_share", 0.0), raw["defense"].get("adv_raw_share", 0.0)) > 0 and chosen:
+            part["adversarial_training"] = chosen  # it trains on attacks made with them
         if phase == "purifier":  # phase 4 starts from phase 3's weights, with its own settings
             part["purifier"] = purifier
-            if raw["defense"].get("adv_share", 0.0) <= 0:  # its attack follows method.adv_* as well
-                part["adversarial_training"] = {k: method[k] for k in ADVERSARIAL_TRAINING
-                                                if method.get(k) is not None and k in method}
+            if raw["defense"].get("adv_share", 0.0) <= 0:  # its attack follows them as well
+                part["adversarial_training"] = chosen
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """Phase 4: adversarial fine-tuning of the purifier against a hospital's own classifier.
 
 After phase 3 the classifier (shared experts + the hospital's gate) is frozen and the U-Net
-learns instead: per batch, the training attack (`method.adv_attack`, the budget of adversarial
+learns instead: per batch, phase 3's training attack (`defense.adv_attack` or `method.adv_attack`, the budget of adversarial
 training, or `defense.purifier.adv_attack` / `adv_steps` where set: a multi-step PGD while phase 3
 used a single-step attack) is crafted through purification at a depth drawn from [t_min, t_max], exactly as
 phase 3 crafts it, and the U-Net descends
@@ -73,7 +73,7 @@ def _target(classifier: nn.Module, diffusion: GaussianDiffusion, cfg: Experiment
     """The classifier behind a random-depth purification, in eval mode (an attack restores the mode
     it found, so the frozen classifier's BatchNorm statistics never move), and the training attack on it."""
     target = RandomDepthPurified(classifier, diffusion, cfg.defense, torch.Generator().manual_seed(seed)).eval()
-    method = cfg.defense.purifier.training_method(cfg.method)  # defense.purifier.adv_* where set
+    method = cfg.defense.purifier.training_method(cfg.defense.training_method(cfg.method))  # phase 3's, or its own
     return target, make_training_attack(target, dataclasses.replace(cfg, method=method), seed=seed)
 
 

@@ -23,7 +23,7 @@ from medfedpure.loop import channels_last
 from medfedpure.methods import task
 from medfedpure.metrics import attacked_positions
 from medfedpure.reporting.markdown import percent, table, with_interval
-from medfedpure.reporting.rows import AttackResult, PairedTest
+from medfedpure.reporting.rows import AttackResult, Convergence, Headline, PairedTest
 from medfedpure.reporting.plots import plot_suite
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import SUMMARY, RunFolder
@@ -195,9 +195,9 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
         usual = base + (f":{loss}" if loss else "")
         if budget is not None and usual in pooled:
             weak, strong = pooled[usual], pooled[name]
-            convergence.append({"attack": usual, "stronger": name, "first": weak["first"], "first_ci": weak["first_ci"],
-                                "stronger_first": strong["first"], "stronger_first_ci": strong["first_ci"],
-                                "lower_beyond_interval": strong["first"] < weak["first_ci"][0]})
+            convergence.append(Convergence(attack=usual, stronger=name, first=weak["first"], first_ci=weak["first_ci"],
+                                           stronger_first=strong["first"], stronger_first_ci=strong["first_ci"],
+                                           lower_beyond_interval=strong["first"] < weak["first_ci"][0]).to_dict())
     d = cfg.defense
     return {"run": str(r.run), "data": r.data_label, "clients": [c["client"] for c in per_client],
             "max_per_client": cap, "defended": r.defended,
@@ -208,8 +208,8 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             "scans": {"client": [c["client"] for c in per_client for _ in c["scan_ids"]],
                       "id": [s for c in per_client for s in c["scan_ids"]]},
             "convergence": convergence,
-            "headline": {"attack": worst, "first": pooled[worst]["first"], "first_ci": pooled[worst]["first_ci"],
-                         "n": pooled[worst]["n"], "settings": pooled[worst]["settings"]},
+            "headline": Headline(attack=worst, first=pooled[worst]["first"], first_ci=pooled[worst]["first_ci"],
+                                 n=pooled[worst]["n"], settings=pooled[worst]["settings"]).to_dict(),
             "rows": rows}
 
 
@@ -259,10 +259,10 @@ def suite_markdown(result: dict) -> str:
                      percent(p.bare_acc), seconds])
     lines.append(table(["attack", "knows the defense", "budget", "scans", "first draw [95% CI]", "majority [CI]",
                         "worst of N [CI]", "flagged", "bare classifier", "s / scan"], rows))
-    h = result["headline"]
-    lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {percent(h['first'])}% "
-                  f"[{percent(h['first_ci'][0])}, {percent(h['first_ci'][1])}] under {h['attack']} "
-                  f"({budget_label(h['settings'])}), {h['n']} scans.**", ""]
+    h = Headline.from_dict(result["headline"])
+    lines += ["", f"**Headline (lowest first-draw accuracy over the attacks run): {percent(h.first)}% "
+                  f"[{percent(h.first_ci[0])}, {percent(h.first_ci[1])}] under {h.label(budget_label(h.settings))}.**",
+              ""]
     lines += convergence_lines(result.get("convergence", []))
     return "\n".join(lines)
 
@@ -270,11 +270,11 @@ def suite_markdown(result: dict) -> str:
 def convergence_lines(convergence: list[dict]) -> list[str]:
     """Each attack at its own stronger budget against the same attack at the suite's, in words."""
     lines = []
-    for c in convergence:
+    for c in map(Convergence.from_dict, convergence):
         verdict = ("lower beyond the interval: the budget has not converged, and the headline takes the stronger one"
-                   if c["lower_beyond_interval"] else "within the interval: the suite's budget has converged")
-        lines += [f"Convergence: {c['stronger']} {percent(c['stronger_first'])}% against {c['attack']} "
-                  f"{percent(c['first'])}% [{percent(c['first_ci'][0])}, {percent(c['first_ci'][1])}] on the same scans: "
+                   if c.lower_beyond_interval else "within the interval: the suite's budget has converged")
+        lines += [f"Convergence: {c.stronger} {percent(c.stronger_first)}% against {c.attack} "
+                  f"{percent(c.first)}% [{percent(c.first_ci[0])}, {percent(c.first_ci[1])}] on the same scans: "
                   f"{verdict}.", ""]
     return lines
 

@@ -5,11 +5,12 @@ With a purifier (a GaussianDiffusion), half of each batch is replaced by its pur
 version, so the experts know both clean and purified scans. With `defense.adv_share` > 0 as
 well, that share of each batch is first replaced by an attack crafted on the model behind the
 purifier (a fresh depth and noise at every gradient; PGD-k, or one N-FGSM / FGSM-RS step with
-`method.adv_attack`), then purified.
+`defense.adv_attack`, else `method.adv_attack`), then purified.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -59,11 +60,12 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
     optimizer = moe_optimizer(model, cfg, round_lr(cfg, server_round))
     gen = torch.Generator().manual_seed(cfg.seed + server_round)
     attack = raw_attack = None
+    cfg_attack = dataclasses.replace(cfg, method=cfg.defense.training_method(cfg.method))  # defense.adv_attack
     if purifier is not None and cfg.defense.adv_share > 0:
         target = RandomDepthPurified(model, purifier, cfg.defense, gen)
-        attack = make_training_attack(target, cfg, seed=cfg.seed * 1_000 + server_round)
+        attack = make_training_attack(target, cfg_attack, seed=cfg.seed * 1_000 + server_round)
     if purifier is not None and cfg.defense.adv_raw_share > 0:
-        raw_attack = make_training_attack(model, cfg, seed=cfg.seed * 1_000 + 500 + server_round)
+        raw_attack = make_training_attack(model, cfg_attack, seed=cfg.seed * 1_000 + 500 + server_round)
 
     def step(batch):
         x, y = (t.to(cfg.device) for t in batch)

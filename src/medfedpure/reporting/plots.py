@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from medfedpure.reporting.rows import AttackResult  # noqa: E402
+from medfedpure.reporting.rows import AttackResult, Headline  # noqa: E402
 from medfedpure.storage import atomic_write_bytes  # noqa: E402
 
 
@@ -146,9 +146,9 @@ def plot_suite(result: dict, path: Path | str) -> None:
     ax.set_yticks(range(0, 101, 20))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=3, loc="upper center")
-    h = result["headline"]
-    ax.set_title(f"{Path(result['run']).name}: headline {100 * h['first']:.1f}% under {h['attack']} "
-                 f"({h['n']} scans)", fontsize=9)
+    h = Headline.from_dict(result["headline"])
+    ax.set_title(f"{Path(result['run']).name}: headline {100 * h.first:.1f}% under {h.attack} ({h.n} scans)",
+                 fontsize=9)
     _save(fig, path)
 
 

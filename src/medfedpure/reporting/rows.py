@@ -1,6 +1,6 @@
-"""Typed results: a paired test of two evaluations, a method's row of the paper's tables, a defense
-candidate's row, a comparison of candidates. Each is built once (`evaluation.attack_suite.paired_test`,
-`workflows.report`, `workflows.compare`), saved as JSON with `to_dict` (the keys the saved results have
+"""Typed results: a paired test of two evaluations, an attack's pooled result, a suite's headline and
+convergence check, a method's row of the paper's tables, a defense candidate's row, a comparison of
+candidates. Each is built once (`evaluation.attack_suite`, `workflows.report`, `workflows.compare`), saved as JSON with `to_dict` (the keys the saved results have
 always had) and read back with `from_dict`, so the tables and figures that render them name fields,
 not dictionary keys."""
 
@@ -82,6 +82,52 @@ class AttackResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> AttackResult:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A suite evaluation's headline (`evaluation.json`'s `headline`): the lowest first-draw accuracy
+    over the attacks that know the defense, with its 95% interval, the attack, its settings and the
+    number of scans."""
+
+    attack: str
+    first: float
+    first_ci: list
+    n: int
+    settings: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Headline:
+        return cls(**_known(cls, data))
+
+    def label(self, budget: str) -> str:
+        """'eot-pgd:margin (50 steps x 4 draws, margin), 480 scans' (`budget`: the settings in words)."""
+        return f"{self.attack} ({budget}), {self.n} scans"
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """One attack at a stronger budget beside the same attack at the suite's, on the same scans
+    (`evaluation.json`'s `convergence` entries): their first-draw accuracies with 95% intervals, and
+    whether the stronger one is lower beyond the usual one's interval (the budget has not converged)."""
+
+    attack: str
+    stronger: str
+    first: float
+    first_ci: list
+    stronger_first: float
+    stronger_first_ci: list
+    lower_beyond_interval: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Convergence:
         return cls(**_known(cls, data))
 
 

@@ -33,6 +33,7 @@ from medfedpure.defense.detectors import build_detector
 from medfedpure.defense.trainer import build_pretrained
 from medfedpure.evaluation.runs import defended_classifier, load_client_model
 from medfedpure.methods import new_model, task
+from medfedpure.reporting.rows import Headline
 from medfedpure.runfolder import RunFolder, RunFolderError
 from medfedpure.storage import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
@@ -225,8 +226,8 @@ def _adaptive_headline(run: Path) -> dict | None:
     path = default_suite_dir(run) / "evaluation.json"
     if not path.is_file():
         return None
-    h = read_json(path).get("headline", {})
-    return {k: h.get(k) for k in ("attack", "first", "first_ci", "n")}
+    h = Headline.from_dict(read_json(path)["headline"])
+    return {"attack": h.attack, "first": h.first, "first_ci": h.first_ci, "n": h.n}
 
 
 def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, 
                                                suite_request)
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
-from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison
+from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Headline
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
 
@@ -125,7 +125,7 @@ def _reuse(candidate: dict, spec: dict) -> dict:
 def _row(candidate: dict, ev: dict) -> CandidateRow:
     suite = {name: AttackResult.from_dict(p) for name, p in ev["suite"].items()}
     clean = suite.get("clean (whole split)", suite["clean"])
-    name = ev["headline"]["attack"]
+    name = Headline.from_dict(ev["headline"]).attack
     strongest = suite[name]
     return CandidateRow(name=candidate["name"], run=candidate["run"], overrides=candidate.get("overrides", []),
                         note=candidate.get("note", ""), defense=ev["defense"],

@@ -14,7 +14,7 @@ from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_lab
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
-from medfedpure.reporting.rows import AttackResult, MethodRow
+from medfedpure.reporting.rows import AttackResult, Headline, MethodRow, PairedTest
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
 
@@ -194,7 +194,7 @@ def _suites(folder: Path) -> dict[str, dict]:
         elif path.is_file():
             ev = read_json(path)
             out[kind] = {"kind": kind, "headline": ev["headline"], "suite": ev["suite"], "defense": ev["defense"],
-                         "scans": ev["headline"]["n"], "scan_ids": ev.get("scans"),
+                         "scans": Headline.from_dict(ev["headline"]).n, "scan_ids": ev.get("scans"),
                          "convergence": ev.get("convergence", [])}
     return out
 
@@ -205,17 +205,17 @@ def _pair_with(reference: dict, label: str, suites: list[dict]) -> None:
     ref = {"suite": reference["suite"], "scans": reference["scan_ids"]}
     for m in suites:
         if m is not reference and m["kind"] == reference["kind"]:
-            m["paired"] = paired_test(ref, {"suite": m["suite"], "scans": m["scan_ids"]}, m["headline"]["attack"],
-                                      label).to_dict()
+            m["paired"] = paired_test(ref, {"suite": m["suite"], "scans": m["scan_ids"]},
+                                      Headline.from_dict(m["headline"]).attack, label).to_dict()
 
 
 def _adaptive(suite: dict | None) -> dict:
     """The adaptive column: the lowest first-draw accuracy over the attacks that know the defense."""
     if suite is None:
         return {"adaptive": None, "adaptive_ci": None, "adaptive_attack": None}
-    h = suite["headline"]
-    return {"adaptive": _pct(h["first"]), "adaptive_ci": [_pct(v) for v in h["first_ci"]],
-            "adaptive_attack": f"{h['attack']} ({budget_label(h['settings'])}), {h['n']} scans"}
+    h = Headline.from_dict(suite["headline"])
+    return {"adaptive": _pct(h.first), "adaptive_ci": [_pct(v) for v in h.first_ci],
+            "adaptive_attack": h.label(budget_label(h.settings))}
 
 
 def _markdown(tables: dict) -> str:
@@ -278,15 +278,15 @@ def _suite_lines(m: dict) -> list[str]:
              table(["attack", "budget", "scans", "first draw [95% CI]", "majority", "worst of N", "flagged"], rows)]
     if m.get("convergence"):
         lines += [""] + convergence_lines(m["convergence"])[:-1]
-    paired = m.get("paired")
-    if paired and "unavailable" in paired:
-        lines += ["", f"Paired with {paired['against']}: n/a ({paired['unavailable']})."]
+    paired = PairedTest.from_dict(m["paired"]) if m.get("paired") else None
+    if paired and paired.unavailable is not None:
+        lines += ["", f"Paired with {paired.against}: n/a ({paired.unavailable})."]
     elif paired:
-        lines += ["", f"Paired with {paired['against']} under {paired['attack']} (first draw, the same {paired['n']} "
-                      f"scans): {paired['b_correct']} vs {paired['a_correct']} correct; right only here on "
-                      f"{paired['only_b']} scans, only under {paired['against']} on {paired['only_a']}; McNemar's exact "
-                      f"p = {paired['p_value']:.3g}: " + ("**beats it** (more accurate, p < 0.05)." if paired["beats"]
-                                                         else "does not beat it (beating needs more accuracy and p < 0.05).")]
+        lines += ["", f"Paired with {paired.against} under {paired.attack} (first draw, the same {paired.n} "
+                      f"scans): {paired.b_correct} vs {paired.a_correct} correct; right only here on "
+                      f"{paired.only_b} scans, only under {paired.against} on {paired.only_a}; McNemar's exact "
+                      f"p = {paired.p_value:.3g}: " + ("**beats it** (more accurate, p < 0.05)." if paired.beats
+                                                       else "does not beat it (beating needs more accuracy and p < 0.05).")]
     return lines
 
 
