@@ -272,7 +272,7 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
     experiment: Flower's own overhead is added from the measured br35h-cpu round (`flower`) where
     given. Phase 3 is projected for the defense's adversarial training with PGD-k and with one N-FGSM
     step (`defense.adv_attack`; the preset ships N-FGSM), and for the PGD evaluation every round and in
-    the final round only; phase 4 (`defense.purifier`, where the preset has rounds) from one local epoch
+    the final round only; phase 4 (`defense.purifier`, where the preset has rounds) from one local round
     of fine-tuning and one evaluation on the same hospital, against the N-FGSM epoch's classifier."""
     from medfedpure.defense.finetune import evaluate_purifier, finetune_purifier
     from medfedpure.defense.evaluation import evaluate_defense
@@ -329,13 +329,13 @@ def bench_experiment_breakdown(cfg, br35h: str | None, flower: dict | None = Non
         unet = build_diffusion(cfg)
         unet.load_state_dict(models["diffusion"].state_dict())
         t0 = time.perf_counter()
-        finetune_purifier(unet.train(), model, train, cfg, seed=0)
-        epoch = time.perf_counter() - t0
+        finetune_purifier(unet.train(), model, train, cfg, seed=0)  # its local_epochs
+        local = time.perf_counter() - t0
         t0 = time.perf_counter()
         evaluate_purifier(unet.eval(), model, test, cfg, seed=0)
         ev = time.perf_counter() - t0
-        out["phase_purifier"] = {"local_epoch_s": round(epoch, 2), "evaluation_s": round(ev, 2),
-                                 "projected_s": round(p4.rounds * clients * (p4.local_epochs * epoch + ev), 1),
+        out["phase_purifier"] = {"local_round_s": round(local, 2), "evaluation_s": round(ev, 2),
+                                 "projected_s": round(p4.rounds * clients * (local + ev), 1),
                                  "runs": f"{p4.rounds} rounds x {clients} hospitals x {p4.local_epochs} epochs",
                                  "attack": training_attack_label(dataclasses.replace(
                                      cfg, method=p4.training_method(cfg.defense.training_method(cfg.method))))}
