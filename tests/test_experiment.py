@@ -206,7 +206,25 @@ def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, ca
     stamp = (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns
     assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
     assert (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns == stamp
-    spec.write_text(spec.read_text().replace("attack.eot=2", "attack.eot=3"))
+    # a convergence check (the strongest attack at a larger budget beside the usual one, on the same scans)
+    checked = tmp_path / "convergence"
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd,eot-pgd@4x3", "--max-per-client",
+                 "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2", "attack.eot=2",
+                 "attack.draws=3"]) == 0
+    (c,) = json.loads((checked / "evaluation.json").read_text())["convergence"]
+    assert (c["attack"], c["stronger"], c["n"]) == ("eot-pgd", "eot-pgd@4x3", 2)
+    first = spec.read_text().splitlines()
+    spec.write_text("\n".join(first[:4] + [f"  - {{name: as trained, run: {run}, convergence: {checked}}}"]
+                              + first[5:]) + "\n")
+    assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
+    rows = json.loads((frontier / "candidates.json").read_text())["rows"]
+    assert rows[0]["convergence"] == [c] and "convergence" not in rows[1]
+    assert "eot-pgd@4x3" in (frontier / "candidates.md").read_text()
+    assert (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns == stamp  # nothing redone
+    spec.write_text(spec.read_text().replace(str(checked), str(suite_dir)))
+    assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
+    assert "no convergence check" in capsys.readouterr().err  # one budget only
+    spec.write_text(spec.read_text().replace(f", convergence: {suite_dir}", "").replace("attack.eot=2", "attack.eot=3"))
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "not comparable" in capsys.readouterr().err  # the stand-in ran another budget
     spec.write_text("candidates:\n  - {name: x, run: /nonexistent}\n")

@@ -143,6 +143,30 @@ def test_publishing_a_comparison_writes_its_result_and_its_frontier_figure(tmp_p
     assert not (tmp_path / "headline.md").exists() and not (tmp_path / "headline.png").exists()
 
 
+def test_a_candidates_convergence_check_gets_a_column_only_where_one_is_named():
+    """A candidate with `convergence:` carries its check into the table (and back from JSON); a study
+    without any keeps the table it had."""
+    from medfedpure.reporting.rows import Comparison, Convergence
+    from medfedpure.workflows.compare import candidates_table
+
+    plain = Comparison.from_dict(_published("FAT", 0.91))
+    assert candidates_table(plain) == EXPECTED
+    published = _published("FAT", 0.91)
+    published["rows"][1]["convergence"] = [
+        {"attack": "eot-pgd:margin", "stronger": "eot-pgd:margin@200x20", "first": 0.92, "first_ci": [0.808, 0.978],
+         "stronger_first": 0.9, "stronger_first_ci": [0.78, 0.97], "lower_beyond_interval": False, "n": 50}]
+    result = Comparison.from_dict(published)
+    assert isinstance(result.rows[1].convergence[0], Convergence) and result.rows[0].convergence is None
+    assert Comparison.from_dict(result.to_dict()) == result and "convergence" not in result.to_dict()["rows"][0]
+    lines = candidates_table(result).splitlines()
+    assert lines[0].endswith("| paired with the first | convergence check |")
+    assert lines[2].endswith("| (reference) |  |")
+    assert lines[3].endswith("| eot-pgd:margin@200x20 90.0 vs 92.0 [80.8, 97.8], 50 scans: converged |")
+    lower = Convergence.from_dict({**published["rows"][1]["convergence"][0], "stronger_first": 0.7,
+                                   "lower_beyond_interval": True, "n": None})
+    assert lower.cell() == "eot-pgd:margin@200x20 70.0 vs 92.0 [80.8, 97.8]: NOT converged"
+
+
 def test_a_method_row_reads_back_what_it_saved_and_an_older_row_without_the_adaptive_column():
     from medfedpure.reporting.rows import MethodRow
 

@@ -197,7 +197,8 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             weak, strong = pooled[usual], pooled[name]
             convergence.append(Convergence(attack=usual, stronger=name, first=weak["first"], first_ci=weak["first_ci"],
                                            stronger_first=strong["first"], stronger_first_ci=strong["first_ci"],
-                                           lower_beyond_interval=strong["first"] < weak["first_ci"][0]).to_dict())
+                                           lower_beyond_interval=strong["first"] < weak["first_ci"][0],
+                                           n=strong["n"]).to_dict())
     d = cfg.defense
     return {"run": str(r.run), "data": r.data_label, "clients": [c["client"] for c in per_client],
             "max_per_client": cap, "defended": r.defended,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from medfedpure.reporting.markdown import percent, with_interval
+
 
 def _known(cls, data: dict) -> dict:
     """`data` with only the fields `cls` has: a saved result with an extra key still reads; a missing
@@ -111,7 +113,7 @@ class Headline:
 
 @dataclass(frozen=True)
 class Convergence:
-    """One attack at a stronger budget beside the same attack at the suite's, on the same scans
+    """One attack at a stronger budget beside the same attack at the suite's, on the same `n` scans
     (`evaluation.json`'s `convergence` entries): their first-draw accuracies with 95% intervals, and
     whether the stronger one is lower beyond the usual one's interval (the budget has not converged)."""
 
@@ -122,6 +124,14 @@ class Convergence:
     stronger_first: float
     stronger_first_ci: list
     lower_beyond_interval: bool
+    n: int | None = None  # None in evaluations made before it was kept
+
+    def cell(self) -> str:
+        """'eot-pgd:margin@200x20 90.0 vs 92.0 [80.8, 97.8], 50 scans: converged'."""
+        verdict = "NOT converged" if self.lower_beyond_interval else "converged"
+        scans = f", {self.n} scans" if self.n is not None else ""
+        return (f"{self.stronger} {percent(self.stronger_first)} vs {with_interval(self.first, self.first_ci)}"
+                f"{scans}: {verdict}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,19 +203,21 @@ class CandidateRow:
     note: str = ""
     defense: dict | None = None
     paired: PairedTest | None = None
+    convergence: list | None = None  # of Convergence: the strongest attack at a larger budget (candidate's `convergence:`)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["paired"] = self.paired.to_dict() if self.paired is not None else None
-        if out["paired"] is None:
-            del out["paired"]
-        return out
+        out["convergence"] = [c.to_dict() for c in self.convergence] if self.convergence is not None else None
+        return {k: v for k, v in out.items() if v is not None or k not in ("paired", "convergence")}
 
     @classmethod
     def from_dict(cls, data: dict) -> CandidateRow:
         known = _known(cls, data)
         if known.get("paired") is not None:
             known["paired"] = PairedTest.from_dict(known["paired"])
+        if known.get("convergence") is not None:
+            known["convergence"] = [Convergence.from_dict(c) for c in known["convergence"]]
         return cls(**known)
 
 

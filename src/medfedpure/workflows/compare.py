@@ -23,12 +23,12 @@ from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, 
                                                suite_request)
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
-from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Headline
+from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Convergence, Headline
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
 
 SPEC_FIELDS = {"attacks", "max_per_client", "overrides", "candidates"}
-CANDIDATE_FIELDS = {"name", "run", "overrides", "note", "from"}
+CANDIDATE_FIELDS = {"name", "run", "overrides", "note", "from", "convergence"}
 # what must agree for an earlier suite evaluation to stand in for a candidate's
 BUDGET_FIELDS = ("norm", "eps", "alpha", "steps", "adaptive_steps", "eot", "loss", "detector_weight", "square_queries",
                  "draws", "random_start")
@@ -48,7 +48,7 @@ def load_spec(path: Path) -> dict:
                               f"(and optionally {sorted(CANDIDATE_FIELDS - {'name', 'run'})})")
         if "from" in c and c.get("overrides"):
             raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}' takes 'from' or 'overrides', not both")
-        for key in ("run", "from"):  # a home-relative path (~/runs/...) as a shell would read it
+        for key in ("run", "from", "convergence"):  # a home-relative path (~/runs/...) as a shell would read it
             if isinstance(c.get(key), str):
                 c[key] = str(Path(c[key]).expanduser())
         names.append(c["name"])
@@ -67,6 +67,8 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
     spec = load_spec(Path(spec_path))
     out = Path(out)
     for c in spec["candidates"]:  # fail before hours of attacks, not after
+        if "convergence" in c:
+            _convergence(c)
         if "from" in c:
             _reuse(c, spec)
         elif not (Path(c["run"]) / CONFIG).is_file():
@@ -89,6 +91,8 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
         rows.append(_row(c, evaluations[-1]))
     rows[1:] = [replace(row, paired=paired_test(evaluations[0], ev, row.strongest, rows[0].name))
                 for row, ev in zip(rows[1:], evaluations[1:])]
+    rows = [replace(row, convergence=_convergence(c)) if "convergence" in c else row
+            for row, c in zip(rows, spec["candidates"])]
     result = Comparison(spec=str(spec_path), attacks=spec["attacks"], max_per_client=spec.get("max_per_client"),
                         overrides=spec.get("overrides", []), rows=rows)
     write_json(out / "candidates.json", result.to_dict())
@@ -122,6 +126,28 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     return ev
 
 
+def _convergence(candidate: dict) -> list[Convergence]:
+    """The candidate's convergence check (`convergence:`, an evaluation of its run with an attack at
+    the suite's budget beside the same attack at a larger one, e.g. eot-pgd:margin and
+    eot-pgd:margin@200x20 on 5 scans a hospital), checked to be of this run and its current U-Net."""
+    path = Path(candidate["convergence"]) / "evaluation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"candidate '{candidate['name']}': no convergence evaluation at '{path}' "
+                                "(an unfinished one resumes where it stopped: run its command again)")
+    ev = read_json(path)
+    problems = []
+    if Path(ev["run"]).resolve() != Path(candidate["run"]).resolve():
+        problems.append(f"it evaluated '{ev['run']}'")
+    if not current_purifier(path.parent, candidate["run"]):
+        problems.append("its U-Net is not the run's (phase 4 has fine-tuned another since)")
+    if not ev.get("convergence"):
+        problems.append("it ran no attack at two budgets (e.g. --attack eot-pgd:margin,eot-pgd:margin@200x20)")
+    if problems:
+        raise ConfigError(f"candidate '{candidate['name']}': '{path}' is no convergence check of it: "
+                          + "; ".join(problems))
+    return [Convergence.from_dict(c) for c in ev["convergence"]]
+
+
 def _row(candidate: dict, ev: dict) -> CandidateRow:
     suite = {name: AttackResult.from_dict(p) for name, p in ev["suite"].items()}
     clean = suite.get("clean (whole split)", suite["clean"])
@@ -139,13 +165,16 @@ def _row(candidate: dict, ev: dict) -> CandidateRow:
 def candidates_table(result: Comparison) -> str:
     """The frontier as one markdown table: each candidate's clean and strongest-attack accuracy with
     their intervals, majority and worst of N, every attack, latency, and the paired test with the first."""
+    checked = any(r.convergence is not None for r in result.rows)  # the column only where a candidate has one
     header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N",
-              *result.attacks, "ms / scan", "paired with the first"]
+              *result.attacks, "ms / scan", "paired with the first", *(["convergence check"] if checked else [])]
     rows = [[r.name, with_interval(r.clean, r.clean_ci), with_interval(r.robust, r.robust_ci),
              f"{r.strongest} ({r.budget})", percent(r.robust_majority), percent(r.robust_worst),
              *[percent(r.per_attack.get(a)) for a in result.attacks],
              "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
-             "(reference)" if r.paired is None else r.paired.cell()] for r in result.rows]
+             "(reference)" if r.paired is None else r.paired.cell(),
+             *(["; ".join(c.cell() for c in r.convergence or [])] if checked else [])]
+            for r in result.rows]
     return table(header, rows)
 
 
