@@ -224,6 +224,24 @@ def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, ca
     spec.write_text(spec.read_text().replace(str(checked), str(suite_dir)))
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "no convergence check" in capsys.readouterr().err  # one budget only
+    # a candidate's attacks may come from several evaluations of the same scans (e.g. one per loss)
+    margin = tmp_path / "margin"
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd:margin", "--max-per-client", "3",
+                 "--no-progress", "--out", str(margin), "attack.adaptive_steps=2", "attack.eot=2",
+                 "attack.square_queries=4", "attack.draws=3"]) == 0
+    both = tmp_path / "both.yaml"
+    both.write_text(f"attacks: [eot-pgd, eot-pgd:margin]\nmax_per_client: 3\noverrides: {budget}\ncandidates:\n"
+                    f"  - {{name: one, run: {run}, from: [{suite_dir}, {margin}]}}\n"
+                    f"  - {{name: two, run: {run}, from: [{margin}, {suite_dir}]}}\n")
+    assert main(["compare-defenses", str(both), "--out", str(tmp_path / "both"), "--no-progress"]) == 0
+    one, two = json.loads((tmp_path / "both" / "candidates.json").read_text())["rows"]
+    margin_first = json.loads((margin / "evaluation.json").read_text())["suite"]["eot-pgd:margin"]["first"]
+    assert one["per_attack"] == two["per_attack"] == {"eot-pgd": suite["suite"]["eot-pgd"]["first"],
+                                                      "eot-pgd:margin": margin_first}
+    assert one["robust"] == min(one["per_attack"].values()) and two["paired"]["p_value"] == 1.0
+    both.write_text(both.read_text().replace(f"[{margin}, {suite_dir}]", f"[{margin}]"))
+    assert main(["compare-defenses", str(both), "--out", str(tmp_path / "both")]) == 2
+    assert "did not run ['eot-pgd']" in capsys.readouterr().err
     spec.write_text(spec.read_text().replace(f", convergence: {suite_dir}", "").replace("attack.eot=2", "attack.eot=3"))
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "not comparable" in capsys.readouterr().err  # the stand-in ran another budget

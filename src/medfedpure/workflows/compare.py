@@ -4,9 +4,9 @@ A spec names the attacks, the scans (`max_per_client` of each client's own test 
 the common overrides once, then each candidate as a trained run plus its own `defense.*`
 overrides (an undefended baseline is a run without overrides). Each candidate's suite lands in
 `<out>/<candidate>/` and is not redone when the request is unchanged, so an interrupted
-comparison resumes. A candidate may instead name a suite evaluation already made (`from:`, e.g.
-the one `experiment` wrote): it is used only if it ran every attack of the spec on the same
-scans with the same budget. `candidates.md/.json/.png` put clean accuracy, the strongest
+comparison resumes. A candidate may instead name suite evaluations already made (`from:`, one
+folder or a list, e.g. the one `experiment` wrote, or one evaluation per loss): they are used only
+if together they ran every attack of the spec, each on the same scans with the same budget. `candidates.md/.json/.png` put clean accuracy, the strongest
 attack's accuracy and latency side by side (the frontier).
 """
 
@@ -51,6 +51,10 @@ def load_spec(path: Path) -> dict:
         for key in ("run", "from", "convergence"):  # a home-relative path (~/runs/...) as a shell would read it
             if isinstance(c.get(key), str):
                 c[key] = str(Path(c[key]).expanduser())
+        if isinstance(c.get("from"), list) and c["from"] and all(isinstance(p, str) for p in c["from"]):
+            c["from"] = [str(Path(p).expanduser()) for p in c["from"]]
+        elif "from" in c and not isinstance(c["from"], str):
+            raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': 'from' is a folder or a list of them")
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate spec '{path}': candidate names repeat")
@@ -102,8 +106,25 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
 
 
 def _reuse(candidate: dict, spec: dict) -> dict:
-    """An earlier suite evaluation of this candidate, checked to be comparable with the others."""
-    path = Path(candidate["from"]) / "evaluation.json"
+    """This candidate's earlier suite evaluations (`from:`, one or several), each checked to be comparable
+    with the others, as one: every attack of each, on the scans they share, under the lowest headline."""
+    folders = candidate["from"] if isinstance(candidate["from"], list) else [candidate["from"]]
+    evaluations = [_earlier(candidate, Path(f), spec) for f in folders]
+    ev = dict(evaluations[0], suite={k: v for e in reversed(evaluations) for k, v in e["suite"].items()},  # first wins
+              headline=min((e["headline"] for e in evaluations), key=lambda h: Headline.from_dict(h).first))
+    if any(e.get("scans") != ev.get("scans") for e in evaluations):
+        raise ConfigError(f"candidate '{candidate['name']}': its evaluations {folders} attacked different scans")
+    missing = [a for a in spec["attacks"] if a not in ev["suite"]]
+    if missing:
+        raise ConfigError(f"candidate '{candidate['name']}': {folders} did not run {missing} (the spec's attacks: "
+                          f"{spec['attacks']})")
+    ev["attacks"] = spec["attacks"]
+    return ev
+
+
+def _earlier(candidate: dict, folder: Path, spec: dict) -> dict:
+    """One earlier suite evaluation of the candidate's run, checked against the spec's budget and scans."""
+    path = folder / "evaluation.json"
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no suite evaluation at '{path}'")
     ev = read_json(path)
@@ -114,15 +135,13 @@ def _reuse(candidate: dict, spec: dict) -> dict:
                             [o for o in spec.get("overrides", []) if o.startswith("attack.")])
     problems = [f"{k} {ev['attack_config'].get(k)} (spec: {getattr(probe.attack, k)})" for k in BUDGET_FIELDS
                 if ev["attack_config"].get(k) != getattr(probe.attack, k)]
-    missing = [a for a in spec["attacks"] if a not in ev["suite"]]
     if ev.get("max_per_client") != spec.get("max_per_client"):
         problems.append(f"max_per_client {ev.get('max_per_client')} (spec: {spec.get('max_per_client')})")
     if not current_purifier(path.parent, candidate["run"]):
         problems.append("the U-Net it purified with (the run has fine-tuned another since: phase 4)")
-    if missing or problems or not ev["data"].startswith("each client's own test split"):
+    if problems or not ev["data"].startswith("each client's own test split"):
         raise ConfigError(f"candidate '{candidate['name']}': '{path}' is not comparable with the spec "
-                          f"(missing attacks {missing}; differs in {problems or 'nothing else'}; data {ev['data']})")
-    ev["attacks"] = spec["attacks"]
+                          f"(differs in {problems or 'nothing else'}; data {ev['data']})")
     return ev
 
 
