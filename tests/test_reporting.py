@@ -179,3 +179,63 @@ def test_a_method_row_reads_back_what_it_saved_and_an_older_row_without_the_adap
     assert row.adaptive_cell() == "**88.1** [84.9, 90.9] eot-pgd:margin (50 steps x 4 draws, margin), 480 scans"
     older = {k: v for k, v in saved.items() if not k.startswith("adaptive")}
     assert MethodRow.from_dict(older).adaptive_cell() == ""
+
+
+def _stub_evaluation(folder, run, firsts: dict, votes: int = 1, ids=("a", "b")):
+    """An evaluation.json of `run` under the attacks of `firsts` (first-draw accuracy each), on scans `ids`."""
+    from dataclasses import asdict
+
+    from medfedpure.config import ExperimentConfig
+    from medfedpure.storage import read_json, write_json
+
+    cfg = ExperimentConfig.from_dict(read_json(run / "config.json"))
+    suite = {name: {"attack": name, "n": len(ids), "first": f, "first_ci": [f - 0.1, f + 0.05], "settings": {"steps": 50},
+                    "outcomes": {"first": "1" * len(ids)}} for name, f in {"clean": 1.0, **firsts}.items()}
+    write_json(folder / "evaluation.json", {
+        "run": str(run), "data": "each client's own test split", "max_per_client": None, "attack_config": asdict(cfg.attack),
+        "defense": {"votes": votes}, "suite": suite, "scans": {"client": [0] * len(ids), "id": list(ids)},
+        "headline": {"attack": min(firsts, key=firsts.get), "first": min(firsts.values()), "first_ci": [0, 1],
+                     "n": len(ids)}})
+    write_json(folder / "request.json", {"run": str(run.resolve()), "overrides": []})
+    return folder
+
+
+def test_a_candidates_evaluations_merge_under_the_specs_strongest_attack_and_only_when_alike(tmp_path):
+    """`from: [A, B]`: every attack of both (a repeated one: A's), the headline recomputed over the spec's
+    attacks (not each folder's own), and one clear error where the folders differ in scans or defense."""
+    import pytest
+
+    from medfedpure.config import ConfigError, ExperimentConfig
+    from medfedpure.reporting.rows import CandidateRow
+    from medfedpure.storage import read_json, write_json
+    from medfedpure.workflows.compare import _convergence, _reuse, _row
+
+    run = tmp_path / "run"
+    write_json(run / "config.json", ExperimentConfig().to_dict())
+    spec = {"attacks": ["eot-pgd", "eot-pgd:margin"], "max_per_client": None, "overrides": []}
+    a = _stub_evaluation(tmp_path / "a", run, {"eot-pgd": 0.90, "eot-pgd:margin": 0.88, "bpda": 0.5})
+    b = _stub_evaluation(tmp_path / "b", run, {"eot-pgd": 0.85})
+    ev = _reuse({"name": "x", "run": str(run), "from": [str(a), str(b)]}, spec)
+    row = _row({"name": "x", "run": str(run)}, ev)
+    assert row.per_attack == {"eot-pgd": 0.90, "eot-pgd:margin": 0.88}  # A's eot-pgd; bpda is not the spec's
+    assert (row.strongest, row.robust) == ("eot-pgd:margin", 0.88)
+    ev = _reuse({"name": "x", "run": str(run), "from": [str(b), str(a)]}, spec)
+    assert (ev["headline"]["attack"], ev["headline"]["first"]) == ("eot-pgd", 0.85)  # B's eot-pgd now
+    for other in (_stub_evaluation(tmp_path / "c", run, {"eot-pgd:margin": 0.9}, votes=3),
+                  _stub_evaluation(tmp_path / "d", run, {"eot-pgd:margin": 0.9}, ids=("a", "z"))):
+        with pytest.raises(ConfigError, match=f"'{other}' differs from '{b}'"):
+            _reuse({"name": "x", "run": str(run), "from": [str(b), str(other)]}, spec)
+    # a convergence check must be of the candidate's run, defense and strongest attack
+    check = _stub_evaluation(tmp_path / "check", run, {"eot-pgd": 0.9, "eot-pgd@200x20": 0.8})
+    entry = {"attack": "eot-pgd", "stronger": "eot-pgd@200x20", "first": 0.9, "first_ci": [0.8, 0.95],
+             "stronger_first": 0.8, "stronger_first_ci": [0.7, 0.9], "lower_beyond_interval": True, "n": 2}
+    write_json(check / "evaluation.json", {**read_json(check / "evaluation.json"), "convergence": [entry]})
+    candidate = {"name": "x", "run": str(run), "convergence": str(check)}
+    base = CandidateRow.from_dict({**row.to_dict(), "strongest": "eot-pgd"})
+    assert _convergence(candidate, base, ev)[0].lower_beyond_interval
+    with pytest.raises(ConfigError, match="eot-pgd:margin, the candidate's strongest attack, at no second budget"):
+        _convergence(candidate, row, ev)
+    with pytest.raises(ConfigError, match="its defense settings"):
+        _convergence(candidate, base, {**ev, "defense": {"votes": 3}})
+    with pytest.raises(ConfigError, match="it evaluated"):
+        _convergence({**candidate, "run": str(tmp_path / "elsewhere")}, base, ev)

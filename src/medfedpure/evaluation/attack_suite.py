@@ -187,8 +187,6 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
                     if "outcomes" in first else None)  # per scan, in the order of `scans` below
         pooled[name] = AttackResult(**mean, settings=first.get("settings"), draws=first.get("draws"), max_linf=linf,
                                     knows_the_defense=knows, outcomes=outcomes).to_dict()
-    adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
-    worst = min(adaptive, key=lambda a: pooled[a]["first"])
     convergence = []  # each attack run at its own budget beside the same attack at the suite's
     for name in attacks:
         base, loss, budget = parse_attack_name(name)
@@ -209,9 +207,16 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
             "scans": {"client": [c["client"] for c in per_client for _ in c["scan_ids"]],
                       "id": [s for c in per_client for s in c["scan_ids"]]},
             "convergence": convergence,
-            "headline": Headline(attack=worst, first=pooled[worst]["first"], first_ci=pooled[worst]["first_ci"],
-                                 n=pooled[worst]["n"], settings=pooled[worst]["settings"]).to_dict(),
-            "rows": rows}
+            "headline": headline_of(attacks, pooled).to_dict(), "rows": rows}
+
+
+def headline_of(attacks: list[str], suite: dict) -> Headline:
+    """The lowest first-draw accuracy over `attacks` that know the defense (all of them where none
+    does), from a suite's pooled results (`evaluation.json`'s `suite`)."""
+    adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
+    name = min(adaptive, key=lambda a: suite[a]["first"])
+    r = AttackResult.from_dict(suite[name])
+    return Headline(attack=name, first=r.first, first_ci=r.first_ci, n=r.n, settings=r.settings)
 
 
 def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> PairedTest:
@@ -280,4 +285,4 @@ def convergence_lines(convergence: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "paired_test", "suite_markdown"]
+__all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "headline_of", "paired_test", "suite_markdown"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml_file
-from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, paired_test, suite_done,
-                                               suite_request)
+from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, headline_of, paired_test,
+                                               suite_done, suite_request)
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Convergence, Headline
@@ -55,6 +55,8 @@ def load_spec(path: Path) -> dict:
             c["from"] = [str(Path(p).expanduser()) for p in c["from"]]
         elif "from" in c and not isinstance(c["from"], str):
             raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': 'from' is a folder or a list of them")
+        if "convergence" in c and not isinstance(c["convergence"], str):
+            raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': 'convergence' is a folder")
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate spec '{path}': candidate names repeat")
@@ -71,8 +73,6 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
     spec = load_spec(Path(spec_path))
     out = Path(out)
     for c in spec["candidates"]:  # fail before hours of attacks, not after
-        if "convergence" in c:
-            _convergence(c)
         if "from" in c:
             _reuse(c, spec)
         elif not (Path(c["run"]) / CONFIG).is_file():
@@ -95,8 +95,8 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
         rows.append(_row(c, evaluations[-1]))
     rows[1:] = [replace(row, paired=paired_test(evaluations[0], ev, row.strongest, rows[0].name))
                 for row, ev in zip(rows[1:], evaluations[1:])]
-    rows = [replace(row, convergence=_convergence(c)) if "convergence" in c else row
-            for row, c in zip(rows, spec["candidates"])]
+    rows = [replace(row, convergence=_convergence(c, row, ev)) if "convergence" in c else row
+            for row, c, ev in zip(rows, spec["candidates"], evaluations)]
     result = Comparison(spec=str(spec_path), attacks=spec["attacks"], max_per_client=spec.get("max_per_client"),
                         overrides=spec.get("overrides", []), rows=rows)
     write_json(out / "candidates.json", result.to_dict())
@@ -110,16 +110,19 @@ def _reuse(candidate: dict, spec: dict) -> dict:
     with the others, as one: every attack of each, on the scans they share, under the lowest headline."""
     folders = candidate["from"] if isinstance(candidate["from"], list) else [candidate["from"]]
     evaluations = [_earlier(candidate, Path(f), spec) for f in folders]
-    ev = dict(evaluations[0], suite={k: v for e in reversed(evaluations) for k, v in e["suite"].items()},  # first wins
-              headline=min((e["headline"] for e in evaluations), key=lambda h: Headline.from_dict(h).first))
-    if any(e.get("scans") != ev.get("scans") for e in evaluations):
-        raise ConfigError(f"candidate '{candidate['name']}': its evaluations {folders} attacked different scans")
-    missing = [a for a in spec["attacks"] if a not in ev["suite"]]
+    first = evaluations[0]
+    for folder, e in zip(folders[1:], evaluations[1:]):
+        for what, key in (("scans", "scans"), ("defense settings", "defense"), ("overrides", "overrides")):
+            if e.get(key) != first.get(key):
+                raise ConfigError(f"candidate '{candidate['name']}': '{folder}' differs from '{folders[0]}' in its "
+                                  f"{what}: they cannot stand in for one evaluation")
+    suite = {k: v for e in reversed(evaluations) for k, v in e["suite"].items()}  # a repeated attack: the first's
+    missing = [a for a in spec["attacks"] if a not in suite]
     if missing:
         raise ConfigError(f"candidate '{candidate['name']}': {folders} did not run {missing} (the spec's attacks: "
                           f"{spec['attacks']})")
-    ev["attacks"] = spec["attacks"]
-    return ev
+    # the headline over the spec's attacks, from the merged results
+    return dict(first, suite=suite, headline=headline_of(spec["attacks"], suite).to_dict(), attacks=spec["attacks"])
 
 
 def _earlier(candidate: dict, folder: Path, spec: dict) -> dict:
@@ -127,7 +130,7 @@ def _earlier(candidate: dict, folder: Path, spec: dict) -> dict:
     path = folder / "evaluation.json"
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no suite evaluation at '{path}'")
-    ev = read_json(path)
+    ev = dict(read_json(path), overrides=_request(folder).get("overrides"))
     config = Path(candidate["run"]) / CONFIG
     if not config.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': run folder '{candidate['run']}' has no config.json")
@@ -145,26 +148,39 @@ def _earlier(candidate: dict, folder: Path, spec: dict) -> dict:
     return ev
 
 
-def _convergence(candidate: dict) -> list[Convergence]:
-    """The candidate's convergence check (`convergence:`, an evaluation of its run with an attack at
-    the suite's budget beside the same attack at a larger one, e.g. eot-pgd:margin and
-    eot-pgd:margin@200x20 on 5 scans a hospital), checked to be of this run and its current U-Net."""
-    path = Path(candidate["convergence"]) / "evaluation.json"
+def _request(folder: Path) -> dict:
+    """What an evaluation folder was asked for (its request.json; {} for one made before it was kept)."""
+    path = folder / "request.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _convergence(candidate: dict, row: CandidateRow, ev: dict) -> list[Convergence]:
+    """The candidate's convergence check (`convergence:`, an evaluation of its run with its strongest
+    attack at the suite's budget beside the same attack at a larger one, e.g. eot-pgd:margin and
+    eot-pgd:margin@200x20 on 5 scans a hospital), checked to be of this run, its current U-Net, the
+    same defense settings and that attack."""
+    folder = Path(candidate["convergence"])
+    path = folder / "evaluation.json"
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no convergence evaluation at '{path}' "
                                 "(an unfinished one resumes where it stopped: run its command again)")
-    ev = read_json(path)
+    check = read_json(path)
+    run = _request(folder).get("run", check["run"])  # the request keeps the run's absolute path
     problems = []
-    if Path(ev["run"]).resolve() != Path(candidate["run"]).resolve():
-        problems.append(f"it evaluated '{ev['run']}'")
-    if not current_purifier(path.parent, candidate["run"]):
+    if Path(run).resolve() != Path(candidate["run"]).resolve():
+        problems.append(f"it evaluated '{run}'")
+    if not current_purifier(folder, candidate["run"]):
         problems.append("its U-Net is not the run's (phase 4 has fine-tuned another since)")
-    if not ev.get("convergence"):
-        problems.append("it ran no attack at two budgets (e.g. --attack eot-pgd:margin,eot-pgd:margin@200x20)")
+    if check.get("defense") != ev.get("defense"):
+        problems.append(f"its defense settings {check.get('defense')} (the candidate's: {ev.get('defense')})")
+    entries = [Convergence.from_dict(c) for c in check.get("convergence", [])]
+    if not any(c.attack == row.strongest for c in entries):
+        problems.append(f"it ran {row.strongest}, the candidate's strongest attack, at no second budget (e.g. --attack "
+                        f"{row.strongest},{row.strongest}@200x20)")
     if problems:
         raise ConfigError(f"candidate '{candidate['name']}': '{path}' is no convergence check of it: "
                           + "; ".join(problems))
-    return [Convergence.from_dict(c) for c in ev["convergence"]]
+    return entries
 
 
 def _row(candidate: dict, ev: dict) -> CandidateRow:
@@ -209,7 +225,13 @@ def candidates_markdown(result: Comparison) -> str:
     lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
               "this candidate answers correctly (first draw) vs those only the first one does, and McNemar's exact "
               "p; a candidate beats the first when it is more accurate with p < 0.05."
-              + (f" n/a: {'; '.join(missing)}." if missing else ""), "", "Candidates:", ""]
+              + (f" n/a: {'; '.join(missing)}." if missing else "")]
+    if any(r.convergence for r in result.rows):
+        lines += ["", "Convergence check: the candidate's strongest attack at a larger budget (steps x draws) beside "
+                  "the same attack at the study's budget, first draw, on the same scans (a subset: its count is "
+                  "given); NOT converged where the larger budget is lower beyond the study's interval, and then "
+                  "the study's budget understates the attack."]
+    lines += ["", "Candidates:", ""]
     lines += [f"- **{r.name}**: `{r.run}` {' '.join(r.overrides)}" + (f" ({r.note})" if r.note else "")
               for r in result.rows]
     return "\n".join(lines) + "\n"
