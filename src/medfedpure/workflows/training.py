@@ -316,7 +316,8 @@ def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, 
         log.warning("defense.purify_training is on but %s is missing: the experts train on clean scans only "
                     "(run `medfedpure pretrain-diffusion` with the same --out first)", out / CHECKPOINTS["diffusion"])
         cfg.defense.purify_training = False
-        cfg.defense.adv_share = 0.0
+        cfg.defense.adv_share = cfg.defense.adv_raw_share = 0.0
+        cfg.defense.purifier.rounds = 0  # phase 4 fine-tunes the U-Net the experts were trained through
     return cfg, models
 
 
