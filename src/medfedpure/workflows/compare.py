@@ -6,8 +6,10 @@ overrides (an undefended baseline is a run without overrides). Each candidate's 
 `<out>/<candidate>/` and is not redone when the request is unchanged, so an interrupted
 comparison resumes. A candidate may instead name suite evaluations already made (`from:`, one
 folder or a list, e.g. the one `experiment` wrote, or one evaluation per loss): they are used only
-if together they ran every attack of the spec, each on the same scans with the same budget. `candidates.md/.json/.png` put clean accuracy, the strongest
-attack's accuracy and latency side by side (the frontier).
+if together they ran every attack of the spec, each on the same scans with the same budget. A
+candidate's `convergence:` names its convergence check, a column of the table.
+`candidates.md/.json/.png` put clean accuracy, the strongest attack's accuracy and latency side
+by side (the frontier).
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
 
 def _reuse(candidate: dict, spec: dict) -> dict:
     """This candidate's earlier suite evaluations (`from:`, one or several), each checked to be comparable
-    with the others, as one: every attack of each, on the scans they share, under the lowest headline."""
+    with the others, as one: every attack of each, on the scans they share, with the headline taken
+    again over the spec's attacks."""
     folders = candidate["from"] if isinstance(candidate["from"], list) else [candidate["from"]]
     evaluations = [_earlier(candidate, Path(f), spec) for f in folders]
     first = evaluations[0]
