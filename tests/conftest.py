@@ -49,6 +49,56 @@ def demo(*overrides: str):
     return apply_overrides(load_preset("demo"), list(overrides))
 
 
+def tiny_experiment(defense: bool = True):
+    """The smallest experiment with every phase: 2 hospitals, 2 rounds, one round of each defense
+    phase, the experts trained on purified scans (as the shipped default), the defended evaluation with
+    two detectors and a three-attack suite on 3 scans a hospital."""
+    cfg = demo()
+    cfg.data.num_clients = 2
+    cfg.data.synthetic_per_class = 120
+    cfg.train.rounds = 2
+    cfg.train.local_epochs = 1
+    cfg.attack.max_eval_per_client = 8
+    cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "eot-pgd:margin", "square"], 3
+    cfg.attack.adaptive_steps, cfg.attack.eot, cfg.attack.square_queries, cfg.attack.draws = 2, 2, 5, 3
+    cfg.defense.enabled = defense
+    cfg.defense.purify_training = defense
+    cfg.defense.eval_detectors = ["mae", "disagreement"]
+    for part in (cfg.defense.mae, cfg.defense.diffusion):
+        part.train.rounds, part.train.local_epochs = 1, 1
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment_run(tmp_path_factory, worker_id) -> Path:
+    """`experiment` on tiny_experiment() (every phase, the defended evaluation, the suite, the transfer
+    table), run once per test session and shared by the pytest-xdist workers: the first to ask runs it
+    under a file lock, the others wait and reuse it. Tests never write into it; use a copy
+    (`copy_of_tiny_experiment`)."""
+    from filelock import FileLock
+
+    from medfedpure.workflows.experiment import run_experiment
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the session's folder, above every worker's own
+    run = root / "tiny-experiment"
+    with FileLock(str(root / "tiny-experiment.lock")):
+        if not (run / "tables.json").is_file():  # not yet, or cut short: the experiment resumes
+            run_experiment(tiny_experiment(), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def copy_of_tiny_experiment(tiny_experiment_run, tmp_path_factory) -> Path:
+    """A copy of the shared tiny experiment for this test module (its tests may change it)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(tiny_experiment_run, run)
+    return run
+
+
 def write_images(folder: Path, n: int, size=(40, 30), seed=0, fmt="JPEG", mode="RGB") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -460,3 +460,25 @@ def test_training_attack_follows_the_config():
     cfg.method.adv_norm, cfg.method.adv_attack = None, "fgsm"
     with pytest.raises(ConfigError, match="method.adv_attack"):
         cfg.validate()
+
+
+def test_a_moved_run_keeps_its_own_suite_evaluations_but_a_study_folder_does_not_follow_it(tmp_path):
+    """A run folder copied or moved elsewhere: its own evaluations (inside it) are still done, so a
+    rerun of `experiment` redoes nothing; an evaluation kept outside (a study's) names the run it attacked."""
+    import shutil
+
+    from medfedpure.evaluation.attack_suite import suite_done, suite_request
+    from medfedpure.storage import write_json
+
+    run, study = tmp_path / "run", tmp_path / "study" / "as-trained"
+    for folder in (run / "evaluations" / "own-test-suite", study):
+        folder.mkdir(parents=True)
+        write_json(folder / "request.json", suite_request(run, None, ["eot-pgd"], max_per_client=3))
+        write_json(folder / "evaluation.json", {})
+    assert suite_done(run / "evaluations" / "own-test-suite", suite_request(run, None, ["eot-pgd"], max_per_client=3))
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, moved)
+    asked = suite_request(moved, None, ["eot-pgd"], max_per_client=3)
+    assert suite_done(moved / "evaluations" / "own-test-suite", asked)
+    assert not suite_done(moved / "evaluations" / "own-test-suite", {**asked, "max_per_client": 4})  # asked otherwise
+    assert not suite_done(study, asked)  # the study's evaluation is of the run at its old place

@@ -303,16 +303,11 @@ def test_config_errors_are_config_errors():
 
 # ---------------------------------------------------------------- run folders
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A tiny defended experiment, trained once for the run-folder cases."""
-    from medfedpure.workflows import experiment
-    from test_experiment import tiny
+def finished_run(copy_of_tiny_experiment):
+    """A tiny defended experiment (conftest's, this module's copy) for the run-folder cases."""
+    from conftest import tiny_experiment
 
-    out = tmp_path_factory.mktemp("finished")
-    cfg = tiny()
-    cfg.attack.suite = []
-    experiment.run_experiment(cfg, out, progress=False, transfer=False)
-    return out, cfg
+    return copy_of_tiny_experiment, tiny_experiment()
 
 
 def test_a_refused_resume_writes_nothing(finished_run, capsys):
@@ -332,7 +327,8 @@ def test_a_kill_before_the_summary_is_repaired_by_the_rerun(finished_run):
     defense = read_json(out / "defense.json")
     (out / "summary.json").unlink()
     (out / "defense.json").unlink()
-    experiment.run_experiment(cfg, out, progress=False, transfer=False)
+    experiment.run_experiment(cfg, out, progress=False, transfer=False, suite=False)
+
     def figures(rows):
         return [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in rows]  # not the timings
 

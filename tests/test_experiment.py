@@ -13,26 +13,10 @@ from medfedpure.workflows.evaluate import evaluate_run
 from medfedpure.workflows.experiment import run_experiment
 from medfedpure.workflows.report import ReportError, write_report
 
-from conftest import demo
+from conftest import demo, tiny_experiment as tiny
 
 
 pytestmark = pytest.mark.slow
-
-
-def tiny(defense: bool = True):
-    cfg = demo()
-    cfg.data.num_clients = 2
-    cfg.data.synthetic_per_class = 120
-    cfg.train.rounds = 2
-    cfg.train.local_epochs = 1
-    cfg.attack.max_eval_per_client = 8
-    cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "eot-pgd:margin", "square"], 3
-    cfg.attack.adaptive_steps, cfg.attack.eot, cfg.attack.square_queries, cfg.attack.draws = 2, 2, 5, 3
-    cfg.defense.enabled = defense
-    cfg.defense.eval_detectors = ["mae", "disagreement"]
-    for part in (cfg.defense.mae, cfg.defense.diffusion):
-        part.train.rounds, part.train.local_epochs = 1, 1
-    return cfg
 
 
 def _snapshot(out):
@@ -55,11 +39,12 @@ def _write_scans(folder, seed=99):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny experiment (every phase, the defended evaluation, the suite, the tables), shared by the
-    end-to-end tests below; a test that damages the run works on a copy."""
-    run = tmp_path_factory.mktemp("run")
-    return run, run_experiment(tiny(), run, progress=False)
+def trained(copy_of_tiny_experiment):
+    """The tiny experiment (every phase, the defended evaluation, the suite, the tables; conftest),
+    this module's copy, shared by the end-to-end tests below; a test that damages the run works on a
+    copy of its own."""
+    run = copy_of_tiny_experiment
+    return run, json.loads((run / "tables.json").read_text())
 
 
 def test_experiment_writes_the_tables_and_a_rerun_changes_nothing(trained):
@@ -82,8 +67,9 @@ def test_experiment_writes_the_tables_and_a_rerun_changes_nothing(trained):
         assert len(transfer[kind]["matrix"]) == len(transfer[kind]["clean_matrix"]) == 2
     assert [r["method"] for r in tables["transfer"]] == ["MedFedPure", "MedFedPure + defense"]
     assert all(r["clean_off_diagonal"] is not None for r in tables["transfer"])
-    before = _snapshot(run)
-    run_experiment(tiny(), run, progress=False)  # every phase is done: nothing is redone
+    made_in = tables["run"].encode()  # the tables name the folder: this is a copy of conftest's shared run
+    before = {name: data.replace(made_in, str(run).encode()) for name, data in _snapshot(run).items()}
+    run_experiment(tiny(), run, progress=False)  # every phase is done: nothing is redone, not even the suite
     assert _snapshot(run) == before
     (run / "tables.md").unlink()
     (run / "tables.json").unlink()
@@ -265,47 +251,12 @@ def test_a_corrupted_checkpoint_and_a_missing_file_are_named(trained, tmp_path):
         evaluate_run(run, scans)
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
-    straight = training.run_federated(tiny(defense=False), tmp_path / "straight", progress=False)
-
-    real_save = training.save_round
-
-    def save_then_die(out, phase, cfg, rnd, arrays, state):
-        real_save(out, phase, cfg, rnd, arrays, state)
-        if rnd == 1:
-            raise RuntimeError("killed after round 1")
-
-    monkeypatch.setattr(training, "save_round", save_then_die)
-    with pytest.raises(BaseException):
-        training.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
-    assert json.loads((tmp_path / "killed" / "checkpoints" / "train.json").read_text())["round"] == 1
-    monkeypatch.setattr(training, "save_round", real_save)
-    resumed = training.run_federated(tiny(defense=False), tmp_path / "killed", progress=False)
-    assert len(straight.rows) == len(resumed.rows)
-    for a, b in zip(straight.rows, resumed.rows):
-        assert a.keys() == b.keys()
-        for key in a:
-            if isinstance(a[key], float):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-            else:
-                assert a[key] == b[key], key
-    history = json.loads((tmp_path / "killed" / "clients" / "client_00" / "history.json").read_text())
-    assert [h["round"] for h in history if h["phase"] == "train"] == [1, 2]
-
-    # an undefended run on its own test splits: per client, and the test-size-weighted mean of the run's end
-    own = evaluate_run(tmp_path / "killed", None)
-    mean = own["rows"][-1]
-    assert mean["client"] == "mean" and mean["n_test"] == resumed.final["n_test"]
-    assert mean["clean_acc"] == pytest.approx(resumed.final["clean_acc"])
-    assert mean["n_adv"] == mean["n_test"]  # no cap: every test scan attacked
-
-
-def test_resume_refuses_another_config(tmp_path):
-    training.run_federated(tiny(defense=False), tmp_path, progress=False)
-    other = tiny(defense=False)
+def test_resume_refuses_another_config(trained):
+    run, _ = trained
+    other = tiny()
     other.train.lr = 0.5
     with pytest.raises(ResumeError, match="another config"):
-        training.run_federated(other, tmp_path, progress=False)
+        training.run_federated(other, run, progress=False)
 
 
 def test_report_needs_results(tmp_path):
@@ -355,29 +306,30 @@ def test_environment_records_uncommitted_changes(tmp_path):
     assert git_commit(tmp_path / "missing") is None and git_dirty(tmp_path / "missing") is None
 
 
-def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
+def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tiny_experiment_run, tmp_path_factory):
     """defense.purifier.rounds > 0: after phase 3 the U-Net is fine-tuned against the hospitals'
     classifiers (FedAvg), the defended evaluation runs with it, a rerun redoes nothing, and every
     later evaluation purifies with it. Phase 3's fingerprint ignores phase 4, so adding phase 4 to a
     finished run does not retrain it."""
+    import shutil
+
     from medfedpure.evaluation.runs import open_run
     from medfedpure.methods import fingerprint
     from medfedpure.runfolder import PURIFIER
     from medfedpure.storage import load_tensors
 
+    tmp_path = tmp_path_factory.mktemp("phase4") / "run"
+    shutil.copytree(tiny_experiment_run, tmp_path)  # phases 1-3 done, evaluated with phase 1's U-Net
     cfg = tiny()
-    cfg.defense.purify_training, cfg.defense.adv_share = True, 0.5
-    cfg.defense.eval_detectors, cfg.defense.eval_modes = ["disagreement"], ["graded"]
-    cfg.defense.detector, cfg.defense.mode = "disagreement", "graded"
-    cfg.attack.suite, cfg.attack.steps, cfg.method.adv_attack = [], 2, "n-fgsm"  # cheap attacks: a test
+    cfg.defense.eval_detectors, cfg.defense.eval_modes = ["disagreement"], ["graded"]  # a cheaper evaluation
+    cfg.defense.purifier.adv_attack = "n-fgsm"  # a cheap attack to fine-tune against: a test
     without = fingerprint(cfg, "train")
-    run_experiment(cfg, tmp_path, progress=False, transfer=False)  # phases 1-3, evaluated with phase 1's U-Net
     before = json.loads((tmp_path / "summary.json").read_text())
     experts = load_tensors(tmp_path / "global_experts.safetensors")
     assert before["purifier"] is None and "defense" in before and not (tmp_path / PURIFIER).exists()
     cfg.defense.purifier.rounds, cfg.defense.purifier.lr = 2, 1e-3
     assert fingerprint(cfg, "train") == without and fingerprint(cfg, "purifier") != without
-    run_experiment(cfg, tmp_path, progress=False, transfer=False)  # phase 4 added to the finished run
+    run_experiment(cfg, tmp_path, progress=False, transfer=False, suite=False)  # phase 4 added to the finished run
     again = load_tensors(tmp_path / "global_experts.safetensors")
     assert all(torch.equal(experts[k], again[k]) for k in experts)  # phase 3 not retrained
     tuned, phase1 = load_tensors(tmp_path / PURIFIER), load_tensors(tmp_path / "diffusion.safetensors")
@@ -397,7 +349,7 @@ def test_phase_4_fine_tunes_the_purifier_and_the_defense_then_uses_it(tmp_path):
     assert (earlier / "defense.json").is_file() and (earlier / "environment.json").is_file()
     # a rerun redoes nothing; an evaluation of the run purifies with phase 4's U-Net
     stamp = (tmp_path / "summary.json").stat().st_mtime_ns
-    run_experiment(cfg, tmp_path, progress=False, transfer=False)
+    run_experiment(cfg, tmp_path, progress=False, transfer=False, suite=False)
     assert (tmp_path / "summary.json").stat().st_mtime_ns == stamp and len(list((tmp_path / "earlier").iterdir())) == 1
     r = open_run(tmp_path, None)
     assert all(torch.equal(v, tuned[k]) for k, v in r.diffusion.state_dict().items())
@@ -415,7 +367,6 @@ def test_which_u_net_is_current_follows_the_config(tmp_path):
     from medfedpure.workflows.experiment import phase_done
 
     cfg = METHODS["medfedpure"].configure(tiny())
-    cfg.defense.purify_training = True
     tuned = copy.deepcopy(cfg)
     tuned.defense.purifier.rounds = 2
     other = copy.deepcopy(tuned)

@@ -27,6 +27,14 @@ def test_one_failing_hospital_of_three_is_left_out_of_its_round(tmp_path, monkey
     assert sorted(r["client"] for r in rows if r["round"] == 2 and r["client"] != "mean" and r["n_train"]) == [0, 2]
     assert {r["client"] for r in rows if r["round"] == 3} == {0, 1, 2, "mean"}  # it is back in round 3
     assert summary["final"]["round"] == 3
+    # the undefended run evaluated on its own test splits: per client, and the test-size-weighted mean
+    # of the run's end; no cap, every test scan attacked
+    from medfedpure.workflows.evaluate import evaluate_run
+
+    mean = evaluate_run(out, None)["rows"][-1]
+    assert mean["client"] == "mean" and mean["n_test"] == summary["final"]["n_test"]
+    assert mean["clean_acc"] == pytest.approx(summary["final"]["clean_acc"])
+    assert mean["n_adv"] == mean["n_test"]
 
 
 def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_path, monkeypatch, capsys):
@@ -125,6 +133,17 @@ def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tmp_p
     proc = _experiment(killed)
     assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     assert _results(killed) == _results(straight)
+    # round by round too: every client's metrics, and each hospital's history holds each round once
+    # (phase 3 was killed with round 2 half done: the hospital had recorded it, the server had not)
+    rows, again = (read_json(out / "metrics.json")["rows"] for out in (straight, killed))
+    assert len(rows) == len(again)
+    for a, b in zip(rows, again):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == (pytest.approx(b[key], rel=1e-4, abs=1e-6) if isinstance(a[key], float) else b[key]), key
+    for i in range(2):
+        history = read_json(killed / "clients" / f"client_{i:02d}" / "history.json")
+        assert [h["round"] for h in history if h["phase"] == "train"] == [1, 2], i
 
 
 def test_loopback_only_runs_the_federation_where_loopback_is_the_only_interface(tmp_path, capfd):

@@ -76,10 +76,17 @@ def current_purifier(evaluation: Path | str, run: Path | str) -> bool:
 
 
 def suite_done(out: Path | str, request: dict) -> bool:
-    """Whether `out` holds a finished suite evaluation of exactly this request."""
+    """Whether `out` holds a finished suite evaluation of exactly this request. A run folder's own
+    evaluations (inside it) stay its own when the folder is moved or copied: there the run's path
+    saved with them is not compared."""
     out = Path(out)
     saved = out / "request.json"
-    return (out / "evaluation.json").is_file() and saved.is_file() and read_json(saved) == request
+    if not ((out / "evaluation.json").is_file() and saved.is_file()):
+        return False
+    made = read_json(saved)
+    if isinstance(made, dict) and out.resolve().is_relative_to(request["run"]):
+        made = {**made, "run": request["run"]}
+    return made == request
 
 
 def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str], clients: str = "all",
