@@ -13,7 +13,7 @@ from medfedpure.workflows.evaluate import evaluate_run
 from medfedpure.workflows.experiment import run_experiment
 from medfedpure.workflows.report import ReportError, write_report
 
-from conftest import demo, tiny_experiment as tiny
+from conftest import tiny_experiment as tiny
 
 
 pytestmark = pytest.mark.slow
