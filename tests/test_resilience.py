@@ -52,8 +52,8 @@ def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_
 
 # ---------------------------------------------------------------- kill -9 at five points, then the same command
 KILL_POINTS = {  # what the folder shows when the process is killed
-    "phase 1 (diffusion), after its first round": lambda out: (out / "checkpoints" / "diffusion.json").is_file(),
-    "phase 2 (MAE), after its first round": lambda out: (out / "checkpoints" / "mae.json").is_file(),
+    "phase 1 (diffusion), after its round": lambda out: (out / "checkpoints" / "diffusion.json").is_file(),
+    "phase 2 (MAE), after its round": lambda out: (out / "checkpoints" / "mae.json").is_file(),
     "phase 3, in the middle of round 2": lambda out: _train_round(out) == 1 and _history_rounds(out) >= 2,
     "the defended evaluation": lambda out: _train_round(out) == 2 and not (out / "summary.json").is_file(),
     "the attack suite and the tables": lambda out: (out / "summary.json").is_file()
@@ -77,16 +77,13 @@ def _history_rounds(out):
         return 0
 
 
-def _experiment(out):
+def _experiment(out, preset):
     import os
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "medfedpure.cli", "experiment", "--out", str(out), "--no-progress",
-            "--no-transfer", "data.num_clients=2", "data.synthetic_per_class=120", "train.rounds=2",
-            "train.local_epochs=1", "attack.max_eval_per_client=8", "defense.mae.train.rounds=2",
-            "defense.diffusion.train.rounds=2", "attack.suite=[eot-pgd]", "attack.suite_max_per_client=4",
-            "attack.adaptive_steps=20", "attack.eot=2"]
+    args = [sys.executable, "-m", "medfedpure.cli", "experiment", "--preset", str(preset), "--out", str(out),
+            "--no-progress", "--no-transfer"]
     return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ)
 
@@ -120,18 +117,24 @@ def _results(out):
     return rows, detection
 
 
-def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tmp_path):
-    straight = tmp_path / "straight"
-    proc = _experiment(straight)
-    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
-    killed = tmp_path / "killed"
+def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tiny_experiment_run, tmp_path):
+    """`experiment` killed (SIGKILL, with its Ray processes) at five points, then run again: the same
+    tables as the run never killed (conftest's tiny experiment, the same config, run once in-process)."""
+    import yaml
+
+    from conftest import tiny_experiment
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(tiny_experiment().to_dict()))
+    straight, killed = tiny_experiment_run, tmp_path / "killed"
     reached = []
     for point in KILL_POINTS:
-        if _kill_when(_experiment(killed), killed, point):
+        if _kill_when(_experiment(killed, preset), killed, point):
             reached.append(point)
     assert len(reached) >= 4, reached  # the last point is a narrow window on a fast machine
-    proc = _experiment(killed)
+    proc = _experiment(killed, preset)
     assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    assert read_json(killed / "config.json") == read_json(straight / "config.json")
     assert _results(killed) == _results(straight)
     # round by round too: every client's metrics, and each hospital's history holds each round once
     # (phase 3 was killed with round 2 half done: the hospital had recorded it, the server had not)
