@@ -70,7 +70,7 @@ def tiny_experiment(defense: bool = True):
 
 
 @pytest.fixture(scope="session")
-def tiny_experiment_run(tmp_path_factory, worker_id) -> Path:
+def tiny_experiment_run(tmp_path_factory) -> Path:
     """`experiment` on tiny_experiment() (every phase, the defended evaluation, the suite, the transfer
     table), run once per test session and shared by the pytest-xdist workers: the first to ask runs it
     under a file lock, the others wait and reuse it. Tests never write into it; use a copy
@@ -80,7 +80,7 @@ def tiny_experiment_run(tmp_path_factory, worker_id) -> Path:
     from medfedpure.workflows.experiment import run_experiment
 
     root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's folder, above every worker's own
     run = root / "tiny-experiment"
     with FileLock(str(root / "tiny-experiment.lock")):
