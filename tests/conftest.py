@@ -49,7 +49,7 @@ def demo(*overrides: str):
     return apply_overrides(load_preset("demo"), list(overrides))
 
 
-def tiny_experiment(defense: bool = True):
+def tiny_experiment():
     """The smallest experiment with every phase: 2 hospitals, 2 rounds, one round of each defense
     phase, the experts trained on purified scans (as the shipped default), the defended evaluation with
     two detectors and a three-attack suite on 3 scans a hospital."""
@@ -61,8 +61,7 @@ def tiny_experiment(defense: bool = True):
     cfg.attack.max_eval_per_client = 8
     cfg.attack.suite, cfg.attack.suite_max_per_client = ["eot-pgd", "eot-pgd:margin", "square"], 3
     cfg.attack.adaptive_steps, cfg.attack.eot, cfg.attack.square_queries, cfg.attack.draws = 2, 2, 5, 3
-    cfg.defense.enabled = defense
-    cfg.defense.purify_training = defense
+    cfg.defense.purify_training = True
     cfg.defense.eval_detectors = ["mae", "disagreement"]
     for part in (cfg.defense.mae, cfg.defense.diffusion):
         part.train.rounds, part.train.local_epochs = 1, 1
