@@ -141,6 +141,9 @@ def test_the_attack_suite_its_convergence_check_and_its_resume_through_the_cli(t
     (c,) = conv["convergence"]
     assert (c["attack"], c["stronger"]) == ("eot-pgd", "eot-pgd@3x3")
     assert c["lower_beyond_interval"] == (c["stronger_first"] < c["first_ci"][0])
+    usual, stronger = (conv["suite"][a]["outcomes"]["first"] for a in ("eot-pgd", "eot-pgd@3x3"))  # scan by scan
+    assert c["only_stronger"] == sum(u == "1" and v == "0" for u, v in zip(usual, stronger)) and c["n"] == len(usual)
+    assert c["only_usual"] == sum(u == "0" and v == "1" for u, v in zip(usual, stronger)) and 0 < c["p_value"] <= 1
     assert conv["headline"]["first"] == min(conv["suite"][a]["first"] for a in ("eot-pgd", "eot-pgd@3x3"))
     report = (checked / "evaluation.md").read_text()
     assert "Convergence: eot-pgd@3x3" in report and "| majority [CI] | worst of N [CI] |" in report

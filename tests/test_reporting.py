@@ -165,6 +165,10 @@ def test_a_candidates_convergence_check_gets_a_column_only_where_one_is_named():
     lower = Convergence.from_dict({**published["rows"][1]["convergence"][0], "stronger_first": 0.7,
                                    "lower_beyond_interval": True, "n": None})
     assert lower.cell() == "eot-pgd:margin@200x20 70.0 vs 92.0 [80.8, 97.8]: NOT converged"
+    paired = Convergence.from_dict({**published["rows"][1]["convergence"][0], "only_stronger": 3, "only_usual": 2,
+                                    "p_value": 1.0})
+    assert paired.cell() == ("eot-pgd:margin@200x20 90.0 vs 92.0 [80.8, 97.8], 50 scans (3 fooled only by it, "
+                             "2 only by the usual budget, p = 1): converged")
 
 
 def test_a_method_row_reads_back_what_it_saved_and_an_older_row_without_the_adaptive_column():

@@ -200,10 +200,14 @@ def _summarize(r: RunUnderTest, attacks: list[str], per_client: list[dict], cap:
         usual = base + (f":{loss}" if loss else "")
         if budget is not None and usual in pooled:
             weak, strong = pooled[usual], pooled[name]
+            paired = {}
+            if weak.get("outcomes") and strong.get("outcomes"):  # the same scans, in the same order
+                test = mcnemar(weak["outcomes"]["first"], strong["outcomes"]["first"])
+                paired = {"only_stronger": test["only_a"], "only_usual": test["only_b"], "p_value": test["p_value"]}
             convergence.append(Convergence(attack=usual, stronger=name, first=weak["first"], first_ci=weak["first_ci"],
                                            stronger_first=strong["first"], stronger_first_ci=strong["first_ci"],
                                            lower_beyond_interval=strong["first"] < weak["first_ci"][0],
-                                           n=strong["n"]).to_dict())
+                                           n=strong["n"], **paired).to_dict())
     d = cfg.defense
     return {"run": str(r.run), "data": r.data_label, "clients": [c["client"] for c in per_client],
             "max_per_client": cap, "defended": r.defended,
@@ -286,9 +290,11 @@ def convergence_lines(convergence: list[dict]) -> list[str]:
     for c in map(Convergence.from_dict, convergence):
         verdict = ("lower beyond the interval: the budget has not converged, and the headline takes the stronger one"
                    if c.lower_beyond_interval else "within the interval: the suite's budget has converged")
+        paired = (f" ({c.only_stronger} scans fooled only at the stronger budget, {c.only_usual} only at the "
+                  f"usual one, McNemar's exact p = {c.p_value:.3g})" if c.p_value is not None else "")
         lines += [f"Convergence: {c.stronger} {percent(c.stronger_first)}% against {c.attack} "
-                  f"{percent(c.first)}% [{percent(c.first_ci[0])}, {percent(c.first_ci[1])}] on the same scans: "
-                  f"{verdict}.", ""]
+                  f"{percent(c.first)}% [{percent(c.first_ci[0])}, {percent(c.first_ci[1])}] on the same scans"
+                  f"{paired}: {verdict}.", ""]
     return lines
 
 

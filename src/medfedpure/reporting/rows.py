@@ -115,7 +115,9 @@ class Headline:
 class Convergence:
     """One attack at a stronger budget beside the same attack at the suite's, on the same `n` scans
     (`evaluation.json`'s `convergence` entries): their first-draw accuracies with 95% intervals, and
-    whether the stronger one is lower beyond the usual one's interval (the budget has not converged)."""
+    whether the stronger one is lower beyond the usual one's interval (the budget has not converged).
+    Scan by scan (first draw, where the outcomes were kept): how many scans only the stronger budget
+    fooled, how many only the usual one, and McNemar's exact p of the two."""
 
     attack: str
     stronger: str
@@ -125,13 +127,19 @@ class Convergence:
     stronger_first_ci: list
     lower_beyond_interval: bool
     n: int | None = None  # None in evaluations made before it was kept
+    only_stronger: int | None = None  # fooled at the stronger budget, answered right at the usual one
+    only_usual: int | None = None
+    p_value: float | None = None
 
     def cell(self) -> str:
-        """'eot-pgd:margin@200x20 90.0 vs 92.0 [80.8, 97.8], 50 scans: converged'."""
+        """'eot-pgd:margin@200x20 90.0 vs 92.0 [80.8, 97.8], 50 scans (2 fooled only by it, 1 only by the
+        usual budget, p = 1): converged'."""
         verdict = "NOT converged" if self.lower_beyond_interval else "converged"
         scans = f", {self.n} scans" if self.n is not None else ""
+        paired = (f" ({self.only_stronger} fooled only by it, {self.only_usual} only by the usual budget, "
+                  f"p = {self.p_value:.3g})" if self.p_value is not None else "")
         return (f"{self.stronger} {percent(self.stronger_first)} vs {with_interval(self.first, self.first_ci)}"
-                f"{scans}: {verdict}")
+                f"{scans}{paired}: {verdict}")
 
     def to_dict(self) -> dict:
         return asdict(self)
