@@ -134,7 +134,12 @@ def test_kill_9_at_five_points_then_the_same_command_gives_the_same_tables(tiny_
     assert len(reached) >= 4, reached  # the last point is a narrow window on a fast machine
     proc = _experiment(killed, preset)
     assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
-    assert read_json(killed / "config.json") == read_json(straight / "config.json")
+    def config(run):  # less where this machine caches decoded images (each pytest worker has its own)
+        saved = read_json(run / "config.json")
+        saved["data"].pop("cache_dir")
+        return saved
+
+    assert config(killed) == config(straight)
     assert _results(killed) == _results(straight)
     # round by round too: every client's metrics, and each hospital's history holds each round once
     # (phase 3 was killed with round 2 half done: the hospital had recorded it, the server had not)
