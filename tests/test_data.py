@@ -127,3 +127,29 @@ def test_training_loader_never_ends_on_a_lone_scan():
     model = build_model(ModelConfig(backbone="mobilenet_v2", num_experts=1), 2).train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         model.loss(torch.rand(1, 3, 32, 32), torch.tensor([0]))
+
+
+def test_the_cifar_augmentation_flips_and_translates_by_at_most_two_pixels_with_reflected_borders():
+    from medfedpure.data.loaders import train_augmentation
+    torch.manual_seed(0)
+    x = torch.rand(3, 8, 8)
+    padded = torch.nn.functional.pad(x[None], (2, 2, 2, 2), mode="reflect")[0]
+    shifts = [(dy, dx) for dy in range(5) for dx in range(5)]
+    seen = set()
+    augment = train_augmentation("cifar", (8, 8))
+    for _ in range(200):
+        out = augment(x)
+        assert out.shape == x.shape
+        found = [(s, flip) for s in shifts for flip in (False, True)
+                 if torch.equal(out, (padded.flip(2) if flip else padded)[:, s[0]:s[0] + 8, s[1]:s[1] + 8])]
+        assert found, "not a flip and shift of the scan"
+        seen.update(found)
+    assert len({s for s, _ in seen}) > 10 and {f for _, f in seen} == {False, True}
+    with pytest.raises(ValueError, match="unknown augmentation 'jpeg'"):
+        train_augmentation("jpeg")
+    data = make_synthetic(4, 16)
+    xa, _ = next(iter(make_loader(data, None, 8, train=True, seed=0, augment="cifar")))
+    assert xa.shape == (8, 3, 16, 16)
+    xn, _ = next(iter(make_loader(data, None, 8, train=True, seed=0, augment=None)))
+    stored = torch.from_numpy(data.images).float() / 255
+    assert all(any(torch.equal(x_, s) for s in stored) for x_ in xn)  # None: the stored scans as they are

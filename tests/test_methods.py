@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from medfedpure.attacks import PGD
-from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig
+from medfedpure.config import ConfigError, ExperimentConfig, ModelConfig, apply_overrides
 from medfedpure.data import make_synthetic
 from medfedpure.methods import METHODS, parse_methods
 from medfedpure.methods.baselines import (ClientTrainingSet, adversarial_batch, adversarial_shares, e_step,
-                                          make_adversarial_set, train_fedem)
+                                          make_adversarial_set, train_fedem, train_plain)
 from medfedpure.models import LearnerMixture
 
 from conftest import demo
@@ -443,3 +443,37 @@ def test_a_round_trains_in_channels_last_and_leaves_the_default_layout(name):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     for (key, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-5), key
+
+
+def test_the_linear_schedule_warms_up_then_decays_to_zero_over_every_rounds_steps_in_order():
+    """train.schedule=linear: round r's local steps continue where round r-1's stopped, the rate rising
+    linearly over the first train.warmup of the run's steps, then falling to 0 at its last; a round
+    trains through it (the optimizer's rate after the round is the schedule's next step)."""
+    from medfedpure.methods.task import linear_factor, round_schedule
+
+    cfg = apply_overrides(ExperimentConfig(), ["train.schedule=linear", "train.rounds=4", "train.warmup=0.25",
+                                               "train.local_epochs=2", "train.lr=0.1"]).validate()
+    steps = 5  # a round: 2 epochs of 5 batches: 10 steps, 40 in the run
+    factors = [linear_factor(cfg, r, s, 2 * steps) for r in range(1, 5) for s in range(2 * steps)]
+    assert factors[9] == pytest.approx(1.0) and factors[0] == pytest.approx(1 / 10)  # the peak at a quarter
+    assert factors[-1] == 0.0 and all(a < b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a > b for a, b in zip(factors[9:], factors[10:]))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    schedule = round_schedule(cfg, optimizer, 3, steps)
+    seen = []
+    for _ in range(2 * steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([0.1 * f for f in factors[20:30]])
+    step_cfg = apply_overrides(ExperimentConfig(), ["train.lr_decay=0.5"])
+    assert round_schedule(step_cfg, optimizer, 3, steps) is None  # the step schedule: fixed within a round
+    # train_plain and train_fedem take the round and train through it
+    data = make_synthetic(10, 16, seed=0)
+    small = apply_overrides(cfg, ["model.backbone=small_cnn", "train.batch_size=8", "train.label_smoothing=0.1",
+                                  "train.nesterov=true", "data.augmentation=cifar"]).validate()
+    torch.manual_seed(0)
+    learners = LearnerMixture(2, small.model)
+    stats = train_plain(learners, data, np.arange(len(data)), small, lr=0.1, seed=0, server_round=4)
+    assert math.isfinite(stats["train_loss"])

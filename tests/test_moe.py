@@ -37,6 +37,28 @@ def test_loss_terms_and_entropy_sign():
     assert loss2.item() == pytest.approx(loss0.item() + 0.1 * parts2["attention_l2"], rel=1e-5)
 
 
+def test_label_smoothing_smooths_the_mixtures_targets_as_cross_entropy_does():
+    """train.label_smoothing on Eq. 9's NLL: the mixture's log-probabilities against smoothed targets,
+    F.cross_entropy's label_smoothing on them (they are normalized, so they are their own log-softmax)."""
+    import torch.nn.functional as F
+
+    from medfedpure.models.mixture import LearnerMixture
+
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 4, (6,))
+    model = tiny(beta=0.0, gamma=0.0).eval()
+    log_probs = model.details(x).log_probs
+    plain, _ = model.loss(x, y)
+    smoothed, parts = model.loss(x, y, 0.2)
+    assert smoothed.item() == pytest.approx(F.cross_entropy(log_probs, y, label_smoothing=0.2).item(), rel=1e-5)
+    assert parts["nll"] == pytest.approx(smoothed.item(), rel=1e-5) and smoothed.item() != pytest.approx(plain.item())
+    torch.manual_seed(0)
+    learners = LearnerMixture(4, ModelConfig(backbone="small_cnn"), learners=2, shared=True).eval()
+    logits = learners.learner_logits(x)
+    expected = torch.stack([F.cross_entropy(logits[:, k], y, reduction="none", label_smoothing=0.2) for k in range(2)], 1)
+    assert torch.allclose(learners.learner_losses(x, y, 0.2), expected, atol=1e-6)
+    assert not torch.allclose(learners.learner_losses(x, y), expected)  # the E-step's likelihood stays plain
+
+
 def test_entropy_term_makes_the_gate_sharper():
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 4, (16,))
     model = tiny(beta=0.0, gamma=5.0).train()

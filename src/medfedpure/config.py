@@ -36,6 +36,9 @@ class DataConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.0  # clean held-out scans per client, to calibrate the detector
     augment: bool = True
+    # what training scans get when `augment`: mri (a small rotation, a flip, a brightness change) | cifar (a flip
+    # and a translation of up to 2 pixels with reflected borders: the fast-CIFAR recipe, benchmarks/cifar_curve.py)
+    augmentation: str = "mri"
     max_per_class: int | None = None  # optional subset (CPU-scale CIFAR-10)
     synthetic_per_class: int = 150
     cache_dir: str | None = None  # decoded-image cache; default ~/.cache/medfedpure
@@ -44,6 +47,15 @@ class DataConfig:
     # hospital: `root` is this hospital's own class folders (a SuperNode's `data-dir`)
     layout: str = "pooled"
     classes: list[str] | None = None  # the federation's classes, in label order (hospital layouts)
+
+    @property
+    def training_augmentation(self) -> str | None:
+        """The augmentation training scans get (None: none)."""
+        return self.augmentation if self.augment else None
+
+
+TRAIN_SCHEDULES = ("step", "linear")  # methods.task.round_schedule
+AUGMENTATIONS = ("mri", "cifar")  # data.loaders.train_augmentation
 
 
 BACKBONES = ("resnet18", "resnet9", "mobilenet_v2", "small_cnn")  # models.backbones.build_backbone
@@ -74,6 +86,12 @@ class TrainConfig:
     lr_decay: float = 1.0  # per round: round r trains at lr * lr_decay^(r-1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    nesterov: bool = False  # Nesterov momentum (sgd)
+    label_smoothing: float = 0.0  # of the classifier's cross-entropy (the fast-CIFAR recipe: 0.2)
+    # step: each round at lr * lr_decay^(r-1) | linear: a linear warm-up over the first `warmup` share of the
+    # run's local steps (every round's, in order), then a linear decay to 0 at the last step of the last round
+    schedule: str = "step"
+    warmup: float = 0.2
     # a round's networks in channels-last layout (the experts, and the purifier behind the training attack):
     # 0.915x phase 3's epoch here (benchmarks: training_layout); float rounding, not bit-exact; not part of a run's fingerprint
     channels_last: bool = True
@@ -392,6 +410,14 @@ class ExperimentConfig:
             (self.train.weight_decay >= 0 and self.train.momentum >= 0, "train.weight_decay/momentum", ">= 0"),
             (self.train.optimizer in {"sgd", "adam"}, "train.optimizer", "sgd or adam"),
             (0 < self.train.lr_decay <= 1, "train.lr_decay", "in (0, 1]"),
+            (self.train.schedule in TRAIN_SCHEDULES, "train.schedule", " or ".join(TRAIN_SCHEDULES)),
+            (self.train.schedule == "step" or self.train.lr_decay == 1, "train.lr_decay",
+             "1 with train.schedule=linear (the schedule decays the rate itself)"),
+            (0 <= self.train.warmup < 1, "train.warmup", "in [0, 1)"),
+            (0 <= self.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
+            (not self.train.nesterov or (self.train.optimizer == "sgd" and self.train.momentum > 0), "train.nesterov",
+             "only with train.optimizer=sgd and train.momentum > 0"),
+            (self.data.augmentation in AUGMENTATIONS, "data.augmentation", " or ".join(AUGMENTATIONS)),
             (self.attack.norm in {"linf", "l2"}, "attack.norm", "linf or l2"),
             (self.attack.eps >= 0 and self.attack.alpha >= 0, "attack.eps/alpha", ">= 0"),
             (self.attack.steps >= 0, "attack.steps", ">= 0"),

@@ -11,10 +11,12 @@ from torch import nn
 
 
 def fit(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimizer, epochs: int,
-        step: Callable[[Any], tuple[torch.Tensor, int, dict[str, float]]]) -> dict[str, float]:
+        step: Callable[[Any], tuple[torch.Tensor, int, dict[str, float]]],
+        schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
     """`epochs` passes over `batches`; `step(batch)` returns (mean loss of the batch, its size, other
-    figures summed over the batch). Returns the last epoch's means per scan: `loss` (weighted by
-    batch size) and every other figure's sum over the epoch divided by its scans."""
+    figures summed over the batch); `schedule`, if any, steps after every optimizer step. Returns the
+    last epoch's means per scan: `loss` (weighted by batch size) and every other figure's sum over
+    the epoch divided by its scans."""
     model.train()
     last: dict[str, float] = {}
     for _ in range(epochs):
@@ -25,6 +27,8 @@ def fit(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimiz
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             sums["loss"] += loss.item() * size
             for name, value in logs.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -33,11 +37,13 @@ def fit(model: nn.Module, batches: Iterable[Any], optimizer: torch.optim.Optimiz
     return last
 
 
-def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """SGD with momentum or Adam over parameter groups that carry their own weight decay."""
+def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0.9,
+                   nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (Nesterov's with `nesterov`) or Adam over parameter groups that carry their own
+    weight decay."""
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def channels_last(*modules: nn.Module) -> None:

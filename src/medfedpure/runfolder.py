@@ -200,7 +200,9 @@ _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch
                  ("defense", "adv_share"): 0.0, ("data", "layout"): "pooled", ("data", "classes"): None,
                  ("method", "adv_attack"): "pgd", ("method", "adv_noise"): None,
                  ("model", "width"): 64, ("defense", "adv_raw_share"): 0.0,
-                 ("defense.purifier", "adv_attack"): None, ("defense.purifier", "adv_steps"): None}
+                 ("defense.purifier", "adv_attack"): None, ("defense.purifier", "adv_steps"): None,
+                 ("data", "augmentation"): "mri", ("train", "nesterov"): False, ("train", "label_smoothing"): 0.0,
+                 ("train", "schedule"): "step", ("train", "warmup"): 0.2}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:
@@ -210,6 +212,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
     raw = cfg.to_dict()
     raw["data"].pop("cache_dir", None)
     raw["train"].pop("channels_last", None)  # a layout, not the weights' recipe
+    if raw["train"].get("schedule", "step") == "step":
+        raw["train"].pop("warmup", None)  # only the linear schedule reads it
     federation = raw.pop("federation", {})
     raw.pop("name", None)
     method = raw.pop("method", {})

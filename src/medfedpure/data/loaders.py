@@ -10,8 +10,16 @@ from torchvision.transforms import v2
 from medfedpure.data.datasets import ImageSet
 
 
-def train_augmentation() -> v2.Transform:
-    """Small rotation, horizontal flip and brightness change, per scan."""
+def train_augmentation(kind: str = "mri", size: tuple[int, int] | None = None) -> v2.Transform:
+    """Per scan: `mri`, a small rotation, a horizontal flip and a brightness change; `cifar`, a
+    horizontal flip and a translation of up to 2 pixels with reflected borders (the fast-CIFAR
+    recipe: Page's ResNet-9, Jordan's airbench), for scans of `size` (height, width)."""
+    if kind == "cifar":
+        if size is None:
+            raise ValueError("the cifar augmentation needs the scans' size")
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomCrop(size, padding=2, padding_mode="reflect")])
+    if kind != "mri":
+        raise ValueError(f"unknown augmentation '{kind}' (mri or cifar)")
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(10),
@@ -20,11 +28,12 @@ def train_augmentation() -> v2.Transform:
 
 
 class ImageTensorDataset(Dataset):
-    def __init__(self, data: ImageSet, indices: np.ndarray | None = None, augment: bool = False):
+    def __init__(self, data: ImageSet, indices: np.ndarray | None = None, augment: str | None = None):
         idx = np.arange(len(data)) if indices is None else np.asarray(indices)
         self.images = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
         self.labels = torch.from_numpy(np.ascontiguousarray(data.labels[idx]))
-        self.transform = train_augmentation() if augment else None
+        # the kind (data.augmentation)
+        self.transform = train_augmentation(augment, tuple(self.images.shape[-2:])) if augment else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -37,9 +46,11 @@ class ImageTensorDataset(Dataset):
 
 
 def make_loader(data: ImageSet, indices: np.ndarray | None, batch_size: int, train: bool,
-                seed: int = 0, augment: bool = True) -> DataLoader:
+                seed: int = 0, augment: str | None = "mri") -> DataLoader:
+    """Batches of (scans in [0, 1], labels); training batches shuffled and augmented (`augment`: the
+    kind, data.augmentation, or None)."""
     gen = torch.Generator().manual_seed(seed)
-    ds = ImageTensorDataset(data, indices, augment=train and augment)
+    ds = ImageTensorDataset(data, indices, augment=augment if train else None)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen,
                       drop_last=train and drops_lone_sample(len(ds), batch_size), num_workers=0)
 

@@ -104,11 +104,11 @@ class Method:
         lr, seed = task.round_lr(cfg, rnd), task.client_seed(cfg, client, rnd)
         if not self.mixture:
             share = cfg.method.adv_share if self.adversarial else 0.0
-            return baselines.train_plain(model, data, indices, cfg, lr, seed, share), len(indices)
+            return baselines.train_plain(model, data, indices, cfg, lr, seed, share, rnd), len(indices)
         scans = None
         if self.adversarial:  # the resource split needs every client's size: the federation-wide dataset
             scans = self._adversarial_scans(model, job, *task.data_and_splits(cfg), seed)
-        return baselines.train_fedem(model, data, indices, cfg, lr, seed, scans), len(indices)
+        return baselines.train_fedem(model, data, indices, cfg, lr, seed, scans, rnd), len(indices)
 
     def _adversarial_scans(self, model, job: LocalRound, data, splits, seed: int) -> baselines.AdversarialSet:
         """pFedDef's adversarial scans: made anew every Q rounds on this client's current model, else kept.

@@ -27,6 +27,7 @@ from medfedpure.config import ExperimentConfig
 from medfedpure.data import ImageSet
 from medfedpure.data.loaders import ImageTensorDataset, drops_lone_sample
 from medfedpure.loop import fit, make_optimizer
+from medfedpure.methods.task import round_schedule
 from medfedpure.models.mixture import LearnerMixture
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ClientTrainingSet(ImageTensorDataset):
     """A client's training scans with their positions (FedEM weighs each sample by its own q),
     some of them replaced by adversarial versions (pFedDef)."""
 
-    def __init__(self, data: ImageSet, indices: np.ndarray, augment: bool,
+    def __init__(self, data: ImageSet, indices: np.ndarray, augment: str | None,
                  replaced: AdversarialSet | None = None) -> None:
         super().__init__(data, indices, augment)
         self.replacement = {} if replaced is None else {int(i): k for k, i in enumerate(replaced.index)}
@@ -76,7 +77,7 @@ def adversarial_batch(attack: PGD, x: torch.Tensor, y: torch.Tensor, share: floa
 
 def _optimizer(model: LearnerMixture, cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
     return make_optimizer([{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay}],
-                          cfg.train.optimizer, lr, cfg.train.momentum)
+                          cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.nesterov)
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -86,9 +87,10 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoade
 
 
 def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
-                lr: float, seed: int, adv_share: float = 0.0) -> dict[str, float]:
-    """FedAvg / Local (adv_share 0) and FAT / Local Adv (adv_share > 0) local epochs."""
-    loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment), cfg.train.batch_size, True, seed)
+                lr: float, seed: int, adv_share: float = 0.0, server_round: int = 1) -> dict[str, float]:
+    """FedAvg / Local (adv_share 0) and FAT / Local Adv (adv_share > 0) local epochs from rate `lr`
+    (with train.schedule=linear, stepped through round `server_round`'s share of the run)."""
+    loader = _loader(ClientTrainingSet(data, indices, cfg.data.training_augmentation), cfg.train.batch_size, True, seed)
     attack = make_training_attack(model, cfg, seed) if adv_share > 0 else None
 
     def step(batch):
@@ -97,9 +99,11 @@ def train_plain(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg:
         k = 0
         if attack is not None:
             x, k = adversarial_batch(attack, x, y, adv_share)
-        return model.loss(x, y)[0], len(y), {"adv_share": k}
+        return model.loss(x, y, label_smoothing=cfg.train.label_smoothing)[0], len(y), {"adv_share": k}
 
-    last = fit(model, loader, _optimizer(model, cfg, lr), cfg.train.local_epochs, step)
+    optimizer = _optimizer(model, cfg, lr)
+    last = fit(model, loader, optimizer, cfg.train.local_epochs, step,
+               round_schedule(cfg, optimizer, server_round, len(loader)))
     return {"train_loss": last["loss"], "gate_entropy": 0.0, "adv_share": last.get("adv_share", 0.0)}
 
 
@@ -148,7 +152,7 @@ def make_adversarial_set(model: LearnerMixture, data: ImageSet, indices: np.ndar
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:m].sort().values
     attack = make_training_attack(model, cfg, seed)
-    clean = ClientTrainingSet(data, np.asarray(indices)[chosen.numpy()], augment=False)
+    clean = ClientTrainingSet(data, np.asarray(indices)[chosen.numpy()], augment=None)
     parts = []
     for x, y, _ in _loader(clean, 64, False, seed):
         parts.append(attack(x.to(cfg.device), y.to(cfg.device)).cpu())
@@ -171,18 +175,22 @@ def e_step(model: LearnerMixture, dataset: ClientTrainingSet, cfg: ExperimentCon
 
 
 def train_fedem(model: LearnerMixture, data: ImageSet, indices: np.ndarray, cfg: ExperimentConfig,
-                lr: float, seed: int, adversarial: AdversarialSet | None = None) -> dict[str, float]:
-    """One FedEM round: E-step on the (possibly partly adversarial) training set, then the M-step."""
-    q = e_step(model, ClientTrainingSet(data, indices, False, adversarial), cfg).to(cfg.device)
-    loader = _loader(ClientTrainingSet(data, indices, cfg.data.augment, adversarial), cfg.train.batch_size, True, seed)
+                lr: float, seed: int, adversarial: AdversarialSet | None = None, server_round: int = 1
+                ) -> dict[str, float]:
+    """One FedEM round: E-step on the (possibly partly adversarial) training set, then the M-step
+    (its rate as in `train_plain`)."""
+    q = e_step(model, ClientTrainingSet(data, indices, None, adversarial), cfg).to(cfg.device)
+    loader = _loader(ClientTrainingSet(data, indices, cfg.data.training_augmentation, adversarial), cfg.train.batch_size, True, seed)
     pi = model.log_pi.exp()
     entropy = float(-(pi * model.log_pi).sum())
 
     def step(batch):
         x, y, i = batch
         x, y = x.to(cfg.device), y.to(cfg.device)
-        return model.loss(x, y, weights=q[i])[0], len(y), {}
+        return model.loss(x, y, weights=q[i], label_smoothing=cfg.train.label_smoothing)[0], len(y), {}
 
-    last = fit(model, loader, _optimizer(model, cfg, lr), cfg.train.local_epochs, step)
+    optimizer = _optimizer(model, cfg, lr)
+    last = fit(model, loader, optimizer, cfg.train.local_epochs, step,
+               round_schedule(cfg, optimizer, server_round, len(loader)))
     share = 0.0 if adversarial is None else len(adversarial.index) / max(len(indices), 1)
     return {"train_loss": last["loss"], "gate_entropy": entropy, "adv_share": share}

@@ -20,7 +20,7 @@ from medfedpure.attacks import PGD, make_training_attack
 from medfedpure.config import ExperimentConfig
 from medfedpure.defense.pipeline import RandomDepthPurified
 from medfedpure.loop import fit, make_optimizer
-from medfedpure.methods.task import round_lr
+from medfedpure.methods.task import round_lr, round_schedule
 from medfedpure.models import PersonalizedMoE
 
 
@@ -51,7 +51,7 @@ def moe_optimizer(model: PersonalizedMoE, cfg: ExperimentConfig, lr: float) -> t
     # The gate has its own L2 term (beta) in the loss, so no weight decay on it.
     return make_optimizer([{"params": model.experts.parameters(), "weight_decay": cfg.train.weight_decay},
                            {"params": model.attention.parameters(), "weight_decay": 0.0}],
-                          cfg.train.optimizer, lr, cfg.train.momentum)
+                          cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.nesterov)
 
 
 def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfig,
@@ -72,10 +72,11 @@ def train_local(model: PersonalizedMoE, loader: DataLoader, cfg: ExperimentConfi
         if purifier is not None:
             x = defended_training_batch(x, y, purifier, attack, cfg.defense.adv_share, cfg, gen, raw_attack,
                                         cfg.defense.adv_raw_share)
-        loss, parts = model.loss(x, y)
+        loss, parts = model.loss(x, y, cfg.train.label_smoothing)
         return loss, len(y), {"gate_entropy": parts["gate_entropy"] * len(y)}
 
-    last = fit(model, loader, optimizer, cfg.train.local_epochs, step)
+    last = fit(model, loader, optimizer, cfg.train.local_epochs, step,
+               round_schedule(cfg, optimizer, server_round, len(loader)))
     return {"train_loss": last["loss"], "gate_entropy": last.get("gate_entropy", 0.0),
             "adv_share": (cfg.defense.adv_share if attack is not None else 0.0)
             + (cfg.defense.adv_raw_share if raw_attack is not None else 0.0)}

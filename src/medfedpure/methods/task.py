@@ -133,7 +133,7 @@ def client_loaders(cfg: ExperimentConfig, client: int, round_: int = 0,
     """(train, test, number of classes) for one client; train batches are shuffled and augmented."""
     data, split = hospital(cfg, client)
     train = make_loader(data, split.train_idx, batch_size or cfg.train.batch_size, train=True,
-                        seed=client_seed(cfg, client, round_), augment=cfg.data.augment)
+                        seed=client_seed(cfg, client, round_), augment=cfg.data.training_augmentation)
     test = make_loader(data, split.test_idx, max(cfg.train.batch_size, 64), train=False)
     return train, test, len(data.classes)
 
@@ -156,7 +156,27 @@ def num_classes(cfg: ExperimentConfig) -> int:
 
 
 def round_lr(cfg: ExperimentConfig, server_round: int) -> float:
+    """The rate a round's optimizer starts from (train.schedule=step: lr * lr_decay^(r-1))."""
     return cfg.train.lr * cfg.train.lr_decay ** max(server_round - 1, 0)
+
+
+def linear_factor(cfg: ExperimentConfig, server_round: int, step: int, steps: int) -> float:
+    """train.schedule=linear: the share of train.lr at local step `step` (from 0) of a round of
+    `steps`, the run being train.rounds such rounds in order: up linearly over the first
+    train.warmup of them, then down linearly to 0 at the last."""
+    t = ((server_round - 1) * steps + step + 1) / (cfg.train.rounds * steps)
+    warm = cfg.train.warmup
+    return t / warm if t <= warm else max(0.0, (1 - t) / (1 - warm))
+
+
+def round_schedule(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, server_round: int,
+                   batches: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step schedule of a round with `batches` batches an epoch (None for train.schedule=step,
+    whose rate is fixed within the round)."""
+    if cfg.train.schedule == "step":
+        return None
+    steps = max(1, batches * cfg.train.local_epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_factor(cfg, server_round, s, steps))
 
 
 def test_local(model: torch.nn.Module, loader: DataLoader, cfg: ExperimentConfig, seed: int,

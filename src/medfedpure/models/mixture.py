@@ -50,16 +50,19 @@ class LearnerMixture(nn.Module):
         log_p = F.log_softmax(self.learner_logits(x), dim=-1)
         return torch.logsumexp(self.log_pi.view(1, -1, 1) + log_p, dim=1)
 
-    def learner_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B, K) cross-entropy of each learner on each sample."""
+    def learner_losses(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """(B, K) cross-entropy of each learner on each sample (with `label_smoothing`, against smoothed
+        targets: for training only; FedEM's E-step needs the likelihood)."""
         logits = self.learner_logits(x)
         b, k, c = logits.shape
-        return F.cross_entropy(logits.reshape(b * k, c), y.repeat_interleave(k), reduction="none").view(b, k)
+        return F.cross_entropy(logits.reshape(b * k, c), y.repeat_interleave(k), reduction="none",
+                               label_smoothing=label_smoothing).view(b, k)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor,
-             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean over samples of sum_m q_m * CE_m (FedEM's M-step); with K=1 and no q, plain cross-entropy."""
-        losses = self.learner_losses(x, y)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over samples of sum_m q_m * CE_m (FedEM's M-step); with K=1 and no q, plain cross-entropy
+        (`label_smoothing`: against smoothed targets, train.label_smoothing)."""
+        losses = self.learner_losses(x, y, label_smoothing)
         if weights is None:
             weights = self.log_pi.exp().expand_as(losses) if self.num_learners > 1 else torch.ones_like(losses)
         total = (weights * losses).sum(dim=1).mean()

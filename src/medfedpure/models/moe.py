@@ -86,10 +86,15 @@ class PersonalizedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.details(x).log_probs
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 9: mixture NLL + beta * sum_k ||phi_k||^2 + gamma * H(alpha(x))."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 9: mixture NLL + beta * sum_k ||phi_k||^2 + gamma * H(alpha(x)); with `label_smoothing` e
+        (train.label_smoothing), the NLL is against smoothed targets: (1 - e) * NLL + e * the mean over
+        classes of -log p(c | x), what F.cross_entropy's label_smoothing does with logits."""
         out = self.details(x)
         nll = F.nll_loss(out.log_probs, y)
+        if label_smoothing:
+            nll = (1 - label_smoothing) * nll - label_smoothing * out.log_probs.mean(dim=1).mean()
         l2 = sum((p ** 2).sum() for p in self.attention.parameters())
         entropy = -(out.gate * out.gate.clamp_min(1e-12).log()).sum(dim=1).mean()
         total = nll + self.beta * l2 + self.gamma * entropy

@@ -188,7 +188,7 @@ def _pretrain_central(cfg: ExperimentConfig, phase, model, settings, done: int, 
     for epoch in tqdm(range(done + 1, epochs + 1), initial=done, total=epochs,
                       desc=f"{phase.name} epochs (central)", disable=not progress):
         train = make_loader(data, train_idx, settings.batch_size, train=True, seed=cfg.seed + epoch,
-                            augment=cfg.data.augment)
+                            augment=cfg.data.training_augmentation)
         loss = train_epochs(phase, model, train, 1, settings.lr, cfg.device, seed=cfg.seed + epoch)
         record({"round": epoch, "train_loss": loss, "test_loss": eval_loss(phase, model, test, cfg.device)},
                model.state_dict())
