@@ -122,6 +122,12 @@ def test_the_shipped_defense_study_parses():
     paired = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-training-attack.yaml")
     assert paired["attacks"] == ["eot-pgd:margin"] and len(paired["candidates"]) == 2
     assert all(c["run"].startswith(str(Path.home())) for c in paired["candidates"])  # ~ read as a shell would
+    headline = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-headline.yaml")
+    assert headline["attacks"] == ["eot-pgd:ce", "eot-pgd:margin", "fixed-noise:margin"]  # both losses, fixed noise
+    assert headline["max_per_client"] is None and headline["candidates"][0]["name"].startswith("FAT")
+    assert all(len(c["from"]) == 2 for c in headline["candidates"])
+    phase4 = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-phase4.yaml")
+    assert phase4["attacks"] == ["eot-pgd:margin"] and len(phase4["candidates"]) == 4
 
 
 def test_adversarial_training_attack_is_part_of_a_defended_runs_fingerprint():
@@ -154,3 +160,31 @@ def _fat(cfg):
 
     return METHODS["fat"].fingerprint(dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="fat")),
                                       "train")
+
+
+def test_the_fast_training_recipe_is_validated_and_in_the_fingerprint_only_off_its_defaults():
+    """train.schedule / warmup / nesterov / label_smoothing and data.augmentation (issue 28): a bad
+    value names its field; at their defaults a run keeps the fingerprint it had before they existed."""
+    from medfedpure.methods import fingerprint
+
+    for overrides, field in ((["train.schedule=cosine"], "train.schedule"),
+                             (["train.schedule=linear", "train.lr_decay=0.9"], "train.lr_decay"),
+                             (["train.warmup=1"], "train.warmup"),
+                             (["train.label_smoothing=1"], "train.label_smoothing"),
+                             (["train.label_smoothing=-0.1"], "train.label_smoothing"),
+                             (["train.optimizer=adam", "train.nesterov=true"], "train.nesterov"),
+                             (["train.momentum=0", "train.nesterov=true"], "train.nesterov"),
+                             (["data.augmentation=jpeg"], "data.augmentation")):
+        with pytest.raises(ConfigError, match=field):
+            apply_overrides(load_preset("demo"), overrides).validate()
+    cfg = load_preset("br35h-cpu")
+    before = {phase: fingerprint(cfg, phase) for phase in ("diffusion", "mae", "train", "purifier")}
+    same = apply_overrides(cfg, ["train.warmup=0.5", "data.augmentation=mri", "train.schedule=step"])
+    assert {phase: fingerprint(same, phase) for phase in before} == before  # warmup: only the linear schedule's
+    for change in ("train.schedule=linear", "train.nesterov=true", "train.label_smoothing=0.2",
+                   "data.augmentation=cifar"):
+        assert fingerprint(apply_overrides(cfg, [change]), "train") != before["train"], change
+    cifar = apply_overrides(cfg, ["data.augmentation=cifar"])
+    assert fingerprint(cifar, "diffusion") != before["diffusion"]  # the U-Net trains on augmented scans too
+    linear = apply_overrides(cfg, ["train.schedule=linear"])
+    assert fingerprint(apply_overrides(linear, ["train.warmup=0.1"]), "train") != fingerprint(linear, "train")
