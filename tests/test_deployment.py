@@ -127,9 +127,12 @@ def _received_keys(out: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_deployment_with_tls_and_node_auth_equals_the_simulation_round_by_round(tmp_path):
+def test_deployment_with_tls_and_node_auth_equals_the_simulation_round_by_round(tmp_path, monkeypatch):
     # two hospitals, with differential privacy on (a small noise multiplier, so that the model still
-    # learns): the hospitals clip on their own machines and the server's seeded noise is the simulation's too
+    # learns): the hospitals clip on their own machines and the server's seeded noise is the simulation's too;
+    # hospital 1 rehearses a poisoned update (sign-flipped, which its clipping keeps) on both runtimes: the
+    # SuperNode's ClientApp must apply it as the simulation's does, or the metrics part
+    monkeypatch.setenv("MEDFEDPURE_POISON_CLIENT", "1=sign-flip")
     cfg = tiny("data.num_clients=2", "federation.dp_noise_multiplier=0.05", "federation.dp_clipping_norm=5")
     out = tmp_path / "deploy"
     summary = deploy_local(cfg, out, progress=False, timeout_s=900)

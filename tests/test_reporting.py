@@ -67,6 +67,9 @@ def test_one_markdown_renderer_and_a_regenerated_block_leaves_the_rest_alone():
     assert read_block(new, "t") == "new\nrows" and read_block(doc, "other") is None
     with pytest.raises(ValueError, match="t2: generated"):
         replace_block(doc, "t2", "x")
+    empty = "a\n<!-- t: generated, do not edit -->\n<!-- /t -->\nb\n"  # a block just added: its markers only
+    assert read_block(empty, "t") == ""
+    assert replace_block(empty, "t", "rows") == "a\n<!-- t: generated, do not edit -->\nrows\n<!-- /t -->\nb\n"
 
 
 def _published(name: str, robust: float) -> dict:
