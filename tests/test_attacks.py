@@ -219,6 +219,29 @@ def test_square_agrees_with_torchattacks_on_the_bare_classifier(parts):
     assert a_ours < first_draw_accuracy(model, x, y) - 0.3
 
 
+def test_l2_square_stays_on_the_ball_and_agrees_with_torchattacks_on_the_bare_classifier(parts):
+    """attack.norm=l2 (Table I): the Square attack's l_2 version, the gradient-free check there too."""
+    from medfedpure.attacks.square import SquareL2, pseudo_gaussian
+
+    eta = pseudo_gaussian(5, False)
+    assert eta.norm().item() == pytest.approx(1.0) and eta[:2].sum() > 0 > eta[2:].sum()
+    assert torch.equal(pseudo_gaussian(5, True), eta.t())
+    x, y, model = parts["x"], parts["y"], parts["classifier"]
+    eps = 1.5
+    ours = SquareL2(model, eps=eps, n_queries=200, p_init=0.3, seed=0)(x, y)
+    assert (ours - x).flatten(1).norm(dim=1).max() <= eps + 1e-4 and ours.min() >= 0 and ours.max() <= 1
+    built = build_attack("square", model, AttackConfig(norm="l2", eps=eps, square_queries=10), seed=0)
+    assert isinstance(built, SquareL2) and built.describe()["norm"] == "l2"
+    with torch.no_grad():
+        a_ours = (model(ours).argmax(1) == y).float().mean().item()
+    assert a_ours < first_draw_accuracy(model, x, y) - 0.3
+    torchattacks = pytest.importorskip("torchattacks")
+    theirs = torchattacks.Square(model, norm="L2", eps=eps, n_queries=200, p_init=0.3, loss="margin", seed=0)(x, y)
+    with torch.no_grad():
+        a_theirs = (model(theirs).argmax(1) == y).float().mean().item()
+    assert abs(a_ours - a_theirs) <= 0.25, (a_ours, a_theirs)
+
+
 def test_votes_average_the_probabilities_of_independent_purifications(parts):
     x = parts["x"][:6]
     one, three = defended(parts, votes=1, seed=9), defended(parts, votes=3, seed=9)

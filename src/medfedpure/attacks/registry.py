@@ -20,7 +20,7 @@ from medfedpure.attacks.detector_aware import DetectorAwarePGD
 from medfedpure.attacks.fgsm import FGSMRS, NFGSM
 from medfedpure.attacks.orthogonal import OrthogonalPGD
 from medfedpure.attacks.pgd import PGD
-from medfedpure.attacks.square import Square
+from medfedpure.attacks.square import Square, SquareL2
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,9 @@ def _orthogonal(model, cfg, seed):
 
 
 @register("square", knows="yes (queries)", takes_loss=False, budgeted=False, calls=lambda cfg: cfg.square_queries,
-          help="gradient-free random search (l_inf), the check for masked gradients")
+          help="gradient-free random search (l_inf or l_2), the check for masked gradients")
 def _square(model, cfg, seed):
-    if cfg.norm != "linf":
-        raise ValueError("the Square attack here is l_inf only (attack.norm=linf)")
-    return Square(model, eps=cfg.eps, n_queries=cfg.square_queries, seed=seed)
+    return (Square if cfg.norm == "linf" else SquareL2)(model, eps=cfg.eps, n_queries=cfg.square_queries, seed=seed)
 
 
 SUITE = tuple(ATTACKS)  # the suite's order: 'all'
