@@ -6,9 +6,10 @@
 One network per width, trained centrally on the whole training set (train/<class>/) from random init
 with the fast-CIFAR recipe (David Page's ResNet-9 and Keller Jordan's airbench): SGD with Nesterov
 momentum, a linear warm-up then linear decay of the learning rate over the run, label smoothing 0.2,
-weight decay, random flips and translations of up to 2 pixels (reflected) done on whole batches, and
-channels-last layout. After every epoch: the wall minutes of training so far (evaluation not counted)
-and the accuracy on the whole test set (test/<class>/), with its 95% interval. Writes the JSON and a
+weight decay, random flips and translations of up to 2 pixels (reflected: the federation's
+`data.augmentation=cifar`), and channels-last layout. After every epoch: the wall minutes of
+training so far (evaluation not counted) and the accuracy on the whole test set (test/<class>/),
+with its 95% interval. Writes the JSON and a
 plot beside it (the curve). A federation of 10 hospitals sees the same images per round as one epoch
 here, so a width's minutes per epoch bound its rounds in the issue's 60 minutes per method.
 """
@@ -27,29 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medfedpure.data.datasets import load_class_folders
+from medfedpure.data.loaders import train_augmentation
 from medfedpure.metrics import clopper_pearson
 from medfedpure.models.backbones import build_backbone
 from medfedpure.storage import write_json
 
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Random horizontal flips and translations of up to `shift` pixels (reflected borders), per scan,
-    done on the whole batch at once."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    padded = F.pad(x, (shift,) * 4, mode="reflect")
-    dx, dy = (torch.randint(0, 2 * shift + 1, (len(x),), generator=gen) for _ in range(2))
-    out = torch.empty_like(x)
-    side = x.shape[-1]
-    for ox in range(2 * shift + 1):
-        for oy in range(2 * shift + 1):
-            pick = (dx == ox) & (dy == oy)
-            if pick.any():
-                out[pick] = padded[pick, :, oy:oy + side, ox:ox + side]
-    return out
 
 
 def normalised(images: torch.Tensor) -> torch.Tensor:
@@ -68,8 +53,9 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def train_curve(backbone: str, width: int, train: tuple, test: tuple, epochs: int, batch: int, lr: float,
                 seed: int = 0, progress: bool = True) -> dict:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the model's init and the augmentation's draws
     gen = torch.Generator().manual_seed(seed)
+    augment = train_augmentation("cifar", tuple(train[0].shape[-2:]))
     features, dim = build_backbone(backbone, width=width)
     model = nn.Sequential(features, nn.Linear(dim, 10)).to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -92,7 +78,8 @@ def train_curve(backbone: str, width: int, train: tuple, test: tuple, epochs: in
                    disable=not progress, leave=False)
         for b in bar:
             idx = order[b * batch:(b + 1) * batch]
-            x = normalised(augment(x_train[idx], gen)).contiguous(memory_format=torch.channels_last)
+            x = torch.stack([augment(im) for im in x_train[idx].float() / 255.0])  # data.augmentation=cifar's
+            x = ((x - MEAN) / STD).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
