@@ -186,5 +186,7 @@ def test_the_fast_training_recipe_is_validated_and_in_the_fingerprint_only_off_i
         assert fingerprint(apply_overrides(cfg, [change]), "train") != before["train"], change
     cifar = apply_overrides(cfg, ["data.augmentation=cifar"])
     assert fingerprint(cifar, "diffusion") != before["diffusion"]  # the U-Net trains on augmented scans too
+    assert fingerprint(apply_overrides(cfg, ["data.augment=false", "data.augmentation=cifar"]), "train") == \
+        fingerprint(apply_overrides(cfg, ["data.augment=false"]), "train")  # no augmentation: its kind is moot
     linear = apply_overrides(cfg, ["train.schedule=linear"])
     assert fingerprint(apply_overrides(linear, ["train.warmup=0.1"]), "train") != fingerprint(linear, "train")

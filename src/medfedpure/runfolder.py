@@ -214,6 +214,8 @@ def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str
     raw["train"].pop("channels_last", None)  # a layout, not the weights' recipe
     if raw["train"].get("schedule", "step") == "step":
         raw["train"].pop("warmup", None)  # only the linear schedule reads it
+    if not raw["data"].get("augment", True):
+        raw["data"].pop("augmentation", None)  # no augmentation: its kind is moot
     federation = raw.pop("federation", {})
     raw.pop("name", None)
     method = raw.pop("method", {})

@@ -105,6 +105,10 @@ class SquareL2(Square):
 
     name = "square"
 
+    def __init__(self, model: nn.Module, eps: float = 0.5, n_queries: int = 1000, p_init: float = 0.1,
+                 seed: int | None = 0, eot: int = 1) -> None:
+        super().__init__(model, eps, n_queries, p_init, seed, eot)  # p_init: the authors' l_2 setting
+
     def describe(self) -> dict:
         return {**super().describe(), "norm": "l2"}
 

@@ -163,8 +163,9 @@ def round_lr(cfg: ExperimentConfig, server_round: int) -> float:
 def linear_factor(cfg: ExperimentConfig, server_round: int, step: int, steps: int) -> float:
     """train.schedule=linear: the share of train.lr at local step `step` (from 0) of a round of
     `steps`, the run being train.rounds such rounds in order: up linearly over the first
-    train.warmup of them, then down linearly to 0 at the last."""
-    t = ((server_round - 1) * steps + step + 1) / (cfg.train.rounds * steps)
+    train.warmup of them, then down linearly towards 0 at the end (each step at its midpoint, so
+    neither the first nor the last is a step of rate 0)."""
+    t = ((server_round - 1) * steps + step + 0.5) / (cfg.train.rounds * steps)
     warm = cfg.train.warmup
     return t / warm if t <= warm else max(0.0, (1 - t) / (1 - warm))
 

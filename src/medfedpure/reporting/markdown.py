@@ -34,7 +34,7 @@ def replace_block(text: str, name: str, block: str) -> str:
     """`text` with what stands between the markers of `name` replaced by `block`; ValueError
     naming the block when its markers are missing."""
     start, end = _markers(name)
-    pattern = re.compile(re.escape(start) + r"\n(?:.*?\n)?" + re.escape(end), re.S)  # empty when first added
+    pattern = re.compile(re.escape(start) + r"\n(?:.*?\n)??" + re.escape(end), re.S)  # empty when first added
     if not pattern.search(text):
         raise ValueError(f"no '{start}' ... '{end}' block to regenerate")
     return pattern.sub(lambda _: f"{start}\n{block}\n{end}", text, count=1)
@@ -42,5 +42,5 @@ def replace_block(text: str, name: str, block: str) -> str:
 
 def read_block(text: str, name: str) -> str | None:
     start, end = _markers(name)
-    found = re.search(re.escape(start) + r"\n(?:(.*?)\n)?" + re.escape(end), text, re.S)
+    found = re.search(re.escape(start) + r"\n(?:(.*?)\n)??" + re.escape(end), text, re.S)
     return (found.group(1) or "") if found else None
