@@ -242,6 +242,33 @@ def test_l2_square_stays_on_the_ball_and_agrees_with_torchattacks_on_the_bare_cl
     assert abs(a_ours - a_theirs) <= 0.25, (a_ours, a_theirs)
 
 
+def test_apgd_stays_in_the_ball_agrees_with_torchattacks_and_attacks_the_defense_through_eot(parts):
+    """Auto-PGD (AutoAttack's gradient attack): its checkpoints are the paper's, it keeps each scan's best
+    point in the ball, on the bare classifier it is as strong as torchattacks' APGD, and through the
+    defense it follows EOT gradients like eot-pgd."""
+    from medfedpure.attacks.apgd import APGD, checkpoints
+
+    assert checkpoints(50) == [11, 21, 30, 38, 45] and checkpoints(1) == [1]
+    x, y, model = parts["x"], parts["y"], parts["classifier"]
+    eps = 0.05
+    for norm, budget in (("linf", eps), ("l2", 1.0)):
+        ours = APGD(model, eps=budget, steps=20, norm=norm, seed=0)(x, y)
+        size = (ours - x).abs().flatten(1).max(1).values if norm == "linf" else (ours - x).flatten(1).norm(dim=1)
+        assert size.max() <= budget + 1e-5 and ours.min() >= 0 and ours.max() <= 1
+    ours = APGD(model, eps=eps, steps=20, seed=0)(x, y)
+    torchattacks = pytest.importorskip("torchattacks")
+    theirs = torchattacks.APGD(model, norm="Linf", eps=eps, steps=20, loss="ce", seed=0)(x, y)
+    with torch.no_grad():
+        a_ours, a_theirs = ((model(a).argmax(1) == y).float().mean().item() for a in (ours, theirs))
+    assert abs(a_ours - a_theirs) <= 0.15 and a_ours < first_draw_accuracy(model, x, y) - 0.3, (a_ours, a_theirs)
+    target = defended(parts)
+    built = build_attack("apgd:margin", target, AttackConfig(eps=eps, adaptive_steps=5, eot=2), seed=0)
+    assert isinstance(built, APGD) and (built.eot, built.loss, built.steps) == (2, "margin", 5)
+    assert "alpha" not in built.describe()
+    adv = built(x[:8], y[:8])
+    assert (adv - x[:8]).abs().max() <= eps + 1e-6
+
+
 def test_votes_average_the_probabilities_of_independent_purifications(parts):
     x = parts["x"][:6]
     one, three = defended(parts, votes=1, seed=9), defended(parts, votes=3, seed=9)
@@ -307,7 +334,7 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
 
 
 def test_parse_attacks():
-    assert parse_attacks("adaptive") == ["eot-pgd", "bpda", "detector-aware", "orthogonal", "square"]
+    assert parse_attacks("adaptive") == ["eot-pgd", "apgd", "bpda", "detector-aware", "orthogonal", "square"]
     assert parse_attacks("square, pgd") == ["pgd", "square"]
     assert parse_attacks("all") == list(SUITE)
     with pytest.raises(ValueError, match="unknown attack"):

@@ -121,8 +121,8 @@ class AttackConfig:
     # what `experiment` runs on every method's own test splits after training (empty: nothing)
     # (`name:loss` runs a gradient attack with that loss instead of attack.loss: the margin loss is
     # the stronger one against the Br35H defense, so both eot-pgd losses run by default)
-    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "eot-pgd:margin", "bpda", "detector-aware",
-                                                  "orthogonal:margin", "square"])
+    suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "eot-pgd:margin", "apgd:margin", "bpda",
+                                                  "detector-aware", "orthogonal:margin", "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
     # the headline with power: these attacks (e.g. both eot-pgd losses) on `headline_max_per_client`
     # scans of each client (null: its whole test split), a second own-test evaluation (empty: none)

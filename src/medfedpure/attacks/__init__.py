@@ -23,6 +23,7 @@ that knows the defense its budget, `eot-pgd:margin@200x20` (steps x EOT draws), 
 `attack.adaptive_steps` and `attack.eot` (the convergence check of a headline).
 """
 
+from medfedpure.attacks.apgd import APGD
 from medfedpure.attacks.base import Attack, attack_loss
 from medfedpure.attacks.bpda import BPDA
 from medfedpure.attacks.detector_aware import DetectorAwarePGD
@@ -45,7 +46,7 @@ def pgd_label(cfg) -> str:
     return PGD.label_for(cfg.norm, cfg.eps, cfg.alpha, cfg.steps)
 
 
-__all__ = ["ADAPTIVE", "ATTACKS", "Attack", "BPDA", "Defended", "DetectorAwarePGD", "FGSMRS", "NFGSM", "OrthogonalPGD",
+__all__ = ["ADAPTIVE", "APGD", "ATTACKS", "Attack", "BPDA", "Defended", "DetectorAwarePGD", "FGSMRS", "NFGSM", "OrthogonalPGD",
            "PGD", "SUITE", "Square", "TRAINING_ATTACKS", "WHITE_BOX", "attack_loss", "base_attack", "build_attack",
            "is_stochastic",
            "make_pgd", "make_training_attack", "parse_attack_name", "parse_attacks", "pgd_label",

@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from medfedpure.attacks.apgd import APGD
 from medfedpure.attacks.base import LOSSES, Attack, Defended, is_stochastic
 from medfedpure.attacks.bpda import BPDA
 from medfedpure.attacks.detector_aware import DetectorAwarePGD
@@ -103,6 +104,13 @@ WHITE_BOX = "eot-pgd"  # what an attack that is `same_as_pgd_without_defense` eq
 @register(WHITE_BOX, knows="yes", help="PGD with exact gradients through the whole defense, averaged over EOT draws")
 def _eot_pgd(model, cfg, seed):
     return _named(PGD(model, **_adaptive(model, cfg, seed)), WHITE_BOX)
+
+
+@register("apgd", knows="yes",
+          help="Auto-PGD (AutoAttack's): momentum, and a step size halved where a scan's progress stalls")
+def _apgd(model, cfg, seed):
+    settings = _adaptive(model, cfg, seed)
+    return APGD(model, **{k: v for k, v in settings.items() if k not in ("alpha", "keep_best")})
 
 
 @register("fixed-noise", knows="yes, and its noise (not in the headline)", adaptive=False, one_draw=True,
