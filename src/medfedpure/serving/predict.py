@@ -6,7 +6,8 @@ on request, the purified scan and the MAE's error map as images.
 
 One answer per scan: the purification noise is drawn from a seed keyed on the scan's pixels
 (HMAC-SHA256 with the predictor's noise key), so the same scan sent again gets the same answer,
-and resubmitting it gains an attacker nothing. `predict` derives the key from the bundle's seed
+and resubmitting it unchanged gains an attacker nothing (a copy changed in one pixel meets fresh
+noise: near-copies still give an attacker several draws, the evaluation's worst of N). `predict` derives the key from the bundle's seed
 (`--seed` to change it: reproducible runs); `serve` draws a secret key when it starts (or reads
 `--noise-key-file`), so no one outside the service can compute the noise a scan will meet.
 """
