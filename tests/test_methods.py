@@ -45,6 +45,20 @@ def test_no_two_purposes_or_hospitals_share_a_seed():
 
 
 # ----------------------------------------------------------------------------- models and registry
+def test_every_baseline_is_configurable_on_the_shipped_preset(tmp_path):
+    """br35h-cpu ships phase 4 and the defense's shares: a baseline trains with none of them (the
+    `train --method fedavg` of the poisoning and privacy measurements was refused when phase 4 shipped)."""
+    from medfedpure.config import load_preset
+
+    cfg = apply_overrides(load_preset("br35h-cpu"), [f"data.root={tmp_path}"])
+    cfg.data.dataset = "synthetic"
+    assert cfg.defense.purifier.rounds > 0
+    for name, method in METHODS.items():
+        out = method.configure(cfg)
+        if not method.defended:
+            assert out.defense.purifier.rounds == 0 and not out.defense.enabled, name
+
+
 def test_registry_and_parse_methods():
     assert list(METHODS) == ["medfedpure", "fedavg", "local", "fedem", "fat", "local-adv", "pfeddef"]
     assert parse_methods("all") == list(METHODS)

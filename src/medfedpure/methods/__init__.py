@@ -61,8 +61,10 @@ class Method:
         """The experiment as this method trains it (a baseline has no defense)."""
         out = ExperimentConfig.from_dict(cfg.to_dict())
         out.method.name = self.name
-        if not self.defended:
-            out.defense = dataclasses.replace(out.defense, enabled=False, purify_training=False, adv_share=0.0)
+        if not self.defended:  # nor what trains through it (phase 3's shares, phase 4)
+            out.defense = dataclasses.replace(out.defense, enabled=False, purify_training=False, adv_share=0.0,
+                                              adv_raw_share=0.0,
+                                              purifier=dataclasses.replace(out.defense.purifier, rounds=0))
         return out.validate()
 
     def build(self, cfg: ExperimentConfig, num_classes: int) -> nn.Module:
