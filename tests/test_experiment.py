@@ -121,7 +121,7 @@ def test_the_attack_suite_its_convergence_check_and_its_resume_through_the_cli(t
     printed = capsys.readouterr().out
     suite_dir = run / "evaluations" / "own-test-suite"
     suite = json.loads((suite_dir / "evaluation.json").read_text())
-    assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "fixed-noise", "bpda",
+    assert list(suite["suite"]) == ["clean", "clean (whole split)", "pgd", "eot-pgd", "apgd", "fixed-noise", "bpda",
                                     "detector-aware", "orthogonal", "square"]
     assert suite["suite"]["fixed-noise"]["draws"] == 1 and suite["suite"]["fixed-noise"]["settings"]["eot"] == 1
     assert all(p["n"] == 6 for name, p in suite["suite"].items() if name != "clean (whole split)")

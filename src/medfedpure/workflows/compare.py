@@ -177,7 +177,8 @@ def _convergence(candidate: dict, row: CandidateRow, ev: dict) -> list[Convergen
     if check.get("defense") != ev.get("defense"):
         problems.append(f"its defense settings {check.get('defense')} (the candidate's: {ev.get('defense')})")
     entries = [Convergence.from_dict(c) for c in check.get("convergence", [])]
-    if not any(c.attack == row.strongest for c in entries):
+    tied = {row.strongest} | {a for a, first in row.per_attack.items() if first == row.robust}  # or level with it
+    if not any(c.attack in tied for c in entries):
         problems.append(f"it ran {row.strongest}, the candidate's strongest attack, at no second budget (e.g. --attack "
                         f"{row.strongest},{row.strongest}@200x20)")
     if problems:
