@@ -2,6 +2,11 @@
 
     python benchmarks/cifar_curve.py --data ../shared/data/cifar10 [--backbone resnet9] [--widths 16,32,64]
         [--epochs 10] [--batch 256] [--out benchmarks/cifar_curve.json]
+    python benchmarks/cifar_curve.py --docs docs/results.md [--check] [--out benchmarks/cifar_curve.json]
+
+The second form trains nothing: it writes the JSON's table between the `cifar-curve` markers of the
+document and redraws the plot (`--check` only compares, exit 1 when the document's table is not what the
+JSON gives). `--keep` adds curves to --out's (another width or schedule) instead of starting it anew.
 
 One network per width, trained centrally on the whole training set (train/<class>/) from random init
 with the fast-CIFAR recipe (David Page's ResNet-9 and Keller Jordan's airbench): SGD with Nesterov
@@ -31,7 +36,8 @@ from medfedpure.data.datasets import load_class_folders
 from medfedpure.data.loaders import train_augmentation
 from medfedpure.metrics import clopper_pearson
 from medfedpure.models.backbones import build_backbone
-from medfedpure.storage import write_json
+from medfedpure.reporting.markdown import read_block, replace_block, table, with_interval
+from medfedpure.storage import atomic_write_text, read_json, write_json
 
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -89,7 +95,7 @@ def train_curve(backbone: str, width: int, train: tuple, test: tuple, epochs: in
         k = accuracy(model, *test)
         lo, hi = clopper_pearson(k, len(test[1]))
         points.append({"epoch": epoch, "minutes": trained_s / 60, "test_acc": k / len(test[1]),
-                       "test_acc_ci": [lo, hi], "train_loss_last_batch": float(loss)})
+                       "test_acc_ci": [lo, hi], "train_loss_last_batch": loss.item()})
         print(f"{backbone} width {width} epoch {epoch}: {trained_s / 60:.1f} min, test {100 * k / len(test[1]):.2f}%",
               flush=True)
     return {"backbone": backbone, "width": width, "parameters": sum(p.numel() for p in model.parameters()),
@@ -99,6 +105,10 @@ def train_curve(backbone: str, width: int, train: tuple, test: tuple, epochs: in
 def _tensors(folder: Path, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_class_folders(folder, 32, progress=progress)
     return torch.from_numpy(np.ascontiguousarray(data.images)), torch.from_numpy(data.labels)
+
+
+def _name(run: dict) -> str:
+    return f"{run['backbone']} width {run['width']}, {run['epochs']} epochs"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -111,7 +121,7 @@ def plot(result: dict, path: Path) -> None:
     for run in result["runs"]:
         xs = [p["minutes"] for p in run["points"]]
         ys = [100 * p["test_acc"] for p in run["points"]]
-        ax.plot(xs, ys, marker="o", label=f"{run['backbone']} width {run['width']} ({run['parameters'] / 1e6:.1f}M)")
+        ax.plot(xs, ys, marker="o", label=f"{_name(run)} ({run['parameters'] / 1e6:.1f}M)")
     ax.axhline(85, color="grey", linestyle=":", label="85% (issue 28)")
     ax.set_xlabel(f"training minutes on {result['cpus']} CPU cores")
     ax.set_ylabel(f"test accuracy % ({result['n_test']} scans)")
@@ -123,9 +133,59 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+TARGET = 0.85  # issue 28's clean accuracy
+
+
+def render(result: dict) -> str:
+    """The curve as a table: each width's size, minutes per epoch, accuracy half-way and at the end (95%
+    Clopper-Pearson interval over the test set), and the first epoch that reached the target."""
+    rows = []
+    for run in result["runs"]:
+        points = run["points"]
+        if not points:
+            continue
+        mid, last = points[(len(points) - 1) // 2], points[-1]
+        reached = next((p for p in points if p["test_acc"] >= TARGET), None)
+        rows.append([_name(run), f"{run['parameters'] / 1e6:.2f}M",
+                     f"{last['minutes'] / len(points):.2f}",
+                     f"{with_interval(mid['test_acc'], mid['test_acc_ci'])} (epoch {mid['epoch']}, "
+                     f"{mid['minutes']:.1f} min)",
+                     f"{with_interval(last['test_acc'], last['test_acc_ci'])} (epoch {last['epoch']}, "
+                     f"{last['minutes']:.1f} min)",
+                     f"epoch {reached['epoch']}, {reached['minutes']:.1f} min" if reached else "not reached"])
+    if not rows:
+        raise ValueError("the curve has no measured epoch: nothing to report")
+    header = ["network", "parameters", "min / epoch", f"test % [95% CI], half-way ({result['n_test']} images)",
+              "test % [95% CI], last epoch", f"first epoch at {100 * TARGET:.0f}%"]
+    return table(header, rows)
+
+
+def docs(out: Path, document: Path, check: bool) -> int:
+    if not out.is_file():
+        print(f"--out {out}: no curve to report (run the benchmark with --data first)", file=sys.stderr)
+        return 2
+    result = read_json(out)
+    block = render(result)
+    text = document.read_text()
+    if not check:
+        plot(result, out.with_suffix(".png"))
+    if check:
+        if read_block(text, "cifar-curve") != block:
+            print(f"{document}: the cifar-curve table is not what {out} gives; run "
+                  f"`python benchmarks/cifar_curve.py --docs {document} --out {out}`", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        atomic_write_text(document, replace_block(text, "cifar-curve", block))
+    except ValueError as err:
+        print(f"{document}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 as train/<class>/ and test/<class>/ images")
+    parser.add_argument("--data", type=Path, help="CIFAR-10 as train/<class>/ and test/<class>/ images")
     parser.add_argument("--backbone", default="resnet9")
     parser.add_argument("--widths", default="16,32,64")
     parser.add_argument("--epochs", type=int, default=10)
@@ -133,7 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/cifar_curve.json"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--docs", type=Path, help="write the table of --out's curve into this document instead")
+    parser.add_argument("--check", action="store_true", help="with --docs: compare only")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep --out's curves of other widths or schedules (measured on the same images) and add these")
     args = parser.parse_args(argv)
+    if args.docs:
+        return docs(args.out, args.docs, args.check)
+    if args.data is None:
+        parser.error("--data is required (or --docs to report a measured curve)")
     for part in ("train", "test"):
         if not (args.data / part).is_dir():
             parser.error(f"--data {args.data}: no {part}/ folder of class folders")
@@ -144,11 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     train, test = (_tensors(args.data / part, not args.no_progress) for part in ("train", "test"))
     result = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": str(args.data),
               "n_train": len(train[1]), "n_test": len(test[1]), "cpus": torch.get_num_threads(), "runs": []}
+    if args.keep and args.out.is_file():
+        kept = read_json(args.out)
+        if (kept["n_train"], kept["n_test"], kept["cpus"]) != (result["n_train"], result["n_test"], result["cpus"]):
+            parser.error(f"--keep: {args.out} was measured on {kept['n_train']} / {kept['n_test']} images with "
+                         f"{kept['cpus']} threads, not {result['n_train']} / {result['n_test']} with {result['cpus']}")
+        same = lambda r: (r["backbone"], r["width"] in widths, r["epochs"], r["batch"], r["lr"]) == (  # noqa: E731
+            args.backbone, True, args.epochs, args.batch, args.lr)
+        result["runs"] = [r for r in kept["runs"] if not same(r)]  # a rerun replaces its own curve
     for width in widths:
-        result["runs"].append(train_curve(args.backbone, width, train, test, args.epochs, args.batch, args.lr,
-                                          progress=not args.no_progress))
+        run = train_curve(args.backbone, width, train, test, args.epochs, args.batch, args.lr,
+                          progress=not args.no_progress)
+        result["runs"].append({"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **run})
         write_json(args.out, result)  # after each width: a long run keeps what it measured
-    plot(result, args.out.with_suffix(".png"))
+        plot(result, args.out.with_suffix(".png"))
     return 0
 
 

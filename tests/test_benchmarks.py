@@ -90,7 +90,8 @@ def test_secure_aggregation_benchmark_gives_the_plain_mean_up_to_quantization(tm
 
 def test_cifar_curve_trains_each_width_and_writes_its_points(tmp_path):
     """The accuracy-vs-minutes benchmark on a tiny CIFAR-like folder: one run per width, a point per
-    epoch with minutes and an interval, the plot beside the JSON; a folder without test/ is refused."""
+    epoch with minutes and an interval, the plot beside the JSON, a longer schedule added with --keep; a
+    folder without test/ is refused; the document's table is made from the JSON."""
     from conftest import write_images
 
     for part, n in (("train", 6), ("test", 2)):
@@ -109,6 +110,33 @@ def test_cifar_curve_trains_each_width_and_writes_its_points(tmp_path):
         assert all(p["minutes"] > 0 and p["test_acc_ci"][0] <= p["test_acc"] <= p["test_acc_ci"][1]
                    for p in run["points"])
     assert out.with_suffix(".png").is_file()
+    more = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "c"), "--widths", "8",  # a longer run
+                           "--epochs", "3", "--batch", "8", "--out", str(out), "--no-progress", "--keep"],
+                          capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert [(r["width"], r["epochs"]) for r in json.loads(out.read_text())["runs"]] == [(8, 2), (16, 2), (8, 3)]
     bad = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "c" / "train")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no train/ folder" in bad.stderr
+    # the document's table is made from the JSON, and a hand-edited figure is caught
+    doc = tmp_path / "results.md"
+    doc.write_text("# r\n<!-- cifar-curve: generated, do not edit -->\n<!-- /cifar-curve -->\nafter\n")
+    report = lambda *extra: subprocess.run([sys.executable, str(script), "--docs", str(doc), "--out", str(out),  # noqa: E731
+                                            *extra], capture_output=True, text=True, timeout=120)
+    assert report().returncode == 0 and report("--check").returncode == 0
+    text = doc.read_text()
+    assert "| resnet9 width 8, 2 epochs |" in text and "| resnet9 width 16, 2 epochs |" in text and text.endswith("after\n")
+    assert "| resnet9 width 8, 3 epochs |" in text
+    last = result["runs"][1]["points"][-1]
+    assert f"{100 * last['test_acc']:.1f} [" in text
+    doc.write_text(text.replace("| resnet9 width 16, 2 epochs |", "| resnet9 width 99, 2 epochs |"))
+    stale = report("--check")
+    assert stale.returncode == 1 and "cifar-curve table is not what" in stale.stderr
+
+
+def test_the_results_cifar_curve_table_is_what_the_curve_json_gives():
+    root = BENCH.parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "cifar_curve.py"), "--docs",
+                           str(root / "docs" / "results.md"), "--out", str(root / "benchmarks" / "cifar_curve.json"),
+                           "--check"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
