@@ -161,25 +161,32 @@ def render(result: dict) -> str:
 
 
 def docs(out: Path, document: Path, check: bool) -> int:
-    if not out.is_file():
-        print(f"--out {out}: no curve to report (run the benchmark with --data first)", file=sys.stderr)
-        return 2
+    """Writes (or with `check` compares) the table of the curve at `out` into `document`, and redraws the
+    plot beside `out`; 2 with one line naming the file when either cannot be read or has no place for it."""
+    for path, what in ((out, "no curve to report (run the benchmark with --data first)"),
+                       (document, "no such document")):
+        if not path.is_file():
+            print(f"{path}: {what}", file=sys.stderr)
+            return 2
     result = read_json(out)
-    block = render(result)
-    text = document.read_text()
-    if not check:
-        plot(result, out.with_suffix(".png"))
+    try:
+        block = render(result)
+    except ValueError as err:
+        print(f"{out}: {err}", file=sys.stderr)
+        return 2
+    try:
+        text = replace_block(document.read_text(), "cifar-curve", block)
+    except ValueError as err:
+        print(f"{document}: {err}", file=sys.stderr)
+        return 2
     if check:
-        if read_block(text, "cifar-curve") != block:
+        if read_block(document.read_text(), "cifar-curve") != block:
             print(f"{document}: the cifar-curve table is not what {out} gives; run "
                   f"`python benchmarks/cifar_curve.py --docs {document} --out {out}`", file=sys.stderr)
             return 1
         return 0
-    try:
-        atomic_write_text(document, replace_block(text, "cifar-curve", block))
-    except ValueError as err:
-        print(f"{document}: {err}", file=sys.stderr)
-        return 2
+    atomic_write_text(document, text)
+    plot(result, out.with_suffix(".png"))
     return 0
 
 

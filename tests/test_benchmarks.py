@@ -132,6 +132,9 @@ def test_cifar_curve_trains_each_width_and_writes_its_points(tmp_path):
     doc.write_text(text.replace("| resnet9 width 16, 2 epochs |", "| resnet9 width 99, 2 epochs |"))
     stale = report("--check")
     assert stale.returncode == 1 and "cifar-curve table is not what" in stale.stderr
+    doc.write_text("# no markers\n")
+    unmarked = report()
+    assert unmarked.returncode == 2 and str(doc) in unmarked.stderr and doc.read_text() == "# no markers\n"
 
 
 def test_the_results_cifar_curve_table_is_what_the_curve_json_gives():
