@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         if (kept["n_train"], kept["n_test"], kept["cpus"]) != (result["n_train"], result["n_test"], result["cpus"]):
             parser.error(f"--keep: {args.out} was measured on {kept['n_train']} / {kept['n_test']} images with "
                          f"{kept['cpus']} threads, not {result['n_train']} / {result['n_test']} with {result['cpus']}")
-        same = lambda r: (r["backbone"], r["width"] in widths, r["epochs"], r["batch"], r["lr"]) == (  # noqa: E731
-            args.backbone, True, args.epochs, args.batch, args.lr)
-        result["runs"] = [r for r in kept["runs"] if not same(r)]  # a rerun replaces its own curve
+        setting = (args.backbone, args.epochs, args.batch, args.lr)
+        result["runs"] = [r for r in kept["runs"]  # a rerun replaces its own curve
+                          if not (r["width"] in widths and (r["backbone"], r["epochs"], r["batch"], r["lr"]) == setting)]
     for width in widths:
         run = train_curve(args.backbone, width, train, test, args.epochs, args.batch, args.lr,
                           progress=not args.no_progress)
