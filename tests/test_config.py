@@ -190,3 +190,26 @@ def test_the_fast_training_recipe_is_validated_and_in_the_fingerprint_only_off_i
         fingerprint(apply_overrides(cfg, ["data.augment=false"]), "train")  # no augmentation: its kind is moot
     linear = apply_overrides(cfg, ["train.schedule=linear"])
     assert fingerprint(apply_overrides(linear, ["train.warmup=0.1"]), "train") != fingerprint(linear, "train")
+
+
+def test_per_method_rounds_give_each_method_its_own_and_leave_other_fingerprints_alone(tmp_path):
+    """method.rounds (issue 28: one time budget for all methods): a named method trains that many rounds
+    and records them as its train.rounds, the others keep train.rounds; the mapping itself is in no
+    fingerprint (FAT's run is the same whether FedAvg's entry exists), and a bad entry names the field."""
+    from medfedpure.methods import METHODS, fingerprint
+
+    cfg = apply_overrides(load_preset("demo"), [f"data.root={tmp_path}"])
+    budget = apply_overrides(cfg, ["method.rounds={fedavg: 7, fat: 3}"])
+    configured = {name: METHODS[name].configure(budget) for name in ("fedavg", "fat", "local", "medfedpure")}
+    assert {name: c.train.rounds for name, c in configured.items()} == \
+        {"fedavg": 7, "fat": 3, "local": cfg.train.rounds, "medfedpure": cfg.train.rounds}
+    assert all(c.method.rounds == {} for c in configured.values())
+    fat = fingerprint(configured["fat"], "train")
+    assert fat == fingerprint(METHODS["fat"].configure(apply_overrides(cfg, ["train.rounds=3"])), "train")
+    assert fat != fingerprint(METHODS["fat"].configure(apply_overrides(budget, ["method.rounds={fat: 4}"])), "train")
+    assert fingerprint(METHODS["local"].configure(budget), "train") == \
+        fingerprint(METHODS["local"].configure(cfg), "train")
+    for override, message in (("method.rounds={fedprox: 3}", "method names"), ("method.rounds={fat: 0}", ">= 1"),
+                              ("method.rounds={fat: many}", "dict"), ("method.rounds=3", "dict")):
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(cfg, [override]).validate()

@@ -299,6 +299,10 @@ class MethodConfig:
     adv_eps: float | None = None
     adv_alpha: float | None = None
     adv_steps: int | None = None
+    # phase 3's rounds of the named methods where they differ from train.rounds, e.g. {fedavg: 100, fat: 25}:
+    # one time budget for all methods (a method whose round costs k of FedAvg's gets about 1/k of its rounds;
+    # the CIFAR presets). A method's run records its own rounds as train.rounds.
+    rounds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -481,6 +485,9 @@ class ExperimentConfig:
             (0 <= self.method.adv_share <= 1, "method.adv_share", "in [0, 1]"),
             (0 <= self.method.adv_data_share <= 1, "method.adv_data_share", "in [0, 1]"),
             (self.method.adv_every >= 1, "method.adv_every", ">= 1"),
+            (set(self.method.rounds) <= set(METHOD_NAMES), "method.rounds",
+             "a mapping from method names (" + ", ".join(METHOD_NAMES) + ") to rounds"),
+            (all(r >= 1 for r in self.method.rounds.values()), "method.rounds", "rounds >= 1 for every method"),
             (_valid_resources(self.method.adv_resources, self.data.num_clients), "method.adv_resources",
              "null, a share in [0, 1], or one such share per client (data.num_clients of them)"),
             (self.method.adv_norm in {None, "linf", "l2"}, "method.adv_norm", "linf, l2 or null"),
@@ -534,6 +541,9 @@ def _typed(value: Any, annotation: str, name: str, source: str) -> Any:
     for opt in options:
         if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
+        if opt == "dict[str, int]" and isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
+            return dict(value)
         kind = _SCALARS.get(opt)
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

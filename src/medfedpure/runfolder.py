@@ -202,7 +202,8 @@ _ADDED_FIELDS = {("model", "small_input_stem"): False, ("model", "norm"): "batch
                  ("model", "width"): 64, ("defense", "adv_raw_share"): 0.0,
                  ("defense.purifier", "adv_attack"): None, ("defense.purifier", "adv_steps"): None,
                  ("data", "augmentation"): "mri", ("train", "nesterov"): False, ("train", "label_smoothing"): 0.0,
-                 ("train", "schedule"): "step", ("train", "warmup"): 0.2}
+                 ("train", "schedule"): "step", ("train", "warmup"): 0.2,
+                 ("method", "rounds"): {}}
 
 
 def config_fingerprint(cfg: ExperimentConfig, phase: str, defended: bool) -> str:

@@ -61,6 +61,8 @@ class Method:
         """The experiment as this method trains it (a baseline has no defense)."""
         out = ExperimentConfig.from_dict(cfg.to_dict())
         out.method.name = self.name
+        out.train.rounds = out.method.rounds.get(self.name, out.train.rounds)  # its share of the time budget
+        out.method.rounds = {}
         if not self.defended:  # nor what trains through it (phase 3's shares, phase 4)
             out.defense = dataclasses.replace(out.defense, enabled=False, purify_training=False, adv_share=0.0,
                                               adv_raw_share=0.0,
