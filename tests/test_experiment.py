@@ -269,7 +269,7 @@ def test_report_needs_results(tmp_path):
 
 def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
     """A Br35H run folder (results written by hand here) gets the paper's Table II row."""
-    from medfedpure.workflows.report import build_tables
+    from medfedpure.workflows.report import _markdown, build_tables
 
     cfg = load_preset("br35h-cpu")
     cfg.data.root = "/data/br35h"
@@ -280,11 +280,17 @@ def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
             "adv_mean_t": 100.0, "adv_score_ms": 1.0, "adv_purify_ms": 2.0, "adv_classify_ms": 3.0}
     (tmp_path / "summary.json").write_text(json.dumps(
         {"final": {"clean_acc": 0.99, "adv_acc": 0.1, "wall_time_s": 10.0}, "defense": [mean]}))
+    fat = tmp_path / "baselines" / "fat"  # trained with its own rounds (method.rounds)
+    fat.mkdir(parents=True)
+    cfg.method.name, cfg.train.rounds = "fat", 4
+    (fat / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (fat / "summary.json").write_text(json.dumps({"final": {"clean_acc": 0.97, "adv_acc": 0.8, "wall_time_s": 5.0}}))
     tables = build_tables(tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in tables["rows"]}
     assert rows["MedFedPure"]["clean"] == 98.0 and rows["MedFedPure"]["paper_adv"] == 87.33
     assert rows["pFedDef"]["clean"] is None and rows["pFedDef"]["paper_clean"] == 98.33
     assert all(r["resolution"] == 64 and "eps=0.015" in r["attack"] for r in tables["rows"])
+    assert "Training wall time (s) per method: medfedpure 10.0 (10 rounds), fat 5.0 (4 rounds)" in _markdown(tables)
 
 
 def test_environment_records_uncommitted_changes(tmp_path):

@@ -74,6 +74,7 @@ def build_tables(run: Path) -> dict:
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
     paper = PAPER.get((table, cfg.data.dataset), {})
     rows, detection, transfer, wall, suites, missing, privacy, aggregation = [], [], [], {}, [], [], {}, {}
+    rounds = {}
     for name, method in METHODS.items():
         if name not in runs:
             if method.label in paper:
@@ -84,6 +85,7 @@ def build_tables(run: Path) -> dict:
         folder = runs[name]
         summary = _load(folder, SUMMARY)
         wall[name] = summary["final"].get("wall_time_s")
+        rounds[name] = ExperimentConfig.from_dict(_load(folder, CONFIG)).train.rounds  # method.rounds may differ
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
         if summary.get("privacy"):  # what the run spent: after phase 4 where it is private too (dp_pretraining)
             tuned = folder / "purifier_metrics.json"
@@ -106,7 +108,8 @@ def build_tables(run: Path) -> dict:
             "aggregation": aggregation,
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
-            "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall}
+            "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall,
+            "rounds_by_method": rounds}
 
 
 def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]:
@@ -258,8 +261,10 @@ def _markdown(tables: dict) -> str:
         lines += _suite_lines(m)
     lines += _detection_lines(tables["detection"]) + _transfer_lines(tables.get("transfer"))
     if tables.get("wall_time_s_by_method"):
+        rounds = tables.get("rounds_by_method", {})
         lines += ["", "Training wall time (s) per method: " + ", ".join(
-            f"{k} {v}" for k, v in tables["wall_time_s_by_method"].items())]
+            f"{k} {v}" + (f" ({rounds[k]} rounds)" if k in rounds else "")
+            for k, v in tables["wall_time_s_by_method"].items())]
     dirty = " (with uncommitted changes)" if tables.get("git_dirty") else ""
     lines += ["", f"seed {tables['seed']}, git commit {tables['git_commit']}{dirty}, "
               f"packages {json.dumps(tables['packages'])}", ""]
