@@ -74,7 +74,6 @@ def build_tables(run: Path) -> dict:
                "clients": cfg.data.num_clients, "attack": pgd_label(cfg.attack)}
     paper = PAPER.get((table, cfg.data.dataset), {})
     rows, detection, transfer, wall, suites, missing, privacy, aggregation = [], [], [], {}, [], [], {}, {}
-    rounds = {}
     for name, method in METHODS.items():
         if name not in runs:
             if method.label in paper:
@@ -85,7 +84,6 @@ def build_tables(run: Path) -> dict:
         folder = runs[name]
         summary = _load(folder, SUMMARY)
         wall[name] = summary["final"].get("wall_time_s")
-        rounds[name] = ExperimentConfig.from_dict(_load(folder, CONFIG)).train.rounds  # method.rounds may differ
         missing += _missing_hospitals(method.label, summary, cfg.data.num_clients)
         if summary.get("privacy"):  # what the run spent: after phase 4 where it is private too (dp_pretraining)
             tuned = folder / "purifier_metrics.json"
@@ -109,7 +107,8 @@ def build_tables(run: Path) -> dict:
             "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
             "git_dirty": env.get("git_dirty"),
             "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name), "wall_time_s_by_method": wall,
-            "rounds_by_method": rounds}
+            "rounds_by_method": {name: ExperimentConfig.from_dict(_load(folder, CONFIG)).train.rounds  # method.rounds
+                                 for name, folder in runs.items()}}
 
 
 def _missing_hospitals(label: str, summary: dict, num_clients: int) -> list[str]:
