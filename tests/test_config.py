@@ -123,9 +123,9 @@ def test_the_shipped_defense_study_parses():
     assert paired["attacks"] == ["eot-pgd:margin"] and len(paired["candidates"]) == 2
     assert all(c["run"].startswith(str(Path.home())) for c in paired["candidates"])  # ~ read as a shell would
     headline = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-headline.yaml")
-    assert headline["attacks"] == ["eot-pgd:ce", "eot-pgd:margin", "fixed-noise:margin"]  # both losses, fixed noise
+    assert headline["attacks"] == ["eot-pgd:ce", "eot-pgd:margin", "apgd:margin", "fixed-noise:margin"]  # + fixed noise
     assert headline["max_per_client"] is None and headline["candidates"][0]["name"].startswith("FAT")
-    assert all(len(c["from"]) == 2 for c in headline["candidates"])
+    assert all(len(c["from"]) == 3 for c in headline["candidates"])
     phase4 = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-phase4.yaml")
     assert phase4["attacks"] == ["eot-pgd:margin"] and len(phase4["candidates"]) == 4
 
