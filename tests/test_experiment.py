@@ -210,6 +210,9 @@ def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, ca
     assert rows[0]["convergence"] == [c] and "convergence" not in rows[1]
     assert "eot-pgd@4x3" in (frontier / "candidates.md").read_text()
     assert (frontier / "as-trained" / "evaluation.json").stat().st_mtime_ns == stamp  # nothing redone
+    spec.write_text(spec.read_text().replace(f"convergence: {checked}", f"convergence: [{checked}]"))  # or a list
+    assert main(["compare-defenses", str(spec), "--out", str(frontier), "--no-progress"]) == 0
+    assert json.loads((frontier / "candidates.json").read_text())["rows"][0]["convergence"] == [c]
     spec.write_text(spec.read_text().replace(str(checked), str(suite_dir)))
     assert main(["compare-defenses", str(spec), "--out", str(frontier)]) == 2
     assert "no convergence check" in capsys.readouterr().err  # one budget only

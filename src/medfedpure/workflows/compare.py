@@ -7,7 +7,8 @@ overrides (an undefended baseline is a run without overrides). Each candidate's 
 comparison resumes. A candidate may instead name suite evaluations already made (`from:`, one
 folder or a list, e.g. the one `experiment` wrote, or one evaluation per loss): they are used only
 if together they ran every attack of the spec, each on the same scans with the same budget. A
-candidate's `convergence:` names its convergence check, a column of the table.
+candidate's `convergence:` names its convergence check (a folder, or a list of them: one per attack
+checked), a column of the table.
 `candidates.md/.json/.png` put clean accuracy, the strongest attack's accuracy and latency side
 by side (the frontier).
 """
@@ -50,15 +51,16 @@ def load_spec(path: Path) -> dict:
                               f"(and optionally {sorted(CANDIDATE_FIELDS - {'name', 'run'})})")
         if "from" in c and c.get("overrides"):
             raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}' takes 'from' or 'overrides', not both")
-        for key in ("run", "from", "convergence"):  # a home-relative path (~/runs/...) as a shell would read it
+        if isinstance(c.get("run"), str):  # a home-relative path (~/runs/...) as a shell would read it
+            c["run"] = str(Path(c["run"]).expanduser())
+        for key in ("from", "convergence"):  # a folder or a list of them
             if isinstance(c.get(key), str):
                 c[key] = str(Path(c[key]).expanduser())
-        if isinstance(c.get("from"), list) and c["from"] and all(isinstance(p, str) for p in c["from"]):
-            c["from"] = [str(Path(p).expanduser()) for p in c["from"]]
-        elif "from" in c and not isinstance(c["from"], str):
-            raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': 'from' is a folder or a list of them")
-        if "convergence" in c and not isinstance(c["convergence"], str):
-            raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': 'convergence' is a folder")
+            elif isinstance(c.get(key), list) and c[key] and all(isinstance(p, str) for p in c[key]):
+                c[key] = [str(Path(p).expanduser()) for p in c[key]]
+            elif key in c:
+                raise ConfigError(f"candidate spec '{path}': candidate '{c['name']}': '{key}' is a folder or a "
+                                  "list of them")
         names.append(c["name"])
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate spec '{path}': candidate names repeat")
@@ -158,11 +160,22 @@ def _request(folder: Path) -> dict:
 
 
 def _convergence(candidate: dict, row: CandidateRow, ev: dict) -> list[Convergence]:
-    """The candidate's convergence check (`convergence:`, an evaluation of its run with its strongest
-    attack at the suite's budget beside the same attack at a larger one, e.g. eot-pgd:margin and
-    eot-pgd:margin@200x20 on 5 scans a hospital), checked to be of this run, its current U-Net, the
-    same defense settings and that attack."""
-    folder = Path(candidate["convergence"])
+    """The candidate's convergence checks (`convergence:`, evaluations of its run with an attack at the
+    suite's budget beside the same attack at a larger one, e.g. eot-pgd:margin and eot-pgd:margin@200x20
+    on 5 scans a hospital), each checked to be of this run, its current U-Net and the same defense
+    settings; one of them must check the candidate's strongest attack (or one level with it)."""
+    folders = candidate["convergence"]
+    entries = [e for folder in ([folders] if isinstance(folders, str) else folders)
+               for e in _convergence_entries(candidate, Path(folder), ev)]
+    tied = {row.strongest} | {a for a, first in row.per_attack.items() if first == row.robust}  # or level with it
+    if not any(c.attack in tied for c in entries):
+        raise ConfigError(f"candidate '{candidate['name']}': no convergence check of its strongest attack, "
+                          f"{row.strongest}, at a second budget (e.g. --attack {row.strongest},{row.strongest}@200x20)")
+    return entries
+
+
+def _convergence_entries(candidate: dict, folder: Path, ev: dict) -> list[Convergence]:
+    """One convergence evaluation's entries, once it is shown to be of the candidate's run as it stands."""
     path = folder / "evaluation.json"
     if not path.is_file():
         raise FileNotFoundError(f"candidate '{candidate['name']}': no convergence evaluation at '{path}' "
@@ -176,15 +189,12 @@ def _convergence(candidate: dict, row: CandidateRow, ev: dict) -> list[Convergen
         problems.append("its U-Net is not the run's (phase 4 has fine-tuned another since)")
     if check.get("defense") != ev.get("defense"):
         problems.append(f"its defense settings {check.get('defense')} (the candidate's: {ev.get('defense')})")
-    entries = [Convergence.from_dict(c) for c in check.get("convergence", [])]
-    tied = {row.strongest} | {a for a, first in row.per_attack.items() if first == row.robust}  # or level with it
-    if not any(c.attack in tied for c in entries):
-        problems.append(f"it ran {row.strongest}, the candidate's strongest attack, at no second budget (e.g. --attack "
-                        f"{row.strongest},{row.strongest}@200x20)")
+    if not check.get("convergence"):
+        problems.append("it ran no attack at two budgets (e.g. --attack eot-pgd:margin,eot-pgd:margin@200x20)")
     if problems:
         raise ConfigError(f"candidate '{candidate['name']}': '{path}' is no convergence check of it: "
                           + "; ".join(problems))
-    return entries
+    return [Convergence.from_dict(c) for c in check.get("convergence", [])]
 
 
 def _row(candidate: dict, ev: dict) -> CandidateRow:
