@@ -240,8 +240,11 @@ def test_a_candidates_evaluations_merge_under_the_specs_strongest_attack_and_onl
     candidate = {"name": "x", "run": str(run), "convergence": str(check)}
     base = CandidateRow.from_dict({**row.to_dict(), "strongest": "eot-pgd"})
     assert _convergence(candidate, base, ev)[0].lower_beyond_interval
-    with pytest.raises(ConfigError, match="eot-pgd:margin, the candidate's strongest attack, at no second budget"):
+    with pytest.raises(ConfigError, match="no convergence check of its strongest attack, eot-pgd:margin"):
         _convergence(candidate, row, ev)
+    assert _convergence({**candidate, "convergence": [str(check)]}, base, ev)[0].lower_beyond_interval  # or a list
+    with pytest.raises(ConfigError, match="no attack at two budgets"):  # a folder that checks nothing
+        _convergence({**candidate, "convergence": [str(check), str(tmp_path / "d")]}, base, ev)
     with pytest.raises(ConfigError, match="its defense settings"):
         _convergence(candidate, base, {**ev, "defense": {"votes": 3}})
     with pytest.raises(ConfigError, match="it evaluated"):
