@@ -242,6 +242,13 @@ def test_a_candidates_evaluations_merge_under_the_specs_strongest_attack_and_onl
     assert _convergence(candidate, base, ev)[0].lower_beyond_interval
     with pytest.raises(ConfigError, match="no convergence check of its strongest attack, eot-pgd:margin"):
         _convergence(candidate, row, ev)
+    tie = CandidateRow.from_dict({**row.to_dict(), "per_attack": {"eot-pgd": 0.88, "eot-pgd:margin": 0.88}})
+    assert _convergence(candidate, tie, ev)[0].attack == "eot-pgd"  # an attack level with the strongest will do
+    other = _stub_evaluation(tmp_path / "other", run, {"bpda": 0.9, "bpda@200x20": 0.8})
+    write_json(other / "evaluation.json", {**read_json(other / "evaluation.json"),
+                                           "convergence": [{**entry, "attack": "bpda", "stronger": "bpda@200x20"}]})
+    with pytest.raises(ConfigError, match=r"eot-pgd:margin \(or of eot-pgd, level with it\)"):
+        _convergence({**candidate, "convergence": str(other)}, tie, ev)
     assert _convergence({**candidate, "convergence": [str(check)]}, base, ev)[0].lower_beyond_interval  # or a list
     with pytest.raises(ConfigError, match="no attack at two budgets"):  # a folder that checks nothing
         _convergence({**candidate, "convergence": [str(check), str(tmp_path / "d")]}, base, ev)

@@ -169,8 +169,11 @@ def _convergence(candidate: dict, row: CandidateRow, ev: dict) -> list[Convergen
                for e in _convergence_entries(candidate, Path(folder), ev)]
     tied = {row.strongest} | {a for a, first in row.per_attack.items() if first == row.robust}  # or level with it
     if not any(c.attack in tied for c in entries):
+        level = ", ".join(sorted(tied - {row.strongest}))
+        also = f" (or of {level}, level with it)" if level else ""
         raise ConfigError(f"candidate '{candidate['name']}': no convergence check of its strongest attack, "
-                          f"{row.strongest}, at a second budget (e.g. --attack {row.strongest},{row.strongest}@200x20)")
+                          f"{row.strongest}{also}, at a second budget (e.g. --attack {row.strongest},"
+                          f"{row.strongest}@200x20)")
     return entries
 
 
