@@ -126,6 +126,8 @@ def test_the_shipped_defense_study_parses():
     assert headline["attacks"] == ["eot-pgd:ce", "eot-pgd:margin", "apgd:margin", "fixed-noise:margin"]  # + fixed noise
     assert headline["max_per_client"] is None and headline["candidates"][0]["name"].startswith("FAT")
     assert all(len(c["from"]) == 3 for c in headline["candidates"])
+    assert [Path(p).name for p in headline["candidates"][1]["convergence"]] == ["convergence-apgd-margin",
+                                                                                "convergence-eot-pgd-margin"]
     phase4 = load_spec(Path(__file__).resolve().parents[1] / "studies" / "br35h-phase4.yaml")
     assert phase4["attacks"] == ["eot-pgd:margin"] and len(phase4["candidates"]) == 4
 
