@@ -215,3 +215,15 @@ def test_per_method_rounds_give_each_method_its_own_and_leave_other_fingerprints
                               ("method.rounds={fat: many}", "dict"), ("method.rounds=3", "dict")):
         with pytest.raises(ConfigError, match=message):
             apply_overrides(cfg, [override]).validate()
+
+
+def test_the_table1_preset_gives_every_method_its_own_share_of_one_time_budget(tmp_path):
+    """Table I at CPU scale (issue 28): the whole data on the fast ResNet-9, FedAvg and Local 100 rounds,
+    each costlier method fewer (its measured round cost into the same 60 minutes)."""
+    from medfedpure.methods import METHODS
+
+    cfg = apply_overrides(load_preset("cifar10-table1-cpu"), [f"data.root={tmp_path}"])
+    assert cfg.data.max_per_class is None and (cfg.model.backbone, cfg.model.width) == ("resnet9", 16)
+    rounds = {name: METHODS[name].configure(cfg).train.rounds for name in METHODS}
+    assert rounds["fedavg"] == rounds["local"] == 100
+    assert all(1 <= r < 100 for name, r in rounds.items() if name not in ("fedavg", "local")), rounds
