@@ -227,3 +227,15 @@ def test_the_table1_preset_gives_every_method_its_own_share_of_one_time_budget(t
     rounds = {name: METHODS[name].configure(cfg).train.rounds for name in METHODS}
     assert rounds["fedavg"] == rounds["local"] == 100
     assert all(1 <= r < 100 for name, r in rounds.items() if name not in ("fedavg", "local")), rounds
+
+
+def test_the_table2_preset_is_the_fast_resnet9_on_the_whole_data_dealt_iid_with_the_shipped_defense(tmp_path):
+    """Table II's CIFAR-10 row (issue 28): IID over 10 hospitals, the same backbone and recipe as Table I,
+    the l_inf budget of the paper's Table II, and br35h-cpu's adversarial training through the purifier."""
+    cfg = apply_overrides(load_preset("cifar10-cpu"), [f"data.root={tmp_path}"])
+    cfg.validate()
+    assert (cfg.data.partition, cfg.data.max_per_class) == ("iid", None)
+    assert (cfg.model.backbone, cfg.model.width) == ("resnet9", 16)
+    assert (cfg.attack.norm, cfg.attack.eps, cfg.attack.alpha, cfg.attack.steps) == ("linf", 0.015, 0.007, 7)
+    assert cfg.defense.purify_training and (cfg.defense.adv_share, cfg.defense.adv_attack) == (0.5, "n-fgsm")
+    assert set(cfg.attack.headline) == {"eot-pgd", "eot-pgd:margin"}
