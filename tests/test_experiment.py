@@ -189,6 +189,10 @@ def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, ca
         assert p["against"] == "as trained" and p["attack"] == row["strongest"] and p["n"] == 6
         assert p["b_correct"] - p["a_correct"] == p["only_b"] - p["only_a"] and 0 <= p["p_value"] <= 1
         assert p["b_correct"] == round(row["per_attack"][p["attack"]] * 6)
+        w = row["paired_worst"]  # resubmission: the same test on the worst of the N answers
+        assert (w["verdict"], w["attack"], w["n"]) == ("worst", row["worst_attack"], 6)
+        assert w["b_correct"] == round(row["robust_worst"] * 6) and w["b_correct"] <= p["b_correct"]
+    assert "paired_worst" not in table["rows"][0] and table["rows"][0]["worst_attack"] == "eot-pgd"
     assert len(suite["scans"]["id"]) == 6 and len(suite["suite"]["eot-pgd"]["outcomes"]["worst"]) == 6
     assert "McNemar" in (frontier / "candidates.md").read_text()
     assert (frontier / "candidates.png").is_file() and not (frontier / "the-suite-above").exists()

@@ -256,3 +256,24 @@ def test_a_candidates_evaluations_merge_under_the_specs_strongest_attack_and_onl
         _convergence(candidate, base, {**ev, "defense": {"votes": 3}})
     with pytest.raises(ConfigError, match="it evaluated"):
         _convergence({**candidate, "run": str(tmp_path / "elsewhere")}, base, ev)
+
+
+def test_the_worst_of_n_pairing_gets_a_column_and_names_its_attack_where_it_is_not_the_strongest():
+    """A candidate scored at worst of N under another attack than its first-draw strongest names that attack,
+    and its paired test at worst of N is a column (and reads back from JSON); a result published before
+    the column keeps the table it had."""
+    from medfedpure.reporting.rows import Comparison, PairedTest
+    from medfedpure.workflows.compare import candidates_table
+
+    published = _published("FAT", 0.91)
+    published["attacks"] = ["eot-pgd:margin", "eot-pgd:ce"]
+    published["rows"][1].update(worst_attack="eot-pgd:ce", robust_worst=0.85, paired_worst={
+        "against": "FAT", "attack": "eot-pgd:ce", "verdict": "worst", "n": 480, "only_a": 12, "only_b": 10,
+        "p_value": 0.83})
+    result = Comparison.from_dict(published)
+    assert isinstance(result.rows[1].paired_worst, PairedTest) and result.rows[0].paired_worst is None
+    assert Comparison.from_dict(result.to_dict()) == result and "paired_worst" not in result.to_dict()["rows"][0]
+    header, _, reference, row = candidates_table(result).splitlines()
+    assert header.endswith("| paired with the first | paired at worst of N |")
+    assert reference.endswith("| (reference) | (reference) |")
+    assert "| 85.0 (eot-pgd:ce) |" in row and row.endswith("| 9 vs 3, p = 0.146 | 10 vs 12, p = 0.83 (eot-pgd:ce) |")

@@ -230,6 +230,15 @@ def headline_of(attacks: list[str], suite: dict) -> Headline:
     return Headline(attack=name, first=r.first, first_ci=r.first_ci, n=r.n, settings=r.settings)
 
 
+def worst_of_n_attack(attacks: list[str], suite: dict) -> str:
+    """The attack, of those that know the defense (all where none does), whose worst of the N answers is
+    lowest (the first-draw headline's attack where none has a worst-of-N figure or they tie)."""
+    adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
+    strongest = headline_of(attacks, suite).attack
+    scored = [a for a in adaptive if suite[a].get("worst") is not None]
+    return min(scored, key=lambda a: (suite[a]["worst"], a != strongest), default=strongest)
+
+
 def paired_test(a: dict, b: dict, attack: str, against: str, verdict: str = "first") -> PairedTest:
     """McNemar's exact test of evaluation `b` against `a` under `attack` (`verdict` answers), on
     the same scans; the reason instead where the two cannot be paired."""
@@ -298,4 +307,5 @@ def convergence_lines(convergence: list[dict]) -> list[str]:
     return lines
 
 
-__all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "headline_of", "paired_test", "suite_markdown"]
+__all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "headline_of", "paired_test", "suite_markdown",
+           "worst_of_n_attack"]

@@ -190,7 +190,7 @@ class MethodRow:
 @dataclass(frozen=True)
 class CandidateRow:
     """One defense candidate under the study's attacks: clean and strongest-attack first-draw accuracy
-    with their 95% intervals, majority and worst of N under that attack, each attack's first draw,
+    with their 95% intervals, majority under that attack and the lowest worst of N, each attack's first draw,
     latency, and the paired test against the study's first candidate (None for the first)."""
 
     name: str
@@ -212,18 +212,25 @@ class CandidateRow:
     defense: dict | None = None
     paired: PairedTest | None = None
     convergence: list | None = None  # of Convergence: the strongest attack at a larger budget (candidate's `convergence:`)
+    # the attack whose worst of N is lowest (robust_worst is under it), and the paired test with the first
+    # candidate at worst of N under it: what an attacker who may resubmit a scan N times gets
+    worst_attack: str | None = None
+    paired_worst: PairedTest | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["paired"] = self.paired.to_dict() if self.paired is not None else None
+        for key in ("paired", "paired_worst"):
+            out[key] = getattr(self, key).to_dict() if getattr(self, key) is not None else None
         out["convergence"] = [c.to_dict() for c in self.convergence] if self.convergence is not None else None
-        return {k: v for k, v in out.items() if v is not None or k not in ("paired", "convergence")}
+        optional = ("paired", "convergence", "worst_attack", "paired_worst")
+        return {k: v for k, v in out.items() if v is not None or k not in optional}
 
     @classmethod
     def from_dict(cls, data: dict) -> CandidateRow:
         known = _known(cls, data)
-        if known.get("paired") is not None:
-            known["paired"] = PairedTest.from_dict(known["paired"])
+        for key in ("paired", "paired_worst"):
+            if known.get(key) is not None:
+                known[key] = PairedTest.from_dict(known[key])
         if known.get("convergence") is not None:
             known["convergence"] = [Convergence.from_dict(c) for c in known["convergence"]]
         return cls(**known)

@@ -23,7 +23,7 @@ from pathlib import Path
 from medfedpure.attacks import parse_attacks
 from medfedpure.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml_file
 from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, evaluate_suite, headline_of, paired_test,
-                                               suite_done, suite_request)
+                                               suite_done, suite_request, worst_of_n_attack)
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
 from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Convergence, Headline
@@ -97,7 +97,8 @@ def compare_defenses(spec_path: Path | str, out: Path | str, progress: bool = Tr
                            max_per_client=spec.get("max_per_client"), progress=progress)
         evaluations.append(read_json(folder / "evaluation.json"))
         rows.append(_row(c, evaluations[-1]))
-    rows[1:] = [replace(row, paired=paired_test(evaluations[0], ev, row.strongest, rows[0].name))
+    rows[1:] = [replace(row, paired=paired_test(evaluations[0], ev, row.strongest, rows[0].name),
+                        paired_worst=paired_test(evaluations[0], ev, row.worst_attack, rows[0].name, "worst"))
                 for row, ev in zip(rows[1:], evaluations[1:])]
     rows = [replace(row, convergence=_convergence(c, row, ev)) if "convergence" in c else row
             for row, c, ev in zip(rows, spec["candidates"], evaluations)]
@@ -204,13 +205,13 @@ def _row(candidate: dict, ev: dict) -> CandidateRow:
     suite = {name: AttackResult.from_dict(p) for name, p in ev["suite"].items()}
     clean = suite.get("clean (whole split)", suite["clean"])
     name = Headline.from_dict(ev["headline"]).attack
-    strongest = suite[name]
+    strongest, worst = suite[name], worst_of_n_attack(ev["attacks"], ev["suite"])
     return CandidateRow(name=candidate["name"], run=candidate["run"], overrides=candidate.get("overrides", []),
                         note=candidate.get("note", ""), defense=ev["defense"],
                         clean=clean.first, clean_ci=clean.first_ci, clean_n=clean.n,
                         robust=strongest.first, robust_ci=strongest.first_ci, robust_n=strongest.n,
                         strongest=name, budget=budget_label(strongest.settings),
-                        robust_majority=strongest.majority, robust_worst=strongest.worst,
+                        robust_majority=strongest.majority, robust_worst=suite[worst].worst, worst_attack=worst,
                         per_attack={a: suite[a].first for a in ev["attacks"]}, latency_ms=suite["clean"].latency_ms)
 
 
@@ -218,16 +219,31 @@ def candidates_table(result: Comparison) -> str:
     """The frontier as one markdown table: each candidate's clean and strongest-attack accuracy with
     their intervals, majority and worst of N, every attack, latency, and the paired test with the first."""
     checked = any(r.convergence is not None for r in result.rows)  # the column only where a candidate has one
+    resubmitted = any(r.paired_worst is not None for r in result.rows)  # a result published before it had none
     header = ["candidate", "clean % [CI]", "robust % [CI]", "strongest attack", "majority", "worst of N",
-              *result.attacks, "ms / scan", "paired with the first", *(["convergence check"] if checked else [])]
+              *result.attacks, "ms / scan", "paired with the first",
+              *(["paired at worst of N"] if resubmitted else []), *(["convergence check"] if checked else [])]
     rows = [[r.name, with_interval(r.clean, r.clean_ci), with_interval(r.robust, r.robust_ci),
-             f"{r.strongest} ({r.budget})", percent(r.robust_majority), percent(r.robust_worst),
+             f"{r.strongest} ({r.budget})", percent(r.robust_majority), _worst_cell(r),
              *[percent(r.per_attack.get(a)) for a in result.attacks],
              "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
              "(reference)" if r.paired is None else r.paired.cell(),
+             *([_paired_worst_cell(r)] if resubmitted else []),
              *(["; ".join(c.cell() for c in r.convergence or [])] if checked else [])]
             for r in result.rows]
     return table(header, rows)
+
+
+def _worst_cell(row: CandidateRow) -> str:
+    """The lowest worst of N, naming its attack where that is not the first-draw strongest one."""
+    named = row.worst_attack is not None and row.worst_attack != row.strongest and row.robust_worst is not None
+    return percent(row.robust_worst) + (f" ({row.worst_attack})" if named else "")
+
+
+def _paired_worst_cell(row: CandidateRow) -> str:
+    if row.paired_worst is None:
+        return "(reference)" if row.paired is None else ""
+    return row.paired_worst.cell() + ("" if row.paired_worst.unavailable else f" ({row.paired_worst.attack})")
 
 
 def candidates_markdown(result: Comparison) -> str:
@@ -241,7 +257,10 @@ def candidates_markdown(result: Comparison) -> str:
                if r.paired is not None and r.paired.unavailable is not None]
     lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
               "this candidate answers correctly (first draw) vs those only the first one does, and McNemar's exact "
-              "p; a candidate beats the first when it is more accurate with p < 0.05."
+              "p; a candidate beats the first when it is more accurate with p < 0.05. Worst of N: the lowest, over "
+              "the attacks that know the defense, of the accuracy when every attacked scan counts as wrong if any of "
+              "its N answers is (resubmission); paired at worst of N: the same test under that attack on those "
+              "answers (a deterministic model's worst is its first)."
               + (f" n/a: {'; '.join(missing)}." if missing else "")]
     if any(r.convergence for r in result.rows):
         lines += ["", "Convergence check: the candidate's strongest attack at a larger budget (steps x draws) beside "
