@@ -408,3 +408,25 @@ def test_which_u_net_is_current_follows_the_config(tmp_path):
     assert not current_purifier(before, tmp_path)
     (before / "request.json").write_text(json.dumps({"purifier": fingerprint(tuned, "purifier")}))
     assert current_purifier(before, tmp_path)
+
+
+def test_a_runs_rows_are_published_and_the_documents_render_them_as_the_report_does(trained, tmp_path, capsys):
+    """`report --run RUN --publish docs/results/NAME.json`: the rows (no per-scan outcomes) and the
+    methods figure; `report --docs` puts the same table as tables.md's in the block 'results/NAME'."""
+    from medfedpure.workflows.docs import regenerate_docs
+
+    run, tables = trained
+    target = tmp_path / "docs" / "results" / "tiny.json"
+    assert main(["report", "--run", str(run), "--publish", str(tmp_path / "tiny.md")]) == 2
+    assert "a .json file" in capsys.readouterr().err and not (tmp_path / "tiny.md").exists()
+    assert main(["report", "--run", str(run), "--publish", str(target)]) == 0
+    kept = json.loads(target.read_text())
+    assert kept["kind"] == "methods" and kept["rows"] == tables["rows"] and "suites" not in kept
+    assert target.with_suffix(".png").is_file()
+    block = "<!-- results/tiny: generated, do not edit -->\n<!-- /results/tiny -->"
+    (tmp_path / "README.md").write_text(f"# x\n\n{block}\n")
+    assert regenerate_docs(tmp_path) == ["README.md"]
+    shown = (tmp_path / "README.md").read_text().split("-->\n", 1)[1].rsplit("\n<!--", 1)[0]
+    assert shown.splitlines()[0].startswith("| data | px | model |") and shown in (run / "tables.md").read_text()
+    assert "Training wall time (s) per method: medfedpure" in shown
+    assert main(["report", "--docs", "--publish", str(target)]) == 2

@@ -124,7 +124,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare_defenses(args: argparse.Namespace) -> int:
-    from medfedpure.workflows.compare import compare_defenses, publish, publish_path
+    from medfedpure.reporting.published import publish_path
+    from medfedpure.workflows.compare import compare_defenses, publish
 
     if args.publish is not None:
         publish_path(args.publish)
@@ -166,14 +167,23 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.docs and args.publish is not None:
+        raise ValueError("report --publish goes with --run RUN (the run whose rows it keeps), not with --docs")
     if args.docs:
         return _report_docs(args)
     if args.run is None or args.check:
         raise ValueError("report needs --run RUN (a run folder's tables) or --docs [--check] (the published ones)")
-    from medfedpure.workflows.report import write_report
+    from medfedpure.reporting.published import publish_path
+    from medfedpure.workflows.report import publish_tables, write_report
 
+    if args.publish is not None:
+        publish_path(args.publish)
     tables = write_report(Path(args.run))
     _print_tables(tables, Path(args.run))
+    if args.publish is not None:
+        written = publish_tables(tables, args.publish)
+        print(f"published to {', '.join(map(str, written))}: `medfedpure report --docs` puts its rows in every "
+              f"document with the block 'results/{args.publish.stem}'")
     return 0
 
 
@@ -410,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regenerate the results tables of README.md and docs/results.md from docs/results/*.json")
     p.add_argument("--check", action="store_true", help="with --docs: compare only; exit 1 where a table differs")
     p.add_argument("--root", default=".", help="with --docs: the repository (default: here)")
+    p.add_argument("--publish", type=Path, metavar="FILE.json",
+                   help="with --run: keep its Table I / II rows in docs/results/ (e.g. docs/results/NAME.json), "
+                        "for the documents' block 'results/NAME' (`report --docs`)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("certs", help="TLS certificates and SuperNode keys for trying the deployment runtime on "

@@ -26,6 +26,7 @@ from medfedpure.evaluation.attack_suite import (budget_label, current_purifier, 
                                                suite_done, suite_request, worst_of_n_attack)
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_frontier
+from medfedpure.reporting.published import from_home, publish_path
 from medfedpure.reporting.rows import AttackResult, CandidateRow, Comparison, Convergence, Headline
 from medfedpure.storage import atomic_write_text, read_json, write_json
 from medfedpure.runfolder import CONFIG
@@ -273,14 +274,6 @@ def candidates_markdown(result: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_path(path: Path | str) -> Path:
-    """Where `--publish` writes: a .json file, checked before hours of attacks, not after."""
-    path = Path(path)
-    if path.suffix != ".json":
-        raise ValueError(f"--publish {path}: a .json file (e.g. docs/results/NAME.json)")
-    return path
-
-
 def publish(result: Comparison, path: Path | str) -> list[Path]:
     """`result` kept in `docs/results/` as `path` (.json, run folders named from ~) and its frontier
     figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
@@ -291,11 +284,5 @@ def publish(result: Comparison, path: Path | str) -> list[Path]:
 
 
 def publishable(result: Comparison) -> dict:
-    """A comparison as `docs/results/` keeps it: run folders named from the home folder (~/runs/...),
-    as the study's commands name them, not as one machine's absolute paths."""
-    home = str(Path.home())
-
-    def tidy(path: str) -> str:
-        return "~" + path[len(home):] if path.startswith(home + "/") else path
-
-    return replace(result, rows=[replace(r, run=tidy(r.run)) for r in result.rows]).to_dict()
+    """A comparison as `docs/results/` keeps it: run folders named from the home folder (~/runs/...)."""
+    return replace(result, rows=[replace(r, run=from_home(r.run)) for r in result.rows]).to_dict()

@@ -14,6 +14,7 @@ from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, budget_lab
 from medfedpure.methods import METHODS, OURS, REFERENCE
 from medfedpure.reporting.markdown import percent, table, with_interval
 from medfedpure.reporting.plots import plot_convergence, plot_method_comparison
+from medfedpure.reporting.published import from_home, publish_path
 from medfedpure.reporting.rows import AttackResult, Headline, MethodRow, PairedTest
 from medfedpure.storage import atomic_write_text, read_json, write_csv, write_json
 from medfedpure.runfolder import CONFIG, ENVIRONMENT, SUMMARY
@@ -220,13 +221,11 @@ def _adaptive(suite: dict | None) -> dict:
             "adaptive_attack": h.label(budget_label(h.settings))}
 
 
-def _markdown(tables: dict) -> str:
-    lines = [f"# Results: {tables['run']}", "",
-             f"## Table {tables['table']} rows (ours beside the paper's; accuracy %)", "",
-             "adaptive: the lowest first-draw accuracy over the attack suite that knows the defense (95% "
-             "Clopper-Pearson interval, its attack and budget); for an undefended model these attacks are "
-             "white-box PGD and Square. This is a defended method's headline; adv is the paper's protocol.", "",
-             table(["data", "px", "model", "attack", "method", "protocol", "clean", "adv", "adaptive", "paper clean",
+def methods_markdown(tables: dict) -> str:
+    """A run's Table I / II rows (ours beside the paper's) with their note, any missing hospital and each
+    method's training wall time: what tables.md opens with, and what `report --docs` puts in a document's
+    block from a result published by `report --run RUN --publish`."""
+    lines = [table(["data", "px", "model", "attack", "method", "protocol", "clean", "adv", "adaptive", "paper clean",
                     "paper adv"],
                    [[r.data, r.resolution, r.model, r.attack, r.method, r.protocol, r.clean, r.adv, r.adaptive_cell(),
                      r.paper_clean, r.paper_adv] for r in map(MethodRow.from_dict, tables["rows"])])]
@@ -234,6 +233,43 @@ def _markdown(tables: dict) -> str:
         lines += ["", tables["note"]]
     for line in tables.get("missing_hospitals", []):
         lines += ["", f"**A hospital is missing.** {line}."]
+    if tables.get("wall_time_s_by_method"):
+        rounds = tables.get("rounds_by_method", {})
+        lines += ["", "Training wall time (s) per method: " + ", ".join(
+            f"{k} {v}" + (f" ({rounds[k]} rounds)" if k in rounds else "")
+            for k, v in tables["wall_time_s_by_method"].items())]
+    return "\n".join(lines)
+
+
+# what a published run result keeps (`report --run RUN --publish`): the rows and what they are read with,
+# not the per-scan outcomes of its evaluations (those stay in the run folder)
+PUBLISHED_KEYS = ("run", "table", "rows", "note", "missing_hospitals", "wall_time_s_by_method", "rounds_by_method",
+                  "seed", "git_commit", "git_dirty")
+
+
+def publish_tables(tables: dict, path: Path | str) -> list[Path]:
+    """A run's tables kept in `docs/results/` as `path` (.json, the run folder named from ~) and its
+    methods figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
+    path = publish_path(path)
+    kept = {"kind": "methods", **{k: tables.get(k) for k in PUBLISHED_KEYS}}
+    write_json(path, {**kept, "run": from_home(tables["run"])})
+    plot_method_comparison([MethodRow.from_dict(r) for r in tables["rows"]], path.with_suffix(".png"),
+                           _figure_title(tables))
+    return [path, path.with_suffix(".png")]
+
+
+def _figure_title(tables: dict) -> str:
+    first = tables["rows"][0]
+    return f"Table {tables['table']}: {first['data']} {first['resolution']}px, {first['attack']}"
+
+
+def _markdown(tables: dict) -> str:
+    lines = [f"# Results: {tables['run']}", "",
+             f"## Table {tables['table']} rows (ours beside the paper's; accuracy %)", "",
+             "adaptive: the lowest first-draw accuracy over the attack suite that knows the defense (95% "
+             "Clopper-Pearson interval, its attack and budget); for an undefended model these attacks are "
+             "white-box PGD and Square. This is a defended method's headline; adv is the paper's protocol.", "",
+             methods_markdown(tables)]
     for label, p in tables.get("privacy", {}).items():
         what, rounds = "expert update", f"{p['rounds']} rounds"
         if p.get("phases"):  # federation.dp_pretraining: every model that leaves a hospital, one budget
@@ -259,11 +295,6 @@ def _markdown(tables: dict) -> str:
     for m in tables.get("suites", []):
         lines += _suite_lines(m)
     lines += _detection_lines(tables["detection"]) + _transfer_lines(tables.get("transfer"))
-    if tables.get("wall_time_s_by_method"):
-        rounds = tables.get("rounds_by_method", {})
-        lines += ["", "Training wall time (s) per method: " + ", ".join(
-            f"{k} {v}" + (f" ({rounds[k]} rounds)" if k in rounds else "")
-            for k, v in tables["wall_time_s_by_method"].items())]
     dirty = " (with uncommitted changes)" if tables.get("git_dirty") else ""
     lines += ["", f"seed {tables['seed']}, git commit {tables['git_commit']}{dirty}, "
               f"packages {json.dumps(tables['packages'])}", ""]
@@ -332,6 +363,5 @@ def write_report(run: Path | str) -> dict:
                          f"{cfg.data.num_clients} clients, {cfg.model.backbone}", metrics["attack"])
     if len(tables["rows"]) > 1:
         plot_method_comparison([MethodRow.from_dict(r) for r in tables["rows"]], run / "methods.png",
-                               f"Table {tables['table']}: {tables['rows'][0]['data']} "
-                               f"{tables['rows'][0]['resolution']}px, {tables['rows'][0]['attack']}")
+                               _figure_title(tables))
     return tables
