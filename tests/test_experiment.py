@@ -59,6 +59,12 @@ def test_experiment_writes_the_tables_and_a_rerun_changes_nothing(trained):
     adaptive = ("eot-pgd", "eot-pgd:margin", "square")
     assert suite["headline"]["first"] == min(suite["suite"][a]["first"] for a in adaptive)
     assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (run / "tables.md").read_text()
+    # the training's seconds apart from the defended evaluation's, and the phases before it
+    times = tables["training_time_by_method"]["medfedpure"]
+    assert {"s", "diffusion", "mae", "defended evaluation"} <= set(times) and "with_evaluation" not in times
+    summary = json.loads((run / "summary.json").read_text())["final"]
+    assert 0 < times["s"] == summary["training_s"] and summary["training_s"] + times["defended evaluation"] <= (
+        summary["wall_time_s"] + 0.2)
     for name in ("tables.md", "tables.csv", "tables.json", "detection.csv", "accuracy_per_round.png",
                  "timings.json", "config.json", "environment.json"):
         assert (run / name).is_file(), name
@@ -428,5 +434,5 @@ def test_a_runs_rows_are_published_and_the_documents_render_them_as_the_report_d
     assert regenerate_docs(tmp_path) == ["README.md"]
     shown = (tmp_path / "README.md").read_text().split("-->\n", 1)[1].rsplit("\n<!--", 1)[0]
     assert shown.splitlines()[0].startswith("| data | px | model |") and shown in (run / "tables.md").read_text()
-    assert "Training wall time (s) per method: medfedpure" in shown
+    assert "Training wall time (s) per method, over every session that worked on it: medfedpure" in shown
     assert main(["report", "--docs", "--publish", str(target)]) == 2

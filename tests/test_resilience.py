@@ -45,9 +45,22 @@ def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_
     assert "training round 2: only 0 of 2 clients answered, 1 needed" in err and "on purpose" in err
     assert "Traceback" not in err and len(err.splitlines()) < 10, err  # no Ray traceback, a line per failure
     assert read_json(out / "checkpoints" / "train.json")["round"] == 1
+    first_session = read_json(out / "checkpoints" / "train.json")["state"]["training_s"]
     monkeypatch.delenv("MEDFEDPURE_FAIL_CLIENT")
     assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 0  # resumes
-    assert read_json(out / "summary.json")["final"]["round"] == 3
+    final = read_json(out / "summary.json")["final"]
+    assert final["round"] == 3 and final["training_s"] > first_session > 0  # both sessions' training counted
+
+
+def test_a_training_clock_counts_every_session_and_knows_when_it_cannot():
+    from types import SimpleNamespace
+
+    from medfedpure.workflows.training import TrainingClock
+
+    assert TrainingClock().round_end() >= 0 and TrainingClock().trained == 0.0
+    assert TrainingClock(SimpleNamespace(state={"training_s": 100.0})).round_end() >= 100.0
+    older = TrainingClock(SimpleNamespace(state={"history": {}}))  # a checkpoint from before the clock
+    assert older.trained is None and older.round_end() is None and older.since_last_round() >= 0
 
 
 # ---------------------------------------------------------------- kill -9 at five points, then the same command

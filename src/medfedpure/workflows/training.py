@@ -107,6 +107,30 @@ def _privacy_spent(released: list[dict], cfg: ExperimentConfig, phase: str) -> d
                         "unit": "a hospital (client-level DP of the models it sends)"}}
 
 
+class TrainingClock:
+    """A phase's training seconds over every process that worked on it: a resumed run starts from what
+    its round checkpoint recorded (None where an older checkpoint recorded nothing: then unknown), so
+    a run spread over sessions reports its whole training, and not what followed its last round (the
+    defended evaluation, timed apart)."""
+
+    KEY = "training_s"
+
+    def __init__(self, resumed=None) -> None:
+        self.start = time.time()
+        self.base = 0.0 if resumed is None else resumed.state.get(self.KEY)
+        self.trained: float | None = self.base  # at the end of the last round this process finished
+        self.last_round_end = self.start
+
+    def round_end(self) -> float | None:
+        """The training seconds so far (what the round checkpoint keeps)."""
+        self.last_round_end = time.time()
+        self.trained = None if self.base is None else round(self.base + self.last_round_end - self.start, 1)
+        return self.trained
+
+    def since_last_round(self) -> float:
+        return round(time.time() - self.last_round_end, 1)
+
+
 # --------------------------------------------------------------------------- phases 1-2
 def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
                     flower_log_level: int = logging.ERROR, deployment: Deployment | None = None) -> dict:
@@ -116,7 +140,7 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
     out = prepare_run(cfg, out_dir, tag=f"-{phase_name}", progress=progress,  # after the refusal: nothing written
                       local_data=deployment is None)
     settings = phase.settings(cfg)
-    t0 = time.time()
+    t0, clock = time.time(), TrainingClock(resumed)
     task.set_seed(cfg.seed)
     model = phase.build(cfg).to(cfg.device)
     rows: list[dict] = list(resumed.state["rows"]) if resumed else []
@@ -127,7 +151,8 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
 
     def record(row: dict, state: dict) -> None:
         rows.append(row)
-        save_round(out, phase_name, fingerprint(cfg, phase_name), row["round"], state, {"rows": rows})
+        save_round(out, phase_name, fingerprint(cfg, phase_name), row["round"], state,
+                   {"rows": rows, clock.KEY: clock.round_end()})
         write_json(metrics_path, {"phase": phase_name, "training": cfg.defense.training, "rows": rows})
 
     if cfg.defense.training == "central":
@@ -142,7 +167,7 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
                  {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
                   "fingerprint": fingerprint(cfg, phase_name)})
     summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
-               "fingerprint": fingerprint(cfg, phase_name),
+               clock.KEY: clock.trained, "fingerprint": fingerprint(cfg, phase_name),
                **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg, phase_name)}
     write_json(metrics_path, summary)
     return summary
@@ -267,8 +292,10 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
     elif cfg.defense.enabled and not run_defense:
         log.info("the defended evaluation waits for phase 4 (%s): `medfedpure experiment` runs it next",
                  out / PURIFIER)
+    clock = TrainingClock(resumed)
     strategy, final_arrays, defense_results = _federate(cfg, out, model, resumed, defense_models, run_defense,
-                                                        keep_client_arrays, progress, flower_log_level, deployment)
+                                                        keep_client_arrays, progress, flower_log_level, deployment,
+                                                        clock)
     if not final_arrays or len(strategy.history) < cfg.train.rounds:
         raise FederationError(f"the federation stopped after {len(strategy.history)} of {cfg.train.rounds} rounds; "
                               "see the Flower log above")
@@ -276,9 +303,11 @@ def run_federated(cfg: ExperimentConfig, out_dir: str | Path, keep_client_arrays
         raise FederationError("the defended evaluation got no answer; see the Flower log above")
     model.load_experts(final_arrays[0].to_torch_state_dict())
     seconds = time.time() - t0
+    timing = {clock.KEY: clock.trained, "defended_evaluation_s": clock.since_last_round() if run_defense else None}
     if trained is not None:  # only the evaluation ran now: the run's wall time stays its training's
-        return _write_results(cfg, out, model, strategy.history, defense_results, trained, evaluation_s=seconds)
-    return _write_results(cfg, out, model, strategy.history, defense_results, seconds)
+        return _write_results(cfg, out, model, strategy.history, defense_results, trained, evaluation_s=seconds,
+                              timing=timing)
+    return _write_results(cfg, out, model, strategy.history, defense_results, seconds, timing=timing)
 
 
 def _config_changed(earlier: bytes | None, cfg: ExperimentConfig) -> bool:
@@ -322,14 +351,15 @@ def _phase3_config(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, 
 
 
 def _federate(cfg: ExperimentConfig, out: Path, model, resumed, defense_models: dict, run_defense: bool,
-              keep_client_arrays: bool, progress: bool, flower_log_level: int, deployment: Deployment | None):
+              keep_client_arrays: bool, progress: bool, flower_log_level: int, deployment: Deployment | None,
+              clock: TrainingClock):
     """The Flower run of phase 3: (strategy, final experts, defended evaluation replies)."""
     bar = tqdm(total=cfg.train.rounds, initial=resumed.round if resumed else 0, desc="federated rounds",
                unit="round", disable=not progress)
 
     def on_round_end(rnd: int, rec: dict) -> None:
         save_round(out, "train", fingerprint(cfg, "train"), rnd, strategy.latest_arrays.to_torch_state_dict(),
-                   {"history": history_to_json(strategy.history)})
+                   {"history": history_to_json(strategy.history), clock.KEY: clock.round_end()})
         _write_metrics(out, cfg, strategy.history)
         ev = rec.get("evaluate", {})
         bar.set_postfix(clean=f"{ev.get('clean_acc', float('nan')):.3f}",
@@ -367,15 +397,17 @@ def _write_metrics(out: Path, cfg: ExperimentConfig, history: dict[int, dict]) -
 
 
 def _write_results(cfg: ExperimentConfig, out: Path, model, history: dict[int, dict], defense_results: list[dict],
-                   wall: float, evaluation_s: float | None = None) -> RunResult:
+                   wall: float, evaluation_s: float | None = None, timing: dict | None = None) -> RunResult:
     """The final experts, metrics, summary, defense tables and the convergence figure (`wall`: the
-    training's wall time; `evaluation_s`: that of a defended evaluation run again on its own)."""
+    training's wall time; `evaluation_s`: that of a defended evaluation run again on its own; `timing`:
+    the training's seconds over every session (TrainingClock) and the defended evaluation's after it)."""
     save_tensors(out / EXPERTS, model.expert_state(),
                  {"rounds": str(cfg.train.rounds), "backbone": cfg.model.backbone, "config": cfg.to_json(),
                   "fingerprint": fingerprint(cfg, "train")})
     rows = _write_metrics(out, cfg, history)
     final = dict(mean_rows(rows)[-1])
     final["wall_time_s"] = round(wall, 1)
+    final.update({k: v for k, v in (timing or {}).items() if v is not None})
     if evaluation_s is not None:
         final["reevaluation_s"] = round(evaluation_s, 1)
     label = pgd_label(cfg.attack)
