@@ -303,7 +303,15 @@ def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
     assert rows["MedFedPure"]["clean"] == 98.0 and rows["MedFedPure"]["paper_adv"] == 87.33
     assert rows["pFedDef"]["clean"] is None and rows["pFedDef"]["paper_clean"] == 98.33
     assert all(r["resolution"] == 64 and "eps=0.015" in r["attack"] for r in tables["rows"])
-    assert "Training wall time (s) per method: medfedpure 10.0 (10 rounds), fat 5.0 (4 rounds)" in _markdown(tables)
+    said = "Training wall time (s) per method, over every session that worked on it: medfedpure 10.0 (10 rounds; "
+    assert said + "its defended evaluation included: this run did not keep them apart), fat 5.0 (4 rounds)" in (
+        _markdown(tables))  # a run made before the training's seconds were kept apart from the evaluation's
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"final": {"clean_acc": 0.99, "adv_acc": 0.1, "wall_time_s": 10.0, "training_s": 7.0,
+                   "defended_evaluation_s": 3.0}, "defense": [mean]}))
+    (tmp_path / "diffusion_metrics.json").write_text(json.dumps({"wall_time_s": 4.0, "training_s": 4.5}))
+    assert ("medfedpure 7.0 (10 rounds; before them U-Net 4.5; its defended evaluation after them 3.0), fat 5.0"
+            in _markdown(build_tables(tmp_path)))
 
 
 def test_environment_records_uncommitted_changes(tmp_path):
