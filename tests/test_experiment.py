@@ -61,7 +61,7 @@ def test_experiment_writes_the_tables_and_a_rerun_changes_nothing(trained):
     assert tables["rows"][0]["adaptive"] is None and "Attack suite: MedFedPure" in (run / "tables.md").read_text()
     # the training's seconds apart from the defended evaluation's, and the phases before it
     times = tables["training_time_by_method"]["medfedpure"]
-    assert {"s", "diffusion", "mae", "defended evaluation"} <= set(times) and "with_evaluation" not in times
+    assert {"s", "diffusion", "mae", "defended evaluation"} <= set(times) and "untimed" not in times
     summary = json.loads((run / "summary.json").read_text())["final"]
     assert 0 < times["s"] == summary["training_s"] and summary["training_s"] + times["defended evaluation"] <= (
         summary["wall_time_s"] + 0.2)
@@ -304,14 +304,20 @@ def test_table_rows_put_the_papers_numbers_beside_ours(tmp_path):
     assert rows["pFedDef"]["clean"] is None and rows["pFedDef"]["paper_clean"] == 98.33
     assert all(r["resolution"] == 64 and "eps=0.015" in r["attack"] for r in tables["rows"])
     said = "Training wall time (s) per method, over every session that worked on it: medfedpure 10.0 (10 rounds; "
-    assert said + "its defended evaluation included: this run did not keep them apart), fat 5.0 (4 rounds)" in (
-        _markdown(tables))  # a run made before the training's seconds were kept apart from the evaluation's
+    untimed = "timed before the training was counted apart: the wall time of the session that finished it, "
+    assert said + untimed + "with its defended evaluation), fat 5.0 (4 rounds; " + untimed + "training only)" in (
+        _markdown(tables))  # runs made before the training's seconds were kept apart from the evaluation's
+    (tmp_path / "summary.json").write_text(json.dumps(  # one whose evaluation ran apart (after phase 4)
+        {"final": {"clean_acc": 0.99, "adv_acc": 0.1, "wall_time_s": 10.0, "reevaluation_s": 2.0}, "defense": [mean]}))
+    assert said + untimed + "training only; its defended evaluation 2.0)" in _markdown(build_tables(tmp_path))
     (tmp_path / "summary.json").write_text(json.dumps(
         {"final": {"clean_acc": 0.99, "adv_acc": 0.1, "wall_time_s": 10.0, "training_s": 7.0,
-                   "defended_evaluation_s": 3.0}, "defense": [mean]}))
+                   "defended_evaluation_s": 3.0}, "defense": [mean], "purifier": "abc"}))
     (tmp_path / "diffusion_metrics.json").write_text(json.dumps({"wall_time_s": 4.0, "training_s": 4.5}))
-    assert ("medfedpure 7.0 (10 rounds; before them U-Net 4.5; its defended evaluation after them 3.0), fat 5.0"
-            in _markdown(build_tables(tmp_path)))
+    (tmp_path / "mae_metrics.json").write_text(json.dumps({"wall_time_s": 1.0, "training_s": None}))  # an older checkpoint's
+    (tmp_path / "purifier_metrics.json").write_text(json.dumps({"wall_time_s": 2.5, "training_s": 2.0}))
+    assert ("medfedpure 7.0 (10 rounds; before them U-Net 4.5, MAE 1.0; after them fine-tuned U-Net 2.0; its defended "
+            "evaluation 3.0), fat 5.0" in _markdown(build_tables(tmp_path)))
 
 
 def test_environment_records_uncommitted_changes(tmp_path):

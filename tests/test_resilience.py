@@ -49,7 +49,8 @@ def test_too_few_answers_stop_the_run_with_one_line_and_keep_the_last_round(tmp_
     monkeypatch.delenv("MEDFEDPURE_FAIL_CLIENT")
     assert main(["train", "--out", str(out), "--no-progress", *TINY, "data.num_clients=2"]) == 0  # resumes
     final = read_json(out / "summary.json")["final"]
-    assert final["round"] == 3 and final["training_s"] > first_session > 0  # both sessions' training counted
+    # both sessions' training counted: the first's, and nearly all of the second's wall time (no defense to evaluate)
+    assert final["round"] == 3 and final["training_s"] >= first_session + 0.5 * final["wall_time_s"] and first_session > 0
 
 
 def test_a_training_clock_counts_every_session_and_knows_when_it_cannot():

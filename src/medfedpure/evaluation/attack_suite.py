@@ -230,11 +230,11 @@ def headline_of(attacks: list[str], suite: dict) -> Headline:
     return Headline(attack=name, first=r.first, first_ci=r.first_ci, n=r.n, settings=r.settings)
 
 
-def worst_of_n_attack(attacks: list[str], suite: dict) -> str:
+def worst_of_n_attack(attacks: list[str], suite: dict, strongest: str | None = None) -> str:
     """The attack, of those that know the defense (all where none does), whose worst of the N answers is
-    lowest (the first-draw headline's attack where none has a worst-of-N figure or they tie)."""
+    lowest (`strongest`, the first-draw headline's attack, where none has a worst-of-N figure or they tie)."""
     adaptive = [a for a in attacks if base_attack(a).adaptive] or list(attacks)
-    strongest = headline_of(attacks, suite).attack
+    strongest = strongest or headline_of(attacks, suite).attack
     scored = [a for a in adaptive if suite[a].get("worst") is not None]
     return min(scored, key=lambda a: (suite[a]["worst"], a != strongest), default=strongest)
 

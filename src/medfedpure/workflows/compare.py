@@ -206,7 +206,7 @@ def _row(candidate: dict, ev: dict) -> CandidateRow:
     suite = {name: AttackResult.from_dict(p) for name, p in ev["suite"].items()}
     clean = suite.get("clean (whole split)", suite["clean"])
     name = Headline.from_dict(ev["headline"]).attack
-    strongest, worst = suite[name], worst_of_n_attack(ev["attacks"], ev["suite"])
+    strongest, worst = suite[name], worst_of_n_attack(ev["attacks"], ev["suite"], name)
     return CandidateRow(name=candidate["name"], run=candidate["run"], overrides=candidate.get("overrides", []),
                         note=candidate.get("note", ""), defense=ev["defense"],
                         clean=clean.first, clean_ci=clean.first_ci, clean_n=clean.n,
@@ -254,8 +254,9 @@ def candidates_markdown(result: Comparison) -> str:
              f"own test split; common overrides: {' '.join(result.overrides) or 'none'}. Robust = the lowest "
              "first-draw accuracy over these attacks (95% Clopper-Pearson interval); clean = first draw on "
              "every scan of the test splits.", "", candidates_table(result)]
-    missing = [f"{r.name}: {r.paired.unavailable}" for r in result.rows
-               if r.paired is not None and r.paired.unavailable is not None]
+    missing = [f"{r.name}{where}: {test.unavailable}" for r in result.rows
+               for test, where in ((r.paired, ""), (r.paired_worst, " at worst of N"))
+               if test is not None and test.unavailable is not None]
     lines += ["", "Paired with the first: under the candidate's strongest attack, on the same scans, the scans only "
               "this candidate answers correctly (first draw) vs those only the first one does, and McNemar's exact "
               "p; a candidate beats the first when it is more accurate with p < 0.05. Worst of N: the lowest, over "

@@ -113,21 +113,26 @@ def build_tables(run: Path) -> dict:
 
 
 def _training_time(folder: Path, summary: dict, defended: bool) -> dict:
-    """A method's training seconds over every session that worked on it (the whole run's wall time for
-    a run made before they were kept apart: then `with_evaluation` says it holds the defended
-    evaluation), and a defended method's phases before it and its defended evaluation after."""
+    """A method's training seconds over every session that worked on it, and a defended method's phases
+    before it and its defended evaluation after. A run timed before the training's seconds were kept
+    (no `training_s`) gives the wall time of the session that finished it, and `untimed` says so (and
+    whether that holds its defended evaluation)."""
     final = summary["final"]
     out = {"s": final.get("training_s", final.get("wall_time_s"))}
-    if "training_s" not in final and summary.get("defense"):
-        out["with_evaluation"] = True
+    if "training_s" not in final:
+        evaluated = "defended_evaluation_s" in final or (summary.get("defense") and "reevaluation_s" not in final)
+        out["untimed"] = "with its defended evaluation" if evaluated else "training only"
     if defended:
-        for phase in ("diffusion", "mae", "purifier"):
+        tuned = ("purifier",) if summary.get("purifier") else ()  # phase 4's only where the evaluation used it
+        for phase in ("diffusion", "mae", *tuned):
             path = folder / f"{phase}_metrics.json"
             kept = read_json(path) if path.is_file() else {}
-            if kept.get("training_s", kept.get("wall_time_s")) is not None:
-                out[phase] = kept.get("training_s", kept.get("wall_time_s"))
-        if final.get("defended_evaluation_s") is not None:
-            out["defended evaluation"] = final["defended_evaluation_s"]
+            seconds = kept.get("training_s") if kept.get("training_s") is not None else kept.get("wall_time_s")
+            if seconds is not None:
+                out[phase] = seconds
+        evaluation = final.get("defended_evaluation_s", final.get("reevaluation_s"))
+        if evaluation is not None:
+            out["defended evaluation"] = evaluation
     return out
 
 
@@ -260,14 +265,15 @@ def methods_markdown(tables: dict) -> str:
 
 
 def _time_cell(method: str, t: dict, rounds: int | None) -> str:
-    """'medfedpure 2398 (22 rounds; before them U-Net 371, MAE 191; its defended evaluation after them 1500)'."""
+    """'medfedpure 2398 (22 rounds; before them U-Net 371, MAE 191; its defended evaluation 1500)'."""
     said = [f"{rounds} rounds"] if rounds else []
-    if t.get("with_evaluation"):
-        said.append("its defended evaluation included: this run did not keep them apart")
+    if t.get("untimed"):
+        said.append(f"timed before the training was counted apart: the wall time of the session that finished it, "
+                    f"{t['untimed']}")
     phases = [f"{PHASE_WORDS[p]} {t[p]}" for p in ("diffusion", "mae") if p in t]
     said += [f"before them {', '.join(phases)}"] if phases else []
     said += [f"after them {PHASE_WORDS['purifier']} {t['purifier']}"] if "purifier" in t else []
-    said += [f"its defended evaluation after them {t['defended evaluation']}"] if "defended evaluation" in t else []
+    said += [f"its defended evaluation {t['defended evaluation']}"] if "defended evaluation" in t else []
     return f"{method} {t['s']}" + (f" ({'; '.join(said)})" if said else "")
 
 

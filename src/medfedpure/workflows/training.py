@@ -130,6 +130,10 @@ class TrainingClock:
     def since_last_round(self) -> float:
         return round(time.time() - self.last_round_end, 1)
 
+    def summary(self) -> dict:
+        """What a phase's summary keeps: its training seconds, where they are known."""
+        return {} if self.trained is None else {self.KEY: self.trained}
+
 
 # --------------------------------------------------------------------------- phases 1-2
 def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path, progress: bool = True,
@@ -167,7 +171,7 @@ def run_pretraining(cfg: ExperimentConfig, phase_name: str, out_dir: str | Path,
                  {"phase": phase_name, "config": cfg.to_json(), "wall_time_s": f"{wall:.1f}",
                   "fingerprint": fingerprint(cfg, phase_name)})
     summary = {"phase": phase_name, "training": cfg.defense.training, "rows": rows, "wall_time_s": round(wall, 1),
-               clock.KEY: clock.trained, "fingerprint": fingerprint(cfg, phase_name),
+               **clock.summary(), "fingerprint": fingerprint(cfg, phase_name),
                **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg, phase_name)}
     write_json(metrics_path, summary)
     return summary
@@ -238,7 +242,7 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
         raise ResumeError(f"'{out}' holds a phase 4 made with other defense.purifier settings (or another phase 3); "
                           f"delete {out / 'checkpoints' / 'purifier.json'}, {out / 'checkpoints' / 'purifier.safetensors'} "
                           f"and {out / PURIFIER} to redo phase 4 (copy the folder first to keep both)") from err
-    t0 = time.time()
+    t0, clock = time.time(), TrainingClock(resumed)
     task.set_seed(cfg.seed)
     model = PHASES["diffusion"].build(cfg).to(cfg.device)
     model.load_state_dict(resumed.arrays if resumed is not None else load_tensors(unet))
@@ -247,7 +251,7 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
 
     def record(row: dict, state: dict) -> None:
         rows.append(row)
-        save_round(out, "purifier", run, row["round"], state, {"rows": rows})
+        save_round(out, "purifier", run, row["round"], state, {"rows": rows, clock.KEY: clock.round_end()})
         write_json(metrics_path, {"phase": "purifier", "rows": rows})
 
     _pretrain_federated(cfg, "purifier", model, settings, rows, record, progress, flower_log_level, deployment,
@@ -255,7 +259,7 @@ def run_purifier(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = Tr
     wall = time.time() - t0
     save_tensors(out / PURIFIER, model.state_dict(), {"phase": "purifier", "config": cfg.to_json(),
                                                       "wall_time_s": f"{wall:.1f}", "fingerprint": run})
-    summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), "fingerprint": run,
+    summary = {"phase": "purifier", "rows": rows, "wall_time_s": round(wall, 1), **clock.summary(), "fingerprint": run,
                **_privacy_spent([r["dp"] for r in rows if "dp" in r], cfg, "purifier")}
     write_json(metrics_path, summary)
     return summary
