@@ -102,12 +102,12 @@ def build_tables(run: Path) -> dict:
     for reference in [m for m in suites if m["method"] == REFERENCE.label]:
         # "beats plain federated adversarial training" is a paired test against it, evaluation by evaluation
         _pair_with(reference, reference["method"], suites)
-    return {"run": str(run), "table": table, "rows": [r.to_dict() for r in rows], "detection": detection, "transfer": transfer,
-            "suites": suites, "missing_hospitals": missing, "privacy": privacy,
-            "aggregation": aggregation,
-            "note": NOTES.get(table), "seed": cfg.seed, "git_commit": env.get("git_commit"),
-            "git_dirty": env.get("git_dirty"),
-            "packages": env.get("packages"), "wall_time_s": wall.get(OURS.name, {}).get("s"), "training_time_by_method": wall,
+    return {"run": str(run), "table": table, "rows": [r.to_dict() for r in rows], "detection": detection,
+            "transfer": transfer, "suites": suites, "missing_hospitals": missing, "privacy": privacy,
+            "aggregation": aggregation, "note": NOTES.get(table), "seed": cfg.seed,
+            "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
+            "packages": env.get("packages"), "training_s": wall.get(OURS.name, {}).get("s"),
+            "training_time_by_method": wall,
             "rounds_by_method": {name: ExperimentConfig.from_dict(_load(folder, CONFIG)).train.rounds  # method.rounds
                                  for name, folder in runs.items()}}
 
@@ -179,7 +179,8 @@ def _method_rows(method, folder: Path, summary: dict, suite: dict | None, settin
     headline = next((r for r in summary.get("defense", [])
                      if r["detector"] == shown["detector"] and r["mode"] == shown["mode"]), None)
     if headline is not None:
-        rows.append(MethodRow(**setting, model=model, method=f"{method.label} ({shown['mode']}, {shown['detector']} detector)",
+        label = f"{method.label} ({shown['mode']}, {shown['detector']} detector)"
+        rows.append(MethodRow(**setting, model=model, method=label,
                               protocol="adv: paper protocol (PGD on the classifier, then the defense); "
                                        "adaptive: the defense attacked as a whole",
                               clean=_pct(headline["clean_acc"]), adv=_pct(headline["adv_acc"]),
@@ -356,8 +357,9 @@ def _suite_lines(m: dict) -> list[str]:
         lines += ["", f"Paired with {paired.against} under {paired.attack} (first draw, the same {paired.n} "
                       f"scans): {paired.b_correct} vs {paired.a_correct} correct; right only here on "
                       f"{paired.only_b} scans, only under {paired.against} on {paired.only_a}; McNemar's exact "
-                      f"p = {paired.p_value:.3g}: " + ("**beats it** (more accurate, p < 0.05)." if paired.beats
-                                                       else "does not beat it (beating needs more accuracy and p < 0.05).")]
+                      f"p = {paired.p_value:.3g}: "
+                      + ("**beats it** (more accurate, p < 0.05)." if paired.beats
+                         else "does not beat it (beating needs more accuracy and p < 0.05).")]
     return lines
 
 
