@@ -331,6 +331,14 @@ def test_run_suite_scores_every_attack_on_the_same_scans(parts):
     assert results["eot-pgd"]["settings"]["eot"] == 2 and results["square"]["settings"]["queries"] == 5
     again = run_suite(defended(parts), x, y, ["eot-pgd"], cfg, seed=0)
     assert again["eot-pgd"]["tally"] == results["eot-pgd"]["tally"]  # reproducible from the seed
+    # a longer list resumes from a shorter one's results: kept as they were, and what runs after them is
+    # what the whole list would have made (an attack's seed is its place in the list)
+    work.clear()
+    longer = run_suite(defended(parts), x, y, ["eot-pgd", "bpda"], cfg, seed=0, earlier=again, on_batch=work.append)
+    assert longer["eot-pgd"] is again["eot-pgd"] and list(longer) == ["clean", "eot-pgd", "bpda"]
+    assert sum(work) == 8 * (attack_cost("eot-pgd", cfg) + attack_cost("bpda", cfg))  # the bar counts both
+    whole = run_suite(defended(parts), x, y, ["eot-pgd", "bpda"], cfg, seed=0)
+    assert longer["bpda"]["outcomes"] == whole["bpda"]["outcomes"]
 
 
 def test_parse_attacks():

@@ -7,6 +7,7 @@ import torch
 
 from medfedpure.cli import main
 from medfedpure.config import load_preset
+from medfedpure.evaluation.attack_suite import with_strongest
 from medfedpure.runfolder import ResumeError, RunFolderError
 from medfedpure.workflows import training
 from medfedpure.workflows.evaluate import evaluate_run
@@ -164,6 +165,19 @@ def test_the_attack_suite_its_convergence_check_and_its_resume_through_the_cli(t
     assert (checked / "clients" / "0.json").stat().st_mtime_ns == stamp and (checked / "clients" / "1.json").is_file()
     assert resumed["suite"]["eot-pgd@3x3"]["outcomes"] == conv["suite"]["eot-pgd@3x3"]["outcomes"]
     assert resumed["scans"] == conv["scans"]
+    # a longer list of attacks resumes from the shorter one's results, which it keeps as they were
+    assert main(["evaluate", "--run", str(run), "--own-test", "--attack", "eot-pgd,eot-pgd@3x3,bpda",
+                 "--max-per-client", "1", "--no-progress", "--out", str(checked), "attack.adaptive_steps=2",
+                 "attack.eot=2", "attack.draws=2"]) == 0
+    longer = json.loads((checked / "evaluation.json").read_text())
+    assert list(longer["suite"]) == [*resumed["suite"], "bpda"] and longer["suite"]["bpda"]["n"] == len(usual)
+    for name, kept in resumed["suite"].items():  # the same seconds too: not attacked again
+        assert {k: longer["suite"][name][k] for k in kept} == kept
+    # what `experiment`'s headline runs: its attacks and the suite's strongest after them, once
+    strongest = longer["headline"]["attack"]
+    assert with_strongest(["square"], checked) == ["square", strongest]
+    assert with_strongest([strongest, "square"], checked) == [strongest, "square"]
+    assert with_strongest(["square"], checked / "none") == ["square"]
 
 
 def test_defense_candidates_are_compared_on_the_same_scans(trained, tmp_path, capsys):

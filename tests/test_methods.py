@@ -404,6 +404,9 @@ def test_experiment_compares_methods_and_resumes(tmp_path):
     kinds = {(m["method"], m["kind"]): m for m in tables["suites"]}
     n_test = sum(c["n_test"] for c in json.loads((local.parent / "summary.json").read_text())["clients"])
     assert kinds[("Local", "headline")]["scans"] == n_test and kinds[("Local", "convergence")]["scans"] == 4
+    # the headline runs its attacks and, after them, the strongest the suite found (where it is another)
+    asked = json.loads((local / "own-test-headline" / "request.json").read_text())["attacks"]
+    assert set(asked) == {"eot-pgd", kinds[("Local", "suite")]["headline"]["attack"]} and asked[0] == "eot-pgd"
     assert rows["Local"]["adaptive_attack"].endswith(f"{n_test} scans")
     (c,) = kinds[("Local", "convergence")]["convergence"]
     assert (c["attack"], c["stronger"]) == ("eot-pgd", "eot-pgd@3x1")

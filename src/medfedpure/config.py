@@ -124,8 +124,9 @@ class AttackConfig:
     suite: list = field(default_factory=lambda: ["pgd", "eot-pgd", "eot-pgd:margin", "apgd:margin", "bpda",
                                                   "detector-aware", "orthogonal:margin", "square"])
     suite_max_per_client: int | None = 10  # scans per client the suite attacks, spread over its split
-    # the headline with power: these attacks (e.g. both eot-pgd losses) on `headline_max_per_client`
-    # scans of each client (null: its whole test split), a second own-test evaluation (empty: none)
+    # the headline with power: these attacks (e.g. both eot-pgd losses) and the suite's strongest on
+    # `headline_max_per_client` scans of each client (null: its whole test split), a second own-test
+    # evaluation (empty: none)
     headline: list = field(default_factory=list)
     headline_max_per_client: int | None = None
     # the convergence check: the same attacks at the suite's budget and at a stronger one

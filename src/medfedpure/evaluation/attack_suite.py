@@ -75,6 +75,16 @@ def current_purifier(evaluation: Path | str, run: Path | str) -> bool:
         now, dict) else None)
 
 
+def with_strongest(attacks: list[str], suite: Path | str) -> list[str]:
+    """`attacks` and, after them where it is not among them, the strongest attack of the finished suite
+    evaluation in folder `suite` (its headline's): what the headline runs on more scans, so that it
+    never reports a weaker attack than the suite found. `attacks` alone where there is no such suite."""
+    path = Path(suite) / "evaluation.json"
+    strongest = Headline.from_dict(read_json(path)["headline"]).attack if path.is_file() else None
+    same = {parse_attack_name(a) for a in attacks}
+    return list(attacks) + ([strongest] if strongest and parse_attack_name(strongest) not in same else [])
+
+
 def suite_done(out: Path | str, request: dict) -> bool:
     """Whether `out` holds a finished suite evaluation of exactly this request. A run folder's own
     evaluations (inside it) stay its own when the folder is moved or copied: there the run's path
@@ -110,7 +120,7 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
         for i, (x, y, n_split) in scans.items():
             bar.set_postfix(client=i)
             done = _finished_client(target_dir, i, request)
-            if done is not None:  # a long evaluation resumes hospital by hospital
+            if done is not None and set(done["results"]) >= {"clean", *attacks}:  # resumes hospital by hospital
                 per_client.append(done)
                 bar.update(len(y) * sum(attack_cost(a, cfg.attack) for a in attacks))
                 continue
@@ -120,8 +130,9 @@ def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str],
             target = r.defended_model(i, model) if r.defended else model
             seed = task.client_seed(cfg, i, purpose="suite")
             results = run_suite(target, x.to(device), y.to(device), attacks, cfg.attack, seed,
-                                batch=cfg.attack.batch_size, on_batch=bar.update)
-            if len(y) < n_split:  # clean answers on the whole split too
+                                batch=cfg.attack.batch_size, on_batch=bar.update,
+                                earlier=done["results"] if done is not None else None)
+            if len(y) < n_split and "clean (whole split)" not in results:  # clean answers on the whole split too
                 xs, ys = zip(*r.loaders[i])
                 correct = answer(target, torch.cat(xs).to(device), torch.cat(ys).to(device), cfg.attack.draws)
                 results["clean (whole split)"] = {"tally": Tally.from_draws(correct.cpu())}
@@ -150,10 +161,15 @@ def _save_client(out: Path, done: dict, request: dict) -> None:
 
 
 def _finished_client(out: Path, client: int, request: dict) -> dict | None:
-    """A hospital's results saved by an earlier, interrupted run of this very request, or None."""
+    """A hospital's results saved by an earlier, interrupted run of this very request, or of the same
+    request with fewer attacks (a prefix of its list: each attack's seed is its place in the list, so
+    those results are what this request would make), or None."""
     path = _client_file(out, client)
     saved = read_json(path) if path.is_file() else None
-    if not isinstance(saved, dict) or saved.get("request") != request:
+    made = saved.get("request") if isinstance(saved, dict) else None
+    if not isinstance(made, dict) or {**made, "attacks": None} != {**request, "attacks": None}:
+        return None
+    if made["attacks"] != request["attacks"][:len(made["attacks"])]:
         return None
     results = {name: {**res, "tally": Tally(**res["tally"])} for name, res in saved["results"].items()}
     return {"client": saved["client"], "results": results, "scan_ids": saved["scan_ids"]}
@@ -308,4 +324,4 @@ def convergence_lines(convergence: list[dict]) -> list[str]:
 
 
 __all__ = ["OWN_TEST_EVALUATIONS", "SUITE", "evaluate_suite", "headline_of", "paired_test", "suite_markdown",
-           "worst_of_n_attack"]
+           "with_strongest", "worst_of_n_attack"]

@@ -172,18 +172,23 @@ def attack_cost(name: str, cfg) -> int:
 
 
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list[str], cfg, seed: int,
-              batch: int = 16, on_batch=None) -> dict[str, dict]:
+              batch: int = 16, on_batch=None, earlier: dict[str, dict] | None = None) -> dict[str, dict]:
     """Clean and every named attack on one client's scans: tallies, share flagged, the bare
     classifier's accuracy on the same inputs, the attack's settings and its time per scan.
     `cfg` is the attack config; `on_batch(work)` is called after every attacked batch with the
-    batch's scans times the attack's cost per scan (`attack_cost`)."""
+    batch's scans times the attack's cost per scan (`attack_cost`). `earlier`: results already made
+    on these scans with this seed, kept and not run again (an attack's seed is its place in the list)."""
     defended = isinstance(model, Defended)
     bare = model.classifier if defended else model
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = dict(earlier or {})
     for k, name in enumerate(["clean", *attacks]):
         t0 = time.perf_counter()
         cost = attack_cost(name, cfg) if name != "clean" else 0
         done = (lambda n, cost=cost: on_batch(n * cost)) if on_batch is not None else None
+        if name in results:
+            if done is not None:
+                done(len(x))
+            continue
         same = _same_run(name, results, cfg, defended)
         if same is not None:
             results[name] = {**results[same], "same_as": same}  # not run twice

@@ -17,7 +17,7 @@ from medfedpure.methods import METHODS, fingerprint
 from medfedpure.runfolder import CHECKPOINTS, CONFIG, EVALUATION_ONLY, PURIFIER, SUMMARY, ResumeError, load_round
 from medfedpure.storage import folder_kept_only_if_used, read_json, tensor_metadata, write_json
 from medfedpure.evaluation.attack_suite import (OWN_TEST_EVALUATIONS, default_suite_dir, evaluate_suite, suite_done,
-                                               suite_request)
+                                               suite_request, with_strongest)
 from medfedpure.workflows.report import write_report
 from medfedpure.workflows.training import run_federated, run_pretraining, run_purifier
 
@@ -136,12 +136,15 @@ def _run_experiment(cfg: ExperimentConfig, out: Path, progress: bool, flower_log
 
 
 def _suite(cfg: ExperimentConfig, folder: Path, kind: str, timings: _Timings, key: str, progress: bool) -> None:
-    """One own-test evaluation (`kind`: the suite, the headline on more scans, the convergence check)
-    on the method's own test splits, unless it has no attacks or is already done as asked."""
+    """One own-test evaluation (`kind`: the suite, the headline on more scans with the suite's strongest
+    attack added, the convergence check) on the method's own test splits, unless it has no attacks or is
+    already done as asked."""
     attacks_field, cap_field = OWN_TEST_EVALUATIONS[kind]
     attacks, cap = getattr(cfg.attack, attacks_field), getattr(cfg.attack, cap_field)
     if not attacks:
         return
+    if kind == "headline":
+        attacks = with_strongest(attacks, default_suite_dir(folder, "suite"))
     changed = evaluation_overrides(cfg, ExperimentConfig.from_dict(read_json(folder / CONFIG)))
     request = suite_request(folder, None, attacks, overrides=changed, max_per_client=cap)
     if not suite_done(default_suite_dir(folder, kind), request):
