@@ -464,3 +464,28 @@ def test_a_runs_rows_are_published_and_the_documents_render_them_as_the_report_d
     assert shown.splitlines()[0].startswith("| data | px | model |") and shown in (run / "tables.md").read_text()
     assert "Training wall time (s) per method, over every session that worked on it: medfedpure" in shown
     assert main(["report", "--docs", "--publish", str(target)]) == 2
+
+
+def test_a_hospitals_saved_results_resume_in_a_moved_run_and_a_longer_list(tmp_path):
+    """What `evaluate_suite` resumes from, hospital by hospital: the same request (its run moved or
+    copied elsewhere), or the same with fewer attacks; never another budget or an unrelated list."""
+    from medfedpure.evaluation.attack_suite import _finished_client, suite_request
+    from medfedpure.storage import read_json, write_json
+
+    run = tmp_path / "moved"
+    (run / "evaluations" / "own-test-headline").mkdir(parents=True)
+    out = run / "evaluations" / "own-test-headline"
+    asked = suite_request(run, None, ["eot-pgd", "apgd:margin"], max_per_client=5)
+    made = {**asked, "run": "/where/it/was/made", "attacks": ["eot-pgd"]}
+    tally = {"n": 5, "first": 2, "majority": 2, "worst": 1}
+    write_json(out / "clients" / "3.json", {"request": made, "client": 3, "scan_ids": ["a"] * 5,
+                                             "results": {"clean": {"tally": tally}, "eot-pgd": {"tally": tally}}})
+    done = _finished_client(out, 3, asked)
+    assert done is not None and set(done["results"]) == {"clean", "eot-pgd"} and done["results"]["eot-pgd"]["tally"].worst == 1
+    assert _finished_client(out, 4, asked) is None  # nothing saved for that hospital
+    assert _finished_client(out, 3, {**asked, "attacks": ["apgd:margin", "eot-pgd"]}) is None  # not a prefix
+    assert _finished_client(out, 3, {**asked, "max_per_client": 6}) is None  # other scans
+    assert _finished_client(tmp_path, 3, asked) is None
+    outside = tmp_path / "elsewhere"  # outside the run, another run's results are not this one's
+    write_json(outside / "clients" / "3.json", read_json(out / "clients" / "3.json"))
+    assert _finished_client(outside, 3, asked) is None and _finished_client(outside, 3, made) is not None

@@ -93,10 +93,15 @@ def suite_done(out: Path | str, request: dict) -> bool:
     saved = out / "request.json"
     if not ((out / "evaluation.json").is_file() and saved.is_file()):
         return False
-    made = read_json(saved)
+    return _as_asked_here(out, read_json(saved), request) == request
+
+
+def _as_asked_here(out: Path, made, request: dict):
+    """A request saved in `out`, with the run's path of `request` where `out` is inside that run (a run
+    folder's own evaluations stay its own when the folder is moved or copied)."""
     if isinstance(made, dict) and out.resolve().is_relative_to(request["run"]):
-        made = {**made, "run": request["run"]}
-    return made == request
+        return {**made, "run": request["run"]}
+    return made
 
 
 def evaluate_suite(run: Path | str, data: Path | str | None, attacks: list[str], clients: str = "all",
@@ -166,7 +171,7 @@ def _finished_client(out: Path, client: int, request: dict) -> dict | None:
     those results are what this request would make), or None."""
     path = _client_file(out, client)
     saved = read_json(path) if path.is_file() else None
-    made = saved.get("request") if isinstance(saved, dict) else None
+    made = _as_asked_here(out, saved.get("request"), request) if isinstance(saved, dict) else None
     if not isinstance(made, dict) or {**made, "attacks": None} != {**request, "attacks": None}:
         return None
     if made["attacks"] != request["attacks"][:len(made["attacks"])]:
