@@ -464,6 +464,13 @@ def test_a_runs_rows_are_published_and_the_documents_render_them_as_the_report_d
     assert shown.splitlines()[0].startswith("| data | px | model |") and shown in (run / "tables.md").read_text()
     assert "Training wall time (s) per method, over every session that worked on it: medfedpure" in shown
     assert main(["report", "--docs", "--publish", str(target)]) == 2
+    assert main(["report", "--run", str(run), "--add"]) == 2 and "--add goes with --publish" in capsys.readouterr().err
+    assert main(["report", "--run", str(run), "--publish", str(tmp_path / "none.json"), "--add"]) == 2
+    assert "nothing is published at" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
+    assert main(["report", "--run", str(run), "--publish", str(target), "--add"]) == 0  # the same run again
+    again = json.loads(target.read_text())
+    assert again["rows"] == kept["rows"]
+    assert [s["methods"] for s in again["sources"]] == [list(tables["training_time_by_method"])]
 
 
 def test_a_hospitals_saved_results_resume_in_a_moved_run_and_a_longer_list(tmp_path):

@@ -1,6 +1,9 @@
 """The figures a report draws: whole rounds and clients on their axes, no legend entry without bars."""
 
+import json
+
 import numpy as np
+import pytest
 
 from medfedpure.reporting import plots
 
@@ -277,3 +280,58 @@ def test_the_worst_of_n_pairing_gets_a_column_and_names_its_attack_where_it_is_n
     assert header.endswith("| paired with the first | paired at worst of N |")
     assert reference.endswith("| (reference) | (reference) |")
     assert "| 85.0 (eot-pgd:ce) |" in row and row.endswith("| 9 vs 3, p = 0.146 | 10 vs 12, p = 0.83 (eot-pgd:ce) |")
+
+
+def _table1(made: dict[str, list[str]], run: str, commit: str, seed: int = 0, attack: str = "PGD l2") -> dict:
+    """A publication of Table I rows: `made` maps each method the run made to its rows' labels; the
+    other methods get the report's 'not run' row."""
+    from medfedpure.methods import METHODS
+
+    setting = {"table": "I", "data": "cifar10", "resolution": 32, "clients": 10, "attack": attack}
+    rows = []
+    for name, method in METHODS.items():
+        for label in made.get(name, [method.label]):
+            protocol = "white-box PGD" if name in made else f"not run (medfedpure experiment --methods {name})"
+            rows.append({**setting, "method": label, "protocol": protocol, "clean": 80.0 if name in made else None})
+    return {"kind": "methods", "run": run, "table": "I", "rows": rows, "note": None, "missing_hospitals": [],
+            "training_time_by_method": {n: {"s": 60.0 * len(n)} for n in made},
+            "rounds_by_method": {n: 20 for n in made}, "seed": seed, "git_commit": commit, "git_dirty": False}
+
+
+def test_a_method_made_by_another_run_is_added_to_the_published_rows_and_each_run_is_named(tmp_path, monkeypatch):
+    """`report --run RUN --publish FILE --add`: the methods RUN made replace theirs, every other method keeps
+    the rows FILE holds; the table names each run and its methods; another setting or seed is one error."""
+    from medfedpure.workflows.report import added_to, methods_markdown
+
+    ours = ["MoE, no defense (ours)", "MedFedPure (graded, disagreement detector)"]
+    first = _table1({"medfedpure": ours, "fedavg": ["FedAvg"]}, "~/runs/table1", "a" * 40)
+    second = _table1({"pfeddef": ["pFedDef"]}, "~/runs/table1-pfeddef", "b" * 40)
+    path = tmp_path / "cifar10-table1.json"
+    merged = added_to(first, second, path)
+    made = [r["method"] for r in merged["rows"] if r["clean"] is not None]
+    assert made == [*ours, "FedAvg", "pFedDef"] and len(merged["rows"]) == len(first["rows"])
+    assert list(merged["training_time_by_method"]) == ["medfedpure", "fedavg", "pfeddef"]
+    assert merged["rounds_by_method"] == {"medfedpure": 20, "fedavg": 20, "pfeddef": 20}
+    assert [s["methods"] for s in merged["sources"]] == [["medfedpure", "fedavg"], ["pfeddef"]]
+    shown = methods_markdown(merged)
+    assert ("Rows from 2 runs of the same preset and seed: ~/runs/table1 at git commit aaaaaaa: medfedpure, fedavg; "
+            "~/runs/table1-pfeddef at git commit bbbbbbb: pfeddef.") in shown
+    assert "Rows from" not in methods_markdown(first)
+    third = _table1({"fedavg": ["FedAvg"]}, "~/runs/fedavg-again", "c" * 40)  # a method made again replaces its row
+    again = added_to(merged, third, path)
+    assert [s["methods"] for s in again["sources"]] == [["medfedpure"], ["pfeddef"], ["fedavg"]]
+    assert again["training_time_by_method"]["fedavg"] == third["training_time_by_method"]["fedavg"]
+    for other, field in [(_table1({"pfeddef": ["pFedDef"]}, "~/x", "d", seed=1), "seed"),
+                         (_table1({"pfeddef": ["pFedDef"]}, "~/x", "d", attack="PGD linf"), "attack")]:
+        with pytest.raises(ValueError, match=f"{path}.*{field}"):
+            added_to(first, other, path)
+    with pytest.raises(ValueError, match="no published Table I / II rows"):
+        added_to(None, second, path)
+    from medfedpure.storage import write_json
+    from medfedpure.workflows import report
+
+    drawn = []  # the published figure draws the merged rows, not only the added run's
+    monkeypatch.setattr(report, "plot_method_comparison", lambda rows, *a: drawn.append([r.method for r in rows]))
+    write_json(path, first)
+    report.publish_tables(second, path, add=True)
+    assert json.loads(path.read_text())["rows"] == merged["rows"] and drawn == [[r["method"] for r in merged["rows"]]]

@@ -176,12 +176,16 @@ def _report(args: argparse.Namespace) -> int:
     from medfedpure.reporting.published import publish_path
     from medfedpure.workflows.report import publish_tables, write_report
 
+    if args.add and args.publish is None:
+        raise ValueError("report --add goes with --publish FILE.json (the published rows it adds this run's to)")
     if args.publish is not None:
         publish_path(args.publish)
+    if args.add and not args.publish.is_file():
+        raise ValueError(f"report --add: nothing is published at {args.publish} yet (publish without --add)")
     tables = write_report(Path(args.run))
     _print_tables(tables, Path(args.run))
     if args.publish is not None:
-        written = publish_tables(tables, args.publish)
+        written = publish_tables(tables, args.publish, add=args.add)
         print(f"published to {', '.join(map(str, written))}: `medfedpure report --docs` puts its rows in every "
               f"document with the block 'results/{args.publish.stem}'")
     return 0
@@ -423,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish", type=Path, metavar="FILE.json",
                    help="with --run: keep its Table I / II rows in docs/results/ (e.g. docs/results/NAME.json), "
                         "for the documents' block 'results/NAME' (`report --docs`)")
+    p.add_argument("--add", action="store_true",
+                   help="with --publish: the methods this run did not make keep the rows FILE.json already holds "
+                        "(another run of the same preset and seed, e.g. one method rerun on its own); each run named")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("certs", help="TLS certificates and SuperNode keys for trying the deployment runtime on "

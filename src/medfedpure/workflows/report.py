@@ -262,7 +262,17 @@ def methods_markdown(tables: dict) -> str:
         rounds = tables.get("rounds_by_method", {})
         lines += ["", "Training wall time (s) per method, over every session that worked on it: " + ", ".join(
             _time_cell(k, t, rounds.get(k)) for k, t in tables["training_time_by_method"].items())]
+    if len(tables.get("sources") or []) > 1:
+        lines += ["", f"Rows from {len(tables['sources'])} runs of the same preset and seed: "
+                  + "; ".join(map(_source_cell, tables["sources"])) + "."]
     return "\n".join(lines)
+
+
+def _source_cell(source: dict) -> str:
+    """'~/runs/table1 at git commit 5fb7f2f (with uncommitted changes): medfedpure, fedavg'."""
+    dirty = " (with uncommitted changes)" if source.get("git_dirty") else ""
+    commit = (source.get("git_commit") or "?")[:7]
+    return f"{source['run']} at git commit {commit}{dirty}: {', '.join(source['methods'])}"
 
 
 def _time_cell(method: str, t: dict, rounds: int | None) -> str:
@@ -284,15 +294,57 @@ PUBLISHED_KEYS = ("run", "table", "rows", "note", "missing_hospitals", "training
                   "seed", "git_commit", "git_dirty")
 
 
-def publish_tables(tables: dict, path: Path | str) -> list[Path]:
+def publish_tables(tables: dict, path: Path | str, add: bool = False) -> list[Path]:
     """A run's tables kept in `docs/results/` as `path` (.json, the run folder named from ~) and its
-    methods figure beside it (.png), for `medfedpure report --docs` and the documents that show it."""
+    methods figure beside it (.png), for `medfedpure report --docs` and the documents that show it.
+    With `add`, the methods this run did not make keep the rows already published at `path`
+    (`added_to`): one table made by several runs of the same preset and seed, each named."""
     path = publish_path(path)
-    kept = {"kind": "methods", **{k: tables.get(k) for k in PUBLISHED_KEYS}}
-    write_json(path, {**kept, "run": from_home(tables["run"])})
-    plot_method_comparison([MethodRow.from_dict(r) for r in tables["rows"]], path.with_suffix(".png"),
-                           _figure_title(tables))
+    kept = {"kind": "methods", **{k: tables.get(k) for k in PUBLISHED_KEYS}, "run": from_home(tables["run"])}
+    if add:
+        kept = added_to(read_json(path) if path.is_file() else None, kept, path)
+    write_json(path, kept)
+    plot_method_comparison([MethodRow.from_dict(r) for r in kept["rows"]], path.with_suffix(".png"),
+                           _figure_title(kept))
     return [path, path.with_suffix(".png")]
+
+
+def _method_of(row: dict) -> str:
+    """The method (METHODS' name) a published row belongs to: a baseline by its label, ours otherwise
+    (its bare MoE row and its defended row carry other labels)."""
+    return next((n for n, m in METHODS.items() if m.label == row["method"] and not m.defended), OURS.name)
+
+
+def _sources(result: dict) -> list[dict]:
+    """The runs a published result's rows come from: its `sources`, or its one run."""
+    return result.get("sources") or [{"run": result["run"], "git_commit": result.get("git_commit"),
+                                      "git_dirty": result.get("git_dirty"),
+                                      "methods": list(result.get("training_time_by_method") or {})}]
+
+
+def added_to(earlier: dict | None, new: dict, path: Path) -> dict:
+    """`new` (a run's publication) with the rows, times and rounds of every method it did not make taken
+    from `earlier` (what `path` holds), which must be the same table on the same setting and seed; the
+    result names each run (`sources`) and which methods it made. A ValueError names the field that differs."""
+    if earlier is None or earlier.get("kind") != "methods":
+        raise ValueError(f"--add: {path} holds no published Table I / II rows to add to (publish without --add)")
+    setting = ("table", "data", "resolution", "clients", "attack")
+    for field, a, b in [("seed", earlier.get("seed"), new["seed"]), ("table", earlier["table"], new["table"])] + [
+            (f"rows' {f}", {r[f] for r in earlier["rows"]}, {r[f] for r in new["rows"]}) for f in setting[1:]]:
+        if a != b:
+            raise ValueError(f"--add: {path} holds another setting ({field} {a} there, {b} in this run)")
+    made = list(new["training_time_by_method"])
+    kept = [n for n in earlier.get("training_time_by_method") or {} if n not in made]
+    rows = [r for name in METHODS for r in (earlier if name in kept else new)["rows"] if _method_of(r) == name]
+    times = {n: (earlier if n in kept else new)["training_time_by_method"][n] for n in METHODS if n in kept + made}
+    rounds = {n: (earlier if n in kept else new)["rounds_by_method"][n] for n in times}
+    missing = [line for line in earlier.get("missing_hospitals") or []
+               if any(line.startswith(METHODS[n].label + ":") for n in kept)] + list(new["missing_hospitals"])
+    sources = [{**s, "methods": [n for n in s["methods"] if n in kept]} for s in _sources(earlier)]
+    sources = [s for s in sources if s["methods"]] + [{"run": new["run"], "git_commit": new["git_commit"],
+                                                       "git_dirty": new["git_dirty"], "methods": made}]
+    return {**new, "rows": rows, "training_time_by_method": times, "rounds_by_method": rounds,
+            "missing_hospitals": missing, "sources": sources}
 
 
 def _figure_title(tables: dict) -> str:
