@@ -282,7 +282,8 @@ def test_the_worst_of_n_pairing_gets_a_column_and_names_its_attack_where_it_is_n
     assert "| 85.0 (eot-pgd:ce) |" in row and row.endswith("| 9 vs 3, p = 0.146 | 10 vs 12, p = 0.83 (eot-pgd:ce) |")
 
 
-def _table1(made: dict[str, list[str]], run: str, commit: str, seed: int = 0, attack: str = "PGD l2") -> dict:
+def _table1(made: dict[str, list[str]], run: str, commit: str, seed: int = 0, attack: str = "PGD l2",
+            partition: str | None = "dirichlet") -> dict:
     """A publication of Table I rows: `made` maps each method the run made to its rows' labels; the
     other methods get the report's 'not run' row."""
     from medfedpure.methods import METHODS
@@ -295,7 +296,8 @@ def _table1(made: dict[str, list[str]], run: str, commit: str, seed: int = 0, at
             rows.append({**setting, "method": label, "protocol": protocol, "clean": 80.0 if name in made else None})
     return {"kind": "methods", "run": run, "table": "I", "rows": rows, "note": None, "missing_hospitals": [],
             "training_time_by_method": {n: {"s": 60.0 * len(n)} for n in made},
-            "rounds_by_method": {n: 20 for n in made}, "seed": seed, "git_commit": commit, "git_dirty": False}
+            "rounds_by_method": {n: 20 for n in made}, "seed": seed, "git_commit": commit, "git_dirty": False,
+            "split": None if partition is None else {"dataset": "cifar10", "partition": partition}}
 
 
 def test_a_method_made_by_another_run_is_added_to_the_published_rows_and_each_run_is_named(tmp_path, monkeypatch):
@@ -304,7 +306,7 @@ def test_a_method_made_by_another_run_is_added_to_the_published_rows_and_each_ru
     from medfedpure.workflows.report import added_to, methods_markdown
 
     ours = ["MoE, no defense (ours)", "MedFedPure (graded, disagreement detector)"]
-    first = _table1({"medfedpure": ours, "fedavg": ["FedAvg"]}, "~/runs/table1", "a" * 40)
+    first = _table1({"medfedpure": ours, "fedavg": ["FedAvg"]}, "~/runs/table1", "a" * 40, partition=None)  # older
     second = _table1({"pfeddef": ["pFedDef"]}, "~/runs/table1-pfeddef", "b" * 40)
     path = tmp_path / "cifar10-table1.json"
     merged = added_to(first, second, path)
@@ -325,6 +327,9 @@ def test_a_method_made_by_another_run_is_added_to_the_published_rows_and_each_ru
                          (_table1({"pfeddef": ["pFedDef"]}, "~/x", "d", attack="PGD linf"), "attack")]:
         with pytest.raises(ValueError, match=f"{path}.*{field}"):
             added_to(first, other, path)
+    iid = _table1({"local": ["Local"]}, "~/x", "d", partition="iid")  # a run that kept its split is checked on it
+    with pytest.raises(ValueError, match=f"{path}.*data.partition dirichlet there, iid in this run"):
+        added_to(merged, iid, path)
     with pytest.raises(ValueError, match="no published Table I / II rows"):
         added_to(None, second, path)
     from medfedpure.storage import write_json

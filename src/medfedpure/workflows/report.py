@@ -35,6 +35,12 @@ NOTES = {"I": "The paper's Table I pFedDef figures come from another protocol (c
               "l_2 eps 4.5), not the one used here."}
 
 
+# what deals the scans to the hospitals and into their splits: rows published from two runs (`report --add`)
+# must agree on it, as on the seed
+SPLIT_FIELDS = ("dataset", "image_size", "num_clients", "partition", "dirichlet_alpha", "min_client_size",
+                "test_fraction", "val_fraction", "max_per_class", "layout", "classes")
+
+
 class ReportError(FileNotFoundError):
     """A run folder without the results a report needs."""
 
@@ -105,9 +111,9 @@ def build_tables(run: Path) -> dict:
     return {"run": str(run), "table": table, "rows": [r.to_dict() for r in rows], "detection": detection,
             "transfer": transfer, "suites": suites, "missing_hospitals": missing, "privacy": privacy,
             "aggregation": aggregation, "note": NOTES.get(table), "seed": cfg.seed,
-            "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
-            "packages": env.get("packages"), "training_s": wall.get(OURS.name, {}).get("s"),
-            "training_time_by_method": wall,
+            "split": {k: getattr(cfg.data, k) for k in SPLIT_FIELDS}, "git_commit": env.get("git_commit"),
+            "git_dirty": env.get("git_dirty"), "packages": env.get("packages"),
+            "training_s": wall.get(OURS.name, {}).get("s"), "training_time_by_method": wall,
             "rounds_by_method": {name: ExperimentConfig.from_dict(_load(folder, CONFIG)).train.rounds  # method.rounds
                                  for name, folder in runs.items()}}
 
@@ -291,7 +297,7 @@ def _time_cell(method: str, t: dict, rounds: int | None) -> str:
 # what a published run result keeps (`report --run RUN --publish`): the rows and what they are read with,
 # not the per-scan outcomes of its evaluations (those stay in the run folder)
 PUBLISHED_KEYS = ("run", "table", "rows", "note", "missing_hospitals", "training_time_by_method", "rounds_by_method",
-                  "seed", "git_commit", "git_dirty")
+                  "seed", "split", "git_commit", "git_dirty")
 
 
 def publish_tables(tables: dict, path: Path | str, add: bool = False) -> list[Path]:
@@ -318,7 +324,7 @@ def _method_of(row: dict) -> str:
 def _sources(result: dict) -> list[dict]:
     """The runs a published result's rows come from: its `sources`, or its one run."""
     return result.get("sources") or [{"run": result["run"], "git_commit": result.get("git_commit"),
-                                      "git_dirty": result.get("git_dirty"),
+                                      "git_dirty": result.get("git_dirty"), "split": result.get("split"),
                                       "methods": list(result.get("training_time_by_method") or {})}]
 
 
@@ -329,8 +335,10 @@ def added_to(earlier: dict | None, new: dict, path: Path) -> dict:
     if earlier is None or earlier.get("kind") != "methods":
         raise ValueError(f"--add: {path} holds no published Table I / II rows to add to (publish without --add)")
     setting = ("table", "data", "resolution", "clients", "attack")
+    splits = [s["split"] for s in _sources(earlier) if s.get("split")]  # a result published before it was kept has none
     for field, a, b in [("seed", earlier.get("seed"), new["seed"]), ("table", earlier["table"], new["table"])] + [
-            (f"rows' {f}", {r[f] for r in earlier["rows"]}, {r[f] for r in new["rows"]}) for f in setting[1:]]:
+            (f"rows' {f}", {r[f] for r in earlier["rows"]}, {r[f] for r in new["rows"]}) for f in setting[1:]] + [
+            (f"data.{f}", split.get(f), new["split"].get(f)) for split in splits for f in SPLIT_FIELDS]:
         if a != b:
             raise ValueError(f"--add: {path} holds another setting ({field} {a} there, {b} in this run)")
     made = list(new["training_time_by_method"])
@@ -342,7 +350,8 @@ def added_to(earlier: dict | None, new: dict, path: Path) -> dict:
                if any(line.startswith(METHODS[n].label + ":") for n in kept)] + list(new["missing_hospitals"])
     sources = [{**s, "methods": [n for n in s["methods"] if n in kept]} for s in _sources(earlier)]
     sources = [s for s in sources if s["methods"]] + [{"run": new["run"], "git_commit": new["git_commit"],
-                                                       "git_dirty": new["git_dirty"], "methods": made}]
+                                                       "git_dirty": new["git_dirty"], "split": new["split"],
+                                                       "methods": made}]
     return {**new, "rows": rows, "training_time_by_method": times, "rounds_by_method": rounds,
             "missing_hospitals": missing, "sources": sources}
 
